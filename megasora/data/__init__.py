@@ -1,0 +1,1 @@
+"""Data sources that feed the trainer per-step micro-batches."""

@@ -1,0 +1,16 @@
+"""Plain single-device models: the DiT, its embeddings, the text encoder."""
+from __future__ import annotations
+
+from megasora.config import Config
+from megasora.models.dit import DiT, DiTArch
+
+
+def dit_arch(cfg: Config) -> DiTArch:
+    m = cfg.model
+    return DiTArch(in_channels=m.in_channels, hidden=m.hidden, depth=m.depth, heads=m.heads,
+                   text_dim=cfg.text.dim, patch=tuple(m.patch), mlp_ratio=m.mlp_ratio,
+                   qk_norm=m.qk_norm, rope_theta=m.rope_theta)
+
+
+def build_dit(cfg: Config) -> DiT:
+    return DiT(dit_arch(cfg))

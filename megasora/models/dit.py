@@ -1,0 +1,180 @@
+"""Spacetime diffusion transformer (plain single-device PyTorch).
+
+latents (B, C, T, H, W) -> patch tokens (B, N, D) -> blocks of
+[cross-attention to text, spacetime self-attention with 3-D RoPE, MLP] under adaLN-Zero
+timestep conditioning -> predicted velocity (B, C, T, H, W).
+
+Parallelism is applied from outside (megasora/parallel/parallelize.py): it swaps linears,
+each SelfAttention's `attention` callable, and this model's `sequence` hook, which shards
+the token sequence after embedding and gathers it before unpatchify.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+from torch import nn
+
+from megasora import kernels
+from megasora.models.attention import CrossAttention, SelfAttention
+from megasora.models.embeddings import TimestepEmbedder, rope_3d
+from megasora.models.patch import PatchEmbed3D, patch_grid, unpatchify
+
+
+@dataclass(frozen=True)
+class DiTArch:
+    """Architecture hyper-parameters (mirrors config.ModelConfig, kept free of config parsing)."""
+    in_channels: int
+    hidden: int
+    depth: int
+    heads: int
+    text_dim: int
+    patch: tuple[int, int, int] = (1, 2, 2)
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class TokenState:
+    """What every block needs, for the (possibly sharded) token sequence."""
+    x: torch.Tensor                 # (B, N, D)
+    cond: torch.Tensor              # (B, 1, D) per-sample or (B, N, D) per-token timestep embedding
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (N, Dh/2)
+    key_padding_mask: Optional[torch.Tensor]  # (B, N) bool, True = real token; None = no padding
+
+
+class SequenceHook(Protocol):
+    def shard(self, state: TokenState) -> TokenState: ...
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+class NoSequenceSharding:
+    """Single device: the whole sequence stays local."""
+
+    def shard(self, state: TokenState) -> TokenState:
+        return state
+
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden: int, ratio: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, int(hidden * ratio))
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(int(hidden * ratio), hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """x += cross(norm(x)); x += g1*attn(mod(x)); x += g2*mlp(mod(x)), adaLN-Zero gates start at 0.
+
+    Cross-attention comes first so the self-attention residual and the MLP's modulated
+    norm meet at one seam, which the fused `gated_residual_modulated_norm` kernel covers.
+    """
+
+    def __init__(self, arch: DiTArch) -> None:
+        super().__init__()
+        d = arch.hidden
+        self.cross_norm = nn.LayerNorm(d, eps=1e-6)
+        self.cross_attn = CrossAttention(d, arch.heads, arch.qk_norm)
+        self.attn = SelfAttention(d, arch.heads, arch.qk_norm)
+        self.mlp = Mlp(d, arch.mlp_ratio)
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, state: TokenState, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        x = state.x
+        x = x + self.cross_attn(self.cross_norm(x), text, text_mask)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(state.cond).chunk(6, dim=-1)
+        h = kernels.modulated_norm(x, shift1, scale1)
+        attn_out = self.attn(h, state.rope, state.key_padding_mask)
+        x, h = kernels.gated_residual_modulated_norm(x, gate1, attn_out, shift2, scale2)
+        return kernels.gated_residual(x, gate2, self.mlp(h))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaln(cond).chunk(2, dim=-1)
+        return self.linear(kernels.modulated_norm(x, shift, scale))
+
+
+class CaptionProjection(nn.Module):
+    """Text encoder features -> model width; holds the learned null caption used for CFG."""
+
+    def __init__(self, text_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(approximate="tanh"),
+                                  nn.Linear(hidden, hidden))
+        self.null_embedding = nn.Parameter(torch.randn(text_dim) * text_dim ** -0.5)
+
+    def forward(self, text: torch.Tensor, mask: torch.Tensor,
+                drop: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if drop is not None:
+            # A dropped caption becomes one null token followed by padding.
+            null_text = torch.zeros_like(text)
+            null_text[:, 0] = self.null_embedding.to(text.dtype)
+            null_mask = torch.zeros_like(mask)
+            null_mask[:, 0] = True
+            text = torch.where(drop[:, None, None], null_text, text)
+            mask = torch.where(drop[:, None], null_mask, mask)
+        return self.proj(text), mask
+
+
+class DiT(nn.Module):
+    def __init__(self, arch: DiTArch) -> None:
+        super().__init__()
+        if arch.hidden % arch.heads:
+            raise ValueError(f"hidden={arch.hidden} is not divisible by heads={arch.heads}")
+        self.arch = arch
+        self.patch_embed = PatchEmbed3D(arch.in_channels, arch.hidden, arch.patch)
+        self.t_embed = TimestepEmbedder(arch.hidden)
+        self.caption = CaptionProjection(arch.text_dim, arch.hidden)
+        self.blocks = nn.ModuleList(DiTBlock(arch) for _ in range(arch.depth))
+        patch_volume = arch.patch[0] * arch.patch[1] * arch.patch[2]
+        self.final = FinalLayer(arch.hidden, patch_volume * arch.in_channels)
+        self.sequence: SequenceHook = NoSequenceSharding()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every residual branch starts closed, so each block is the identity.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaln[1].weight)
+            nn.init.zeros_(block.adaln[1].bias)
+            nn.init.zeros_(block.cross_attn.out.weight)
+            nn.init.zeros_(block.cross_attn.out.bias)
+        nn.init.zeros_(self.final.adaln[1].weight)
+        nn.init.zeros_(self.final.adaln[1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                drop_text: torch.Tensor | None = None) -> torch.Tensor:
+        """latents (B, C, T, H, W); t (B,) or per-token (B, N) in [0, 1]; text (B, L, Dt); mask (B, L).
+
+        Returns the predicted velocity (noise - data), same shape as latents.
+        """
+        grid = patch_grid(tuple(latents.shape[2:]), self.arch.patch)
+        rope = rope_3d(grid, self.arch.hidden // self.arch.heads, self.arch.rope_theta, latents.device)
+        state = TokenState(x=self.patch_embed(latents), cond=self.t_embed(t), rope=rope, key_padding_mask=None)
+        state = self.sequence.shard(state)
+        text_tokens, text_mask = self.caption(text, text_mask, drop_text)
+        for block in self.blocks:
+            state.x = block(state, text_tokens, text_mask)
+        out = self.sequence.gather(self.final(state.x, state.cond))  # (B, N, pt*ph*pw*C)
+        return unpatchify(out, grid, self.arch.patch, self.arch.in_channels)

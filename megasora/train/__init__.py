@@ -1,0 +1,1 @@
+"""DeepSpeed training loop, objectives, checkpoints and metrics."""

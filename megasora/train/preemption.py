@@ -1,0 +1,33 @@
+"""Preemption signals: SIGTERM / SIGUSR1 ask the trainer to save and exit cleanly.
+
+The handler only records the request; the training loop checks it after each optimizer
+step, saves a checkpoint, and exits with PREEMPTED_EXIT_CODE so a launcher (Slurm
+requeue logic in slurm/) knows the job stopped on purpose and should be requeued.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+# Documented in README and docs/: "exit 3 = checkpoint saved after a preemption signal".
+PREEMPTED_EXIT_CODE = 3
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1; polled by the training loop between steps."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal_name: str | None = None
+
+    def install(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
