@@ -1,0 +1,243 @@
+"""`megasora preprocess`: videos/images + captions -> VAE latents + text embeddings in webdataset shards.
+
+Work unit = a shard = `inputs_per_shard` consecutive input files (sorted), so the split
+across ranks (shard i goes to rank i % world) and the resume check (shard i's index file
+exists) need no coordination. Unreadable inputs are skipped, logged and counted; the
+report (report.json, or report-rank{r}.json when multi-process) lists them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megasora.data.captions import caption_for, load_captions
+from megasora.data.shards import Sample, shard_name, write_json_atomic, write_shard
+from megasora.data.video_io import clip_to_tensor, is_media, iter_clips
+
+log = logging.getLogger("megasora.preprocess")
+
+
+@dataclass
+class PreprocessSpec:
+    inputs: list[str]
+    out: str
+    captions: str = ""
+    fps: float = 8.0
+    clip_frames: int = 17
+    max_area: int = 65536
+    patch: int = 2  # DiT spatial patch; bucket sides are multiples of vae.spatial_factor * patch
+    inputs_per_shard: int = 8
+    max_clips_per_video: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass
+class Report:
+    inputs: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    clips: int = 0
+    failed: int = 0
+    failures: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["clips_per_sec"] = self.clips / self.seconds if self.seconds > 0 else 0.0
+        return d
+
+
+def collect_inputs(paths: list[str], captions: dict[str, str]) -> list[str]:
+    """Media files from paths (files or directories, recursive) and the caption table, sorted and deduplicated."""
+    found: set[str] = set()
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            found.update(str(f.resolve()) for f in path.rglob("*") if f.is_file() and is_media(f))
+        elif path.exists():
+            found.add(str(path.resolve()))
+        else:
+            raise FileNotFoundError(f"preprocess input {p!r} does not exist")
+    found.update(captions)
+    return sorted(found)
+
+
+class Progress:
+    """tqdm on a TTY; a log line every `every_s` seconds otherwise (Slurm logs stay readable)."""
+
+    def __init__(self, total: int, desc: str, every_s: float = 30.0) -> None:
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.done, self.start, self.last = 0, time.time(), time.time()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="input")
+
+    def update(self, n: int, clips: int, failed: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(clips=clips, failed=failed)
+        elif time.time() - self.last >= self.every_s or self.done == self.total:
+            rate = clips / max(time.time() - self.start, 1e-9)
+            log.info("%s: %d/%d inputs, %d clips (%.2f clips/s), %d failed", self.desc, self.done, self.total,
+                     clips, rate, failed)
+            self.last = time.time()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def encode_clip(vae, frames: np.ndarray) -> np.ndarray:
+    """uint8 (T, H, W, 3) -> normalized latent mean (C, T', H', W') float32."""
+    from megasora.models.vae import pixels_to_latents
+
+    pixels = clip_to_tensor(frames)[None].to(next(vae.parameters()).device)
+    return pixels_to_latents(vae, pixels)[0].float().cpu().numpy()
+
+
+def process_input(path: str, index: int, caption: str, spec: PreprocessSpec, vae) -> list[Sample]:
+    """All clips of one input file; any decode/encode error propagates (the caller skips the input)."""
+    samples = []
+    multiple = vae.spatial_factor * spec.patch
+    for j, clip in enumerate(iter_clips(path, spec.fps, spec.clip_frames, spec.max_area, multiple,
+                                        vae.temporal_factor, spec.max_clips_per_video)):
+        latents = encode_clip(vae, clip.frames)
+        t, h, w = clip.frames.shape[:3]
+        meta = {"source": path, "clip": j, "start_sec": round(clip.start_sec, 4), "fps": clip.fps,
+                "frames": t, "height": h, "width": w, "source_height": clip.source_size[0],
+                "source_width": clip.source_size[1], "caption": caption}
+        samples.append(Sample(f"{index:08d}_{j:04d}", latents, np.empty((0, 0), np.float32),
+                              np.empty((0,), bool), meta))
+    if not samples:
+        raise ValueError("no decodable frames")
+    return samples
+
+
+def process_shard(shard: int, paths: list[str], first_index: int, captions: dict[str, str],
+                  spec: PreprocessSpec, vae, text_encoder, report: Report) -> None:
+    samples: list[Sample] = []
+    for offset, path in enumerate(paths):
+        try:
+            samples += process_input(path, first_index + offset, caption_for(path, captions), spec, vae)
+        except Exception as err:  # corrupt or unreadable media: skip it, keep the run going
+            report.failed += 1
+            report.failures.append({"path": path, "error": f"{type(err).__name__}: {err}"})
+            log.warning("skipping %s: %s: %s", path, type(err).__name__, err)
+    if samples:
+        emb, mask = text_encoder.encode([s.meta["caption"] for s in samples])
+        for s, e, m in zip(samples, emb.numpy(), mask.numpy()):
+            s.text_emb, s.text_mask = e, m
+    # An all-failed shard still gets an (empty) index so a resumed run does not retry it forever.
+    write_shard(spec.out, shard, samples, extra={"inputs": paths})
+    report.clips += len(samples)
+    report.shards_written += 1
+
+
+def run_preprocess(spec: PreprocessSpec, vae, text_encoder) -> Report:
+    """Process this rank's shards; returns (and writes) the report."""
+    start = time.time()
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    captions = load_captions(spec.captions) if spec.captions else {}
+    inputs = collect_inputs(spec.inputs, captions)
+    n = spec.inputs_per_shard
+    shards = [i for i in range((len(inputs) + n - 1) // n) if i % spec.world_size == spec.rank]
+    report = Report(inputs=sum(len(inputs[i * n:(i + 1) * n]) for i in shards))
+    progress = Progress(report.inputs, f"preprocess rank {spec.rank}/{spec.world_size}")
+    for shard in shards:
+        paths = inputs[shard * n:(shard + 1) * n]
+        if (out / f"{shard_name(shard)}.json").is_file():
+            report.shards_skipped += 1  # finished by an earlier run
+        else:
+            process_shard(shard, paths, shard * n, captions, spec, vae, text_encoder, report)
+        progress.update(len(paths), report.clips, report.failed)
+    progress.close()
+    report.seconds = time.time() - start
+    name = "report.json" if spec.world_size == 1 else f"report-rank{spec.rank}.json"
+    write_json_atomic(out / name, report.as_dict())
+    log.info("preprocess rank %d done: %d shards written, %d already finished, %d clips, %d inputs failed "
+             "(%.1f s); report in %s", spec.rank, report.shards_written, report.shards_skipped, report.clips,
+             report.failed, report.seconds, out / name)
+    return report
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _rank_from_env() -> tuple[int, int]:
+    """torchrun / mpirun / srun all set one of these; a plain run is rank 0 of 1."""
+    for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                                ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_key in os.environ and world_key in os.environ:
+            return int(os.environ[rank_key]), int(os.environ[world_key])
+    return 0, 1
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "preprocess",
+        help="encode videos/images + captions into webdataset shards (VAE latents, text embeddings)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Read videos (mp4/webm/mov/mkv/avi via PyAV) and images, cut clips of data.clip_frames frames at\n"
+            "data.fps, resize each source to the nearest bucket within data.max_area keeping its aspect\n"
+            "ratio, encode latents with the VAE (vae.path) and captions with the text encoder (text.path),\n"
+            "and write shard-NNNNNN.tar + shard-NNNNNN.json into --out.\n\n"
+            "Resumable: shards whose index json exists are skipped. Multi-process: launch N copies with\n"
+            "RANK/WORLD_SIZE (torchrun), OMPI_COMM_WORLD_* (mpirun) or SLURM_PROCID/SLURM_NTASKS (srun);\n"
+            "shard i is written by rank i mod N. Unreadable inputs are skipped and listed in report.json.\n\n"
+            "example:\n"
+            "  megasora preprocess --config configs/quickstart.yaml --out data/shards clips/ \\\n"
+            "      --captions captions.jsonl --set vae.path=runs/vae/vae.safetensors"),
+    )
+    p.add_argument("inputs", nargs="*", help="video/image files or directories (default: data.inputs)")
+    p.add_argument("--config", default=None, help="YAML preset supplying the data/vae/text/model sections")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable, e.g. --set data.fps=12")
+    p.add_argument("--out", default=None, help="output shard directory (default: data.shards)")
+    p.add_argument("--captions", default=None, help="JSONL/CSV of path -> caption (default: data.captions)")
+    p.add_argument("--inputs-per-shard", type=int, default=8, help="input files per shard (default 8)")
+    p.add_argument("--max-clips-per-video", type=int, default=0, help="0 = cut every full clip")
+    p.add_argument("--device", default="cpu", help="device for the VAE and text encoder (cpu, cuda)")
+    p.add_argument("--log-level", default="INFO", help="logging level")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from megasora.config import load_config
+    from megasora.models.text import TextEncoder
+    from megasora.models.vae import vae_from_config
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or cfg.data.shards
+    inputs = args.inputs or cfg.data.inputs
+    if not out or not (inputs or args.captions or cfg.data.captions):
+        log.error("need an output directory (--out or data.shards) and inputs (paths, data.inputs or captions)")
+        return 2
+    if not cfg.vae.path:
+        log.warning("vae.path is empty: encoding with a randomly initialised VideoVAE (fine for tests only)")
+    rank, world = _rank_from_env()
+    torch.manual_seed(cfg.train.seed)
+    vae = vae_from_config(cfg.vae).to(args.device)
+    text = TextEncoder(cfg.text.path or None, cfg.text.max_length, args.device)
+    spec = PreprocessSpec(inputs=list(inputs), out=out, captions=args.captions or cfg.data.captions,
+                          fps=cfg.data.fps, clip_frames=cfg.data.clip_frames, max_area=cfg.data.max_area,
+                          patch=math.lcm(*cfg.model.patch[1:]), inputs_per_shard=args.inputs_per_shard,
+                          max_clips_per_video=args.max_clips_per_video, rank=rank, world_size=world)
+    report = run_preprocess(spec, vae, text)
+    print(json.dumps({k: v for k, v in report.as_dict().items() if k != "failures"}))
+    return 0

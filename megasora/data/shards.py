@@ -1,0 +1,127 @@
+"""Webdataset tar shards of preprocessed samples, plus a per-shard index for random access.
+
+A sample is four tar members sharing a key (the webdataset convention, so
+`webdataset.WebDataset(url).decode()` streams them too):
+    KEY.latents.npy    float32 (C, T, H, W)  normalized VAE latents
+    KEY.text_emb.npy   float32 (L, D)        text encoder tokens
+    KEY.text_mask.npy  bool    (L,)          valid-token mask
+    KEY.json           metadata: source, clip start, fps, frames, pixel H/W, caption, latent shape
+Next to `shard-000007.tar`, `shard-000007.json` holds the index: per sample the key,
+latent shape and each member's byte (offset, size) inside the tar. The index is what the
+loader plans epochs from (bucket by shape without reading the tar) and what makes a
+shard "finished" for resumable preprocessing: it is written last, atomically.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FIELDS = ("latents.npy", "text_emb.npy", "text_mask.npy", "json")
+INDEX_VERSION = 1
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@dataclass
+class Sample:
+    key: str
+    latents: np.ndarray  # (C, T, H, W) float32
+    text_emb: np.ndarray  # (L, D) float32
+    text_mask: np.ndarray  # (L,) bool
+    meta: dict
+
+
+def encode_sample(sample: Sample) -> dict[str, bytes]:
+    return {
+        "latents.npy": npy_bytes(sample.latents.astype(np.float32, copy=False)),
+        "text_emb.npy": npy_bytes(sample.text_emb.astype(np.float32, copy=False)),
+        "text_mask.npy": npy_bytes(sample.text_mask.astype(bool, copy=False)),
+        "json": json.dumps(sample.meta, sort_keys=True).encode(),
+    }
+
+
+def write_shard(directory: str | Path, index: int, samples: list[Sample], extra: dict | None = None) -> Path:
+    """Write tar then index, each to a temp name renamed into place, so a crash leaves no finished shard."""
+    import webdataset as wds
+
+    directory = Path(directory)
+    tar_path = directory / f"{shard_name(index)}.tar"
+    tmp = tar_path.with_suffix(".tar.tmp")
+    with wds.TarWriter(str(tmp)) as writer:
+        for s in samples:
+            writer.write({"__key__": s.key, **encode_sample(s)})
+    os.replace(tmp, tar_path)
+    entries = index_tar(tar_path)
+    shapes = {s.key: list(s.latents.shape) for s in samples}
+    for e in entries:
+        e["shape"] = shapes[e["key"]]
+    write_json_atomic(directory / f"{shard_name(index)}.json",
+                      {"version": INDEX_VERSION, "tar": tar_path.name, "samples": entries, **(extra or {})})
+    return tar_path
+
+
+def index_tar(tar_path: str | Path) -> list[dict]:
+    """Group tar members by key: [{key, members: {field: [offset, size]}}] in file order."""
+    entries: dict[str, dict] = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            if not member.isfile() or "." not in member.name:
+                continue
+            key, field = member.name.split(".", 1)
+            entries.setdefault(key, {"key": key, "members": {}})["members"][field] = [member.offset_data,
+                                                                                    member.size]
+    return list(entries.values())
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def finished_shards(directory: str | Path) -> list[Path]:
+    """Index files of complete shards, sorted (the sorted order defines global sample ids)."""
+    return sorted(p for p in Path(directory).glob("shard-*.json") if (p.with_suffix(".tar")).is_file())
+
+
+def read_member(handle, span: list[int]) -> bytes:
+    offset, size = span
+    handle.seek(offset)
+    data = handle.read(size)
+    if len(data) != size:
+        raise EOFError(f"member truncated: wanted {size} bytes at {offset}, got {len(data)}")
+    return data
+
+
+def decode_sample(key: str, raw: dict[str, bytes], shape: list[int] | None = None) -> Sample:
+    """Parse the four members; raises ValueError on anything malformed (the loader counts and skips)."""
+    try:
+        latents = npy_load(raw["latents.npy"])
+        emb = npy_load(raw["text_emb.npy"])
+        mask = npy_load(raw["text_mask.npy"])
+        meta = json.loads(raw["json"])
+    except Exception as err:  # np.load raises several types on garbage bytes
+        raise ValueError(f"sample {key}: undecodable member ({type(err).__name__}: {err})") from err
+    if shape is not None and list(latents.shape) != list(shape):
+        raise ValueError(f"sample {key}: latents shape {list(latents.shape)} != indexed {shape}")
+    if latents.dtype != np.float32 or emb.ndim != 2 or mask.shape != emb.shape[:1]:
+        raise ValueError(f"sample {key}: bad dtypes/shapes latents {latents.dtype} emb {emb.shape} mask {mask.shape}")
+    return Sample(key, latents, emb, mask.astype(bool), meta)
