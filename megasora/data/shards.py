@@ -107,7 +107,7 @@ def read_member(handle, span: list[int]) -> bytes:
     handle.seek(offset)
     data = handle.read(size)
     if len(data) != size:
-        raise EOFError(f"member truncated: wanted {size} bytes at {offset}, got {len(data)}")
+        raise ValueError(f"member truncated: wanted {size} bytes at {offset}, got {len(data)}")
     return data
 
 

