@@ -1,0 +1,22 @@
+"""`megasora config-docs`: print (or write) the reference of every config key."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("config-docs", help="print the configuration reference (docs/config.md)",
+                              description=__doc__)
+    p.add_argument("--out", default=None, help="write to this file instead of stdout")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from megasora.config import render_config_docs
+    text = render_config_docs() + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+    return 0

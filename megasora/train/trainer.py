@@ -1,0 +1,179 @@
+"""The training loop: one DeepSpeed engine, any objective, any data stream.
+
+Order of start-up, every step of which is needed before the next:
+config validated -> launcher env -> process groups -> model (same seed everywhere) ->
+parallelize -> DeepSpeed engine -> resume -> data stream at the resumed global position.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megasora.config import Config, save_config
+from megasora.data.sources import build_stream
+from megasora.models import build_dit, dit_arch
+from megasora.train import checkpoint
+from megasora.train.distributed import device_for, init_distributed
+from megasora.train.ema import EMA
+from megasora.train.engine import build_engine
+from megasora.train.flops import dit_train_flops
+from megasora.train.metrics import MetricsLogger
+from megasora.train.objective import FlowMatchingObjective
+from megasora.train.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
+
+log = logging.getLogger("megasora")
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)   # step -> global-batch loss
+    final_step: int = 0
+    samples: int = 0
+    preempted: bool = False
+    exit_code: int = 0
+
+
+@dataclass
+class DataParallel:
+    rank: int
+    size: int
+    group: Any  # process group over which the logged loss is averaged
+    mpu: Any = None
+
+
+def setup_parallel(cfg: Config, model: torch.nn.Module, world_size: int, rank: int) -> DataParallel:
+    """Data parallel only; tensor/sequence/pipeline parallelism plug in here (megasora/parallel)."""
+    p = cfg.parallel
+    if p.tp * p.ulysses * p.ring * p.pp != 1:
+        raise NotImplementedError("tp/ulysses/ring/pp > 1 need megasora.parallel, which is not wired in yet")
+    return DataParallel(rank=rank, size=world_size, group=None)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def train(cfg: Config, resume: str | None = None) -> TrainResult:
+    env = init_distributed()
+    device = device_for(env)
+    run_dir = Path(cfg.run.dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if env.rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank; parallelize slices it
+    model = build_dit(cfg)
+    parallel = setup_parallel(cfg, model, env.world_size, env.rank)
+    engine = build_engine(cfg, model.to(device), parallel.size, parallel.mpu)
+    ema = EMA(engine.module, cfg.train.ema_decay, cfg.train.zero_stage) if cfg.train.ema_decay > 0 else None
+
+    step, samples = 0, 0
+    found = checkpoint.resolve_resume(resume, ckpt_dir)
+    if found is not None:
+        client = checkpoint.load(engine, *found)
+        step, samples = client["step"], client["samples"]
+        if ema is not None and client.get("ema") is not None:
+            ema.load_state_dict(client["ema"])
+
+    loop = TrainingLoop(cfg, engine, ema, parallel, device, env.rank == 0, ckpt_dir)
+    return loop.run(step, samples)
+
+
+class TrainingLoop:
+    def __init__(self, cfg: Config, engine: Any, ema: EMA | None, parallel: DataParallel,
+                 device: torch.device, is_main: bool, ckpt_dir: Path) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.ema = ema
+        self.parallel = parallel
+        self.device = device
+        self.is_main = is_main
+        self.ckpt_dir = ckpt_dir
+        self.objective = FlowMatchingObjective(cfg)
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.arch = dit_arch(cfg)
+        self.preemption = PreemptionFlag()
+
+    def run(self, step: int, samples: int) -> TrainResult:
+        cfg = self.cfg
+        result = TrainResult(final_step=step, samples=samples)
+        stream = build_stream(cfg, self.parallel.rank, self.parallel.size)
+        metrics = MetricsLogger(Path(cfg.run.dir), cfg.train.steps, step, self.is_main)
+        self.preemption.install()
+        try:
+            for batch in stream.steps(samples):
+                if step >= cfg.train.steps:
+                    break
+                stats = self.train_step(batch.micro_batches, step)
+                step, samples = step + 1, batch.samples_after
+                result.losses[step], result.final_step, result.samples = stats["loss"], step, samples
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    metrics.log(step, {**stats, "samples": samples})
+                if self._should_stop(step):
+                    result.preempted = True
+                    break
+                if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
+                    self.save(step, samples)
+            self.save(result.final_step, result.samples)
+        finally:
+            metrics.close()
+        if result.preempted:
+            result.exit_code = PREEMPTED_EXIT_CODE
+        return result
+
+    def _should_stop(self, step: int) -> bool:
+        """All ranks must agree, or some would wait forever in the next collective."""
+        flag = torch.tensor([1.0 if self.preemption.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            log.warning("preemption signal received: saving at step %d and exiting with %d",
+                        step, PREEMPTED_EXIT_CODE)
+        return flag.item() > 0
+
+    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        tokens = 0
+        for micro in micro_batches:
+            loss = self.objective(self.engine, micro, step, self.dtype, self.device)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += loss.detach().double().cpu()
+            tokens += self.objective.tokens_per_sample(micro) * micro["latents"].shape[0]
+        if self.ema is not None:
+            self.ema.update(self.engine.module, step)
+        loss_mean = loss_sum / len(micro_batches)
+        dist.all_reduce(loss_mean, group=self.parallel.group)
+        loss_mean /= self.parallel.size
+        elapsed = time.perf_counter() - start
+        global_samples = sum(m["latents"].shape[0] for m in micro_batches) * self.parallel.size
+        global_tokens = tokens * self.parallel.size
+        text_len = micro_batches[0]["text_emb"].shape[1]
+        flops = dit_train_flops(self.arch, global_tokens // global_samples, text_len) * global_samples
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": float(loss_mean),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": float(self.engine.get_lr()[0]),
+            "samples_per_s": global_samples / elapsed,
+            "tokens_per_s": global_tokens / elapsed,
+            "flops_per_s": flops / elapsed,
+            "mem_bytes": peak_memory_bytes(self.device),
+            "step_time_s": elapsed,
+        }
+
+    def save(self, step: int, samples: int) -> None:
+        client = {"step": step, "samples": samples, "config": self.cfg.to_dict(),
+                  "ema": self.ema.state_dict() if self.ema is not None else None,
+                  "rng": checkpoint.rng_state()}
+        checkpoint.save(self.engine, self.ckpt_dir, step, client)
