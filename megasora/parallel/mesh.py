@@ -1,0 +1,232 @@
+"""The parallel layout (dp, pp, tp, ulysses, ring) and its process groups.
+
+Rank order, innermost first: tp, ulysses, ring, dp, pp. So
+
+    rank = (((pp * DP + dp) * RING + ring) * ULYSSES + ulysses) * TP + tp
+
+tp and ulysses (the chattiest axes: per-layer all-gathers / all-to-alls) stay inside a
+node as long as tp*ulysses <= GPUs per node; ring moves K/V point-to-point and tolerates
+the next hop; dp and pp talk least and span nodes.
+
+The sequence of one sample is split over ring (outer) x ulysses x tp (inner): global
+sequence chunk c = (ring * ULYSSES + ulysses) * TP + tp holds tokens [c*N/S, (c+1)*N/S),
+S = tp*ulysses*ring, which is exactly the order of the ranks of the `tpsp` group.
+
+`ParallelLayout` is validated before any process group exists; `build_mesh` then creates
+every group on every rank in one agreed order and returns a `Mesh`, which is passed
+explicitly to whatever needs a group. `MeshMPU` adapts it to DeepSpeed's `mpu` interface.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+AXES = ("tp", "ulysses", "ring", "dp", "pp")  # innermost first
+
+
+class LayoutError(ValueError):
+    """An impossible parallel layout; the message names the config key and the fix."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    ulysses: int = 1
+    ring: int = 1
+
+    @property
+    def sp(self) -> int:
+        """Sequence-parallel degree (ulysses x ring)."""
+        return self.ulysses * self.ring
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp * self.ulysses * self.ring
+
+    def size(self, axis: str) -> int:
+        return getattr(self, axis)
+
+    @classmethod
+    def from_config(cls, parallel: Any, world_size: int) -> "ParallelLayout":
+        """Derive dp = world / (tp*ulysses*ring*pp) from a config.ParallelConfig."""
+        for key in ("tp", "ulysses", "ring", "pp"):
+            value = getattr(parallel, key)
+            if not isinstance(value, int) or value < 1:
+                raise LayoutError(f"parallel.{key}={value!r} must be an integer >= 1")
+        model_ranks = parallel.tp * parallel.ulysses * parallel.ring * parallel.pp
+        if world_size % model_ranks:
+            raise LayoutError(
+                f"world size {world_size} is not divisible by parallel.tp*ulysses*ring*pp = "
+                f"{parallel.tp}*{parallel.ulysses}*{parallel.ring}*{parallel.pp} = {model_ranks}; "
+                f"dp is derived as world / {model_ranks}, so launch a multiple of {model_ranks} "
+                f"processes or change the parallel.* degrees")
+        return cls(dp=world_size // model_ranks, pp=parallel.pp, tp=parallel.tp,
+                   ulysses=parallel.ulysses, ring=parallel.ring)
+
+    def validate(self, world_size: int, *, heads: int, hidden: int, mlp_hidden: int, depth: int) -> None:
+        """Every check that needs no process group. Raises LayoutError naming the key to change."""
+        for axis in AXES:
+            if self.size(axis) < 1:
+                raise LayoutError(f"parallel.{axis}={self.size(axis)} must be >= 1")
+        if self.world_size != world_size:
+            raise LayoutError(
+                f"dp*pp*tp*ulysses*ring = {self.dp}*{self.pp}*{self.tp}*{self.ulysses}*{self.ring} = "
+                f"{self.world_size} but the world size is {world_size}; the product of the parallel "
+                f"degrees must equal the number of processes")
+        if heads % (self.tp * self.ulysses):
+            raise LayoutError(
+                f"model.heads={heads} is not divisible by parallel.tp*parallel.ulysses = "
+                f"{self.tp}*{self.ulysses} = {self.tp * self.ulysses}: tp splits heads across ranks and "
+                f"ulysses splits each rank's heads again; pick tp*ulysses dividing {heads} "
+                f"(use parallel.ring for the remaining sequence parallelism)")
+        if hidden % self.tp:
+            raise LayoutError(f"model.hidden={hidden} is not divisible by parallel.tp={self.tp}: tp splits the "
+                              f"attention width; pick parallel.tp dividing {hidden}")
+        if mlp_hidden % self.tp:
+            raise LayoutError(
+                f"the MLP width {mlp_hidden} (model.hidden*model.mlp_ratio) is not divisible by "
+                f"parallel.tp={self.tp}: tp splits the MLP columns; change model.mlp_ratio or parallel.tp")
+        if self.pp > depth:
+            raise LayoutError(f"parallel.pp={self.pp} exceeds model.depth={depth}: every pipeline stage needs "
+                              f"at least one block; use parallel.pp <= {depth}")
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """Rank -> coordinate on every axis (tp innermost)."""
+        out = {}
+        for axis in AXES:
+            out[axis] = rank % self.size(axis)
+            rank //= self.size(axis)
+        return out
+
+    def rank_of(self, coords: dict[str, int]) -> int:
+        rank = 0
+        for axis in reversed(AXES):
+            rank = rank * self.size(axis) + coords[axis]
+        return rank
+
+    def groups_over(self, axes: tuple[str, ...]) -> list[list[int]]:
+        """All rank groups that vary `axes` with the other axes fixed, in a fixed order.
+
+        Ranks inside a group are ascending, i.e. ordered by the axes innermost first.
+        """
+        fixed = [a for a in AXES if a not in axes]
+        varied = [a for a in AXES if a in axes]
+        groups = []
+        for fixed_vals in itertools.product(*(range(self.size(a)) for a in reversed(fixed))):
+            base = dict(zip(reversed(fixed), fixed_vals))
+            ranks = []
+            for varied_vals in itertools.product(*(range(self.size(a)) for a in varied)):
+                ranks.append(self.rank_of({**base, **dict(zip(varied, varied_vals))}))
+            groups.append(sorted(ranks))
+        return groups
+
+
+# Named groups: name -> axes it spans. Built in this order on every rank.
+GROUP_AXES: dict[str, tuple[str, ...]] = {
+    "tp": ("tp",),
+    "ulysses": ("ulysses",),
+    "ring": ("ring",),
+    "sp": ("ulysses", "ring"),             # sequence parallel (one sample's attention)
+    "tpsp": ("tp", "ulysses", "ring"),     # everything that shards one sample's tokens
+    "dp": ("dp",),
+    "dpsp": ("ulysses", "ring", "dp"),     # gradient averaging / ZeRO partitioning
+    "mp": ("tp", "pp"),                    # model parallel: ranks holding different parameters
+    "pp": ("pp",),
+}
+
+
+@dataclass
+class Mesh:
+    """This rank's view of the layout: coordinates, groups and their member ranks."""
+    layout: ParallelLayout
+    rank: int
+    coords: dict[str, int]
+    groups: dict[str, Optional[ProcessGroup]] = field(repr=False)
+    ranks: dict[str, list[int]]
+
+    def group(self, name: str) -> Optional[ProcessGroup]:
+        return self.groups[name]
+
+    def size(self, name: str) -> int:
+        return len(self.ranks[name])
+
+    def rank_in(self, name: str) -> int:
+        return self.ranks[name].index(self.rank)
+
+
+def build_mesh(layout: ParallelLayout, rank: Optional[int] = None) -> Mesh:
+    """Create all groups of `layout` (torch.distributed must be initialised, world matching).
+
+    new_group is collective over the whole world, so every rank creates every group, in
+    the order of GROUP_AXES and then of `groups_over`, keeping the handles it belongs to.
+    """
+    world = dist.get_world_size()
+    if layout.world_size != world:
+        raise LayoutError(f"layout {layout} needs {layout.world_size} processes, the world has {world}")
+    rank = dist.get_rank() if rank is None else rank
+    groups: dict[str, Optional[ProcessGroup]] = {}
+    members: dict[str, list[int]] = {}
+    for name, axes in GROUP_AXES.items():
+        for ranks in layout.groups_over(axes):
+            handle = dist.new_group(ranks=ranks)
+            if rank in ranks:
+                groups[name], members[name] = handle, ranks
+    return Mesh(layout=layout, rank=rank, coords=layout.coords(rank), groups=groups, ranks=members)
+
+
+class MeshMPU:
+    """DeepSpeed's `mpu` interface over a Mesh (pass as deepspeed.initialize(mpu=...)).
+
+    What DeepSpeed 0.19 does with it (runtime/engine.py, zero/stage_1_and_2.py, stage3.py):
+    gradients are all-reduced over get_sequence_data_parallel_group() (dp x sp) and divided
+    by its size / get_sequence_parallel_world_size() = dp, i.e. SUMMED over sp and AVERAGED
+    over dp; ZeRO partitions optimizer state over dp x sp; grad-norm clipping reduces over
+    get_model_parallel_group() and counts parameters without `tensor_model_parallel` only on
+    tensor-parallel rank 0; checkpoints are named by get_model_parallel_rank(). The sum over
+    sp is what our sequence-parallel gradients need (see docs/parallelism.md).
+    `initialize_sequence_parallel` is deliberately absent: its presence makes DeepSpeed
+    ignore this object's data-parallel groups.
+    """
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+
+    # tensor / model parallel
+    def get_tensor_model_parallel_group(self): return self.mesh.group("tp")
+    def get_tensor_model_parallel_world_size(self) -> int: return self.mesh.size("tp")
+    def get_tensor_model_parallel_rank(self) -> int: return self.mesh.rank_in("tp")
+    def get_tensor_model_parallel_src_rank(self) -> int: return self.mesh.ranks["tp"][0]
+    def get_model_parallel_group(self): return self.mesh.group("mp")
+    def get_model_parallel_world_size(self) -> int: return self.mesh.size("mp")
+    def get_model_parallel_rank(self) -> int: return self.mesh.rank_in("mp")
+    def get_slice_parallel_group(self): return self.mesh.group("tp")
+    def get_slice_parallel_world_size(self) -> int: return self.mesh.size("tp")
+    def get_slice_parallel_rank(self) -> int: return self.mesh.rank_in("tp")
+
+    # data parallel (replicas that see different samples)
+    def get_data_parallel_group(self): return self.mesh.group("dp")
+    def get_data_parallel_world_size(self) -> int: return self.mesh.size("dp")
+    def get_data_parallel_rank(self) -> int: return self.mesh.rank_in("dp")
+    def get_data_parallel_group_ranks(self) -> list[int]: return list(self.mesh.ranks["dp"])
+
+    # sequence parallel and its product with dp
+    def get_sequence_parallel_group(self): return self.mesh.group("sp")
+    def get_sequence_parallel_world_size(self) -> int: return self.mesh.size("sp")
+    def get_sequence_parallel_rank(self) -> int: return self.mesh.rank_in("sp")
+    def get_sequence_data_parallel_group(self): return self.mesh.group("dpsp")
+    def get_sequence_data_parallel_world_size(self) -> int: return self.mesh.size("dpsp")
+    def get_sequence_data_parallel_rank(self) -> int: return self.mesh.rank_in("dpsp")
+
+    # pipeline
+    def get_pipe_parallel_group(self): return self.mesh.group("pp")
+    def get_pipe_parallel_world_size(self) -> int: return self.mesh.size("pp")
+    def get_pipe_parallel_rank(self) -> int: return self.mesh.rank_in("pp")
+    def get_pipeline_model_parallel_group(self): return self.mesh.group("pp")
+    def get_pipeline_model_parallel_world_size(self) -> int: return self.mesh.size("pp")
+    def get_pipeline_model_parallel_rank(self) -> int: return self.mesh.rank_in("pp")
