@@ -33,6 +33,7 @@ if AVAILABLE:
         CUDA_LOAD_ERROR = f"{type(e).__name__}: {e}"
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CUDA_MAX_NORM_DIM = 6080  # the CUDA norms cache rows in shared memory (csrc/cuda/launch.h)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -211,8 +212,9 @@ def _mod_ok(x: torch.Tensor, *mods: torch.Tensor) -> bool:
 
 
 def supports_normalize(x, weight, bias) -> bool:
-    return (AVAILABLE and x.dim() >= 1 and x.shape[-1] > 0 and _dtype_ok(x) and device_ok(x)
-            and _param_ok(weight, x) and _param_ok(bias, x))
+    if x.dim() == 0 or x.shape[-1] == 0 or (x.is_cuda and x.shape[-1] > CUDA_MAX_NORM_DIM):
+        return False
+    return AVAILABLE and _dtype_ok(x) and device_ok(x) and _param_ok(weight, x) and _param_ok(bias, x)
 
 
 def supports_modulated_norm(x, shift, scale, weight, bias) -> bool:
