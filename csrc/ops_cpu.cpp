@@ -175,31 +175,45 @@ struct NormBwd {
   bool rms = false;
 };
 
+// Per-task scratch: xhat and the grad wrt xhat of one row, and w / b with the
+// "no weight" / "no bias" cases filled in (1 and 0) so the inner loops have no branches.
+template <typename A>
+struct RowScratch {
+  std::vector<A> xhat, gxh, w, b;
+  RowScratch(int64_t D, const A* w_, const A* b_) : xhat(D), gxh(D), w(D, A(1)), b(D, A(0)) {
+    if (w_ != nullptr) std::copy(w_, w_ + D, w.begin());
+    if (b_ != nullptr) std::copy(b_, b_ + D, b.begin());
+  }
+};
+
 template <typename T>
 void norm_bwd_row(const NormBwd<T>& p, const RowLayout& l, bool per_sample, int64_t r, int64_t c,
-                  Partials<at::opmath_type<T>>& part, at::opmath_type<T>* xhat,
-                  at::opmath_type<T>* gxh) {
+                  Partials<at::opmath_type<T>>& part, RowScratch<at::opmath_type<T>>& s) {
   using A = at::opmath_type<T>;
   const int64_t D = l.D, o = r * D;
   const int64_t mo = l.rows_per_mod ? (r / l.rows_per_mod) * D : 0;
   const A mu = p.mean[r], rs = p.rstd[r];
+  A* xhat = s.xhat.data();
+  A* gxh = s.gxh.data();
+  const A* w = s.w.data();
+  const A* b = s.b.data();
   for (int64_t d = 0; d < D; ++d) xhat[d] = (A(p.xn[o + d]) - mu) * rs;
   for (int64_t d = 0; d < D; ++d) gxh[d] = A(p.gout[o + d]);
   if (p.scale != nullptr) {
-    A* ps = part.at(kShift, c);
-    A* pc = part.at(kScale, c);
-    for (int64_t d = 0; d < D; ++d) {
-      const A g = gxh[d];
-      const A n = xhat[d] * (p.w ? p.w[d] : A(1)) + (p.b ? p.b[d] : A(0));
-      if (per_sample) {
-        ps[d] += g;
-        pc[d] += g * n;
-      } else {
-        p.gshift[o + d] = T(g);
-        p.gscale[o + d] = T(g * n);
+    if (per_sample) {
+      A* ps = part.at(kShift, c);
+      A* pc = part.at(kScale, c);
+      for (int64_t d = 0; d < D; ++d) {
+        ps[d] += gxh[d];
+        pc[d] += gxh[d] * (xhat[d] * w[d] + b[d]);
       }
-      gxh[d] = g * (A(1) + A(p.scale[mo + d]));
+    } else {
+      for (int64_t d = 0; d < D; ++d) {
+        p.gshift[o + d] = T(gxh[d]);
+        p.gscale[o + d] = T(gxh[d] * (xhat[d] * w[d] + b[d]));
+      }
     }
+    for (int64_t d = 0; d < D; ++d) gxh[d] *= A(1) + A(p.scale[mo + d]);
   }
   if (A* pw = part.at(kW, c)) {
     for (int64_t d = 0; d < D; ++d) pw[d] += gxh[d] * xhat[d];
@@ -207,29 +221,25 @@ void norm_bwd_row(const NormBwd<T>& p, const RowLayout& l, bool per_sample, int6
   if (A* pb = part.at(kB, c)) {
     for (int64_t d = 0; d < D; ++d) pb[d] += gxh[d];
   }
-  if (p.w != nullptr) {
-    for (int64_t d = 0; d < D; ++d) gxh[d] *= p.w[d];
-  }
   A s1 = 0, s2 = 0;
   for (int64_t d = 0; d < D; ++d) {
+    gxh[d] *= w[d];
     s1 += gxh[d];
     s2 += gxh[d] * xhat[d];
   }
   const A m1 = p.rms ? A(0) : s1 / A(D), m2 = s2 / A(D);
-  A* pg = part.at(kGate, c);
-  for (int64_t d = 0; d < D; ++d) {
-    A g = rs * (gxh[d] - m1 - xhat[d] * m2);
-    if (p.gh != nullptr) g += A(p.gh[o + d]);
-    p.gx[o + d] = T(g);
-    if (p.gate != nullptr) {
-      p.gy[o + d] = T(A(p.gate[mo + d]) * g);
-      const A gg = g * A(p.y[o + d]);
-      if (per_sample) {
-        pg[d] += gg;
-      } else {
-        p.ggate[o + d] = T(gg);
-      }
-    }
+  for (int64_t d = 0; d < D; ++d) gxh[d] = rs * (gxh[d] - m1 - xhat[d] * m2);  // now grad of xn
+  if (p.gh != nullptr) {
+    for (int64_t d = 0; d < D; ++d) gxh[d] += A(p.gh[o + d]);
+  }
+  for (int64_t d = 0; d < D; ++d) p.gx[o + d] = T(gxh[d]);
+  if (p.gate == nullptr) return;
+  for (int64_t d = 0; d < D; ++d) p.gy[o + d] = T(A(p.gate[mo + d]) * gxh[d]);
+  if (per_sample) {
+    A* pg = part.at(kGate, c);
+    for (int64_t d = 0; d < D; ++d) pg[d] += gxh[d] * A(p.y[o + d]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) p.ggate[o + d] = T(gxh[d] * A(p.y[o + d]));
   }
 }
 
@@ -242,12 +252,12 @@ void norm_bwd_cpu(const NormBwd<T>& p, const RowLayout& l) {
   const bool gate = p.gate != nullptr && per_sample;
   Partials<A> part({p.gw != nullptr, p.gb != nullptr, mod, mod, gate}, l.chunks, D);
   at::parallel_for(0, l.chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<A> xhat(D), gxh(D);
+    RowScratch<A> scratch(D, p.w, p.b);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c / l.chunks_per_sample;
       const int64_t r0 = b * l.N + (c % l.chunks_per_sample) * l.chunk_rows;
       const int64_t r1 = std::min(r0 + l.chunk_rows, (b + 1) * l.N);
-      for (int64_t r = r0; r < r1; ++r) norm_bwd_row(p, l, per_sample, r, c, part, xhat.data(), gxh.data());
+      for (int64_t r = r0; r < r1; ++r) norm_bwd_row(p, l, per_sample, r, c, part, scratch);
     }
   });
   part.reduce(kW, l, false, p.gw);
