@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: sets up everything on a fresh machine, then runs the whole suite.
+#   bash tests/run.sh                 # everything (what CI runs)
+#   bash tests/run.sh -m "not slurm"  # extra pytest arguments pass through
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$REPO/launch/bootstrap.sh"
+# Real Slurm (slurmctld/slurmd/munge) for the launcher integration tests.
+if [ -x "$REPO/slurm/testing/install.sh" ]; then bash "$REPO/slurm/testing/install.sh"; fi
+cd "$REPO"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1
+export MEGASORA_CACHE="${MEGASORA_CACHE:-$REPO/.cache}"
+exec python -m pytest tests "$@"

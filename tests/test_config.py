@@ -1,0 +1,64 @@
+"""Config loading, overrides, validation messages and the generated reference."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megasora.config import ConfigError, load_config, render_config_docs
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def test_tiny_preset_and_overrides() -> None:
+    cfg = load_config(TINY, ["train.steps=7", "train.lr=1e-4", "model.patch=[1,1,1]", "run.dir=/tmp/x"])
+    assert cfg.train.steps == 7 and cfg.train.lr == 1e-4 and cfg.model.patch == [1, 1, 1]
+    assert cfg.run.dir == "/tmp/x" and cfg.model.hidden == 64
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.heads=5", "model.hidden=64 is not divisible by model.heads=5"),
+    ("data.height=15", "data.height=15 is not divisible by the patch size 2"),
+    ("train.nonsense=1", "unknown config key `train.nonsense`; valid keys in `train`: betas"),
+    ("nosection.x=1", "unknown config key `nosection`"),
+    ("train.precision=fp8", "train.precision='fp8' must be fp32 or bf16"),
+    ("train.zero_stage=4", "train.zero_stage=4 must be 0, 1, 2 or 3"),
+    ("train.steps=abc", "`train.steps` must be an integer"),
+    ("parallel.tp=0", "parallel.tp=0 must be >= 1"),
+])
+def test_bad_configs_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(TINY, [override])
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(REPO / "configs" / "nope.yaml")
+
+
+def test_inherit_merges_parent(tmp_path: Path) -> None:
+    child = tmp_path / "child.yaml"
+    child.write_text(f"inherit: {TINY}\ntrain:\n  steps: 3\n")
+    cfg = load_config(child)
+    assert cfg.train.steps == 3 and cfg.model.hidden == 64
+
+
+def test_cli_reports_one_clear_line_and_starts_nothing() -> None:
+    proc = subprocess.run([sys.executable, "-m", "megasora", "train", "--config", str(TINY),
+                           "--set", "model.heads=7"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("megasora: config error: model.hidden=64")
+    assert "init_distributed" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_docs_reference_is_in_sync() -> None:
+    assert (REPO / "docs" / "config.md").read_text() == render_config_docs() + "\n", \
+        "docs/config.md is stale: run `megasora config-docs --out docs/config.md`"
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")))
+def test_every_preset_validates(preset: Path) -> None:
+    load_config(preset)
