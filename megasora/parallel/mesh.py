@@ -62,10 +62,10 @@ class ParallelLayout:
         model_ranks = parallel.tp * parallel.ulysses * parallel.ring * parallel.pp
         if world_size % model_ranks:
             raise LayoutError(
-                f"world size {world_size} is not divisible by parallel.tp*ulysses*ring*pp = "
-                f"{parallel.tp}*{parallel.ulysses}*{parallel.ring}*{parallel.pp} = {model_ranks}; "
-                f"dp is derived as world / {model_ranks}, so launch a multiple of {model_ranks} "
-                f"processes or change the parallel.* degrees")
+                f"world size {world_size} is not divisible by parallel.tp={parallel.tp} * "
+                f"parallel.ulysses={parallel.ulysses} * parallel.ring={parallel.ring} * parallel.pp={parallel.pp} "
+                f"= {model_ranks}; dp is derived as world / {model_ranks}, so launch a multiple of "
+                f"{model_ranks} processes or change the parallel.* degrees")
         return cls(dp=world_size // model_ranks, pp=parallel.pp, tp=parallel.tp,
                    ulysses=parallel.ulysses, ring=parallel.ring)
 

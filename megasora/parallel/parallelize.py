@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from megasora.models.dit import DiT
-from megasora.parallel.mesh import LayoutError, Mesh
+from megasora.parallel.mesh import LayoutError, Mesh, ParallelLayout, build_mesh
 from megasora.parallel.sequence import SequenceShard, sequence_attention
 from megasora.parallel.tensor import apply_tensor_parallel
 
@@ -50,3 +50,17 @@ def parallelize(model: DiT, mesh: Mesh, parallel: Any, attention_backend: str = 
     if mesh.size("tpsp") > 1:
         model.sequence = SequenceShard(mesh)
     return model
+
+
+def init_parallel(model: DiT, parallel: Any, world_size: int, attention_backend: str = "auto") -> Mesh:
+    """Validate the layout against the model BEFORE creating any group, build the mesh, parallelize.
+
+    Needs the default process group; returns the mesh (dp rank/size/group and MeshMPU come from it).
+    """
+    layout = ParallelLayout.from_config(parallel, world_size)
+    arch = model.arch
+    layout.validate(world_size, heads=arch.heads, hidden=arch.hidden,
+                    mlp_hidden=model.blocks[0].mlp.fc1.out_features, depth=arch.depth)
+    mesh = build_mesh(layout)
+    parallelize(model, mesh, parallel, attention_backend)
+    return mesh
