@@ -49,11 +49,10 @@ class DataParallel:
 
 
 def setup_parallel(cfg: Config, model: torch.nn.Module, world_size: int, rank: int) -> DataParallel:
-    """Data parallel only; tensor/sequence/pipeline parallelism plug in here (megasora/parallel)."""
-    p = cfg.parallel
-    if p.tp * p.ulysses * p.ring * p.pp != 1:
-        raise NotImplementedError("tp/ulysses/ring/pp > 1 need megasora.parallel, which is not wired in yet")
-    return DataParallel(rank=rank, size=world_size, group=None)
+    """Mesh + tp/ulysses/ring applied to `model` (megasora/parallel); dp is what remains of the world."""
+    from megasora.parallel import MeshMPU, init_parallel
+    mesh = init_parallel(model, cfg.parallel, world_size)
+    return DataParallel(rank=mesh.rank_in("dp"), size=mesh.size("dp"), group=mesh.group("dp"), mpu=MeshMPU(mesh))
 
 
 def peak_memory_bytes(device: torch.device) -> int:
