@@ -83,11 +83,20 @@ def timer(device: str) -> Callable[[Callable], float]:
     return run
 
 
-def measure(fn: Callable, device: str, repeats: int, warmup: int = 3) -> float:
+def measure(fns: dict[str, Callable], device: str, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Seconds per call of each fn. The fns are interleaved within every repeat so that a
+    shared machine's load hits all of them alike; CPU reports the minimum (the least
+    disturbed run), CUDA the median."""
     clock = timer(device)
-    for _ in range(warmup):
-        clock(fn)
-    return statistics.median(clock(fn) for _ in range(repeats))
+    for fn in fns.values():
+        for _ in range(warmup):
+            clock(fn)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            samples[k].append(clock(fn))
+    pick = min if device == "cpu" else statistics.median
+    return {k: pick(v) for k, v in samples.items()}
 
 
 def fwd_and_step(op: Callable, inputs: list) -> tuple[Callable, Callable]:
@@ -109,7 +118,7 @@ def fwd_and_step(op: Callable, inputs: list) -> tuple[Callable, Callable]:
 def copy_bandwidth(device: str, nbytes: int, repeats: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / measure(lambda: dst.copy_(src), device, repeats)
+    return 2 * nbytes / measure({"copy": lambda: dst.copy_(src)}, device, repeats)["copy"]
 
 
 def main() -> None:
@@ -147,10 +156,11 @@ def report(case: Case, dname: str, args: argparse.Namespace) -> None:
     ops = {"fused": case.fused, "eager": case.reference}
     if args.compile:
         ops["compiled"] = torch.compile(case.reference)
-    times = {}
+    fns = {}
     for name, op in ops.items():
-        fwd, step = fwd_and_step(op, case.inputs)
-        times[name] = (measure(fwd, args.device, args.repeats), measure(step, args.device, args.repeats))
+        fns[name, 0], fns[name, 1] = fwd_and_step(op, case.inputs)
+    t = measure(fns, args.device, args.repeats)
+    times = {name: (t[name, 0], t[name, 1]) for name in ops}
     for i, pass_name in enumerate(["fwd", "fwd+bwd"]):
         f = times["fused"][i]
         row = [case.name, dname, pass_name, f"{f * 1e3:.3f}", f"{times['eager'][i] * 1e3:.3f}",
