@@ -14,7 +14,10 @@ import sys
 COMMAND_MODULES = [
     "megasora.commands.train",
     "megasora.commands.sample",
+    "megasora.commands.ckpt",
     "megasora.commands.config_docs",
+    "megasora.data.preprocess",
+    "megasora.commands.train_vae",
     "megasora.launcher.submit",
 ]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -16,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sample", help="sample a video from a checkpoint (Euler + classifier-free guidance)",
         description=__doc__ + " Any latent size works (RoPE is relative); it must divide by the patch size.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", required=True, help="run directory (uses run/checkpoints/latest) or a checkpoints dir")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run directory (newest complete checkpoint) or a checkpoints dir")
+    source.add_argument("--weights", help="a .safetensors file from `megasora ckpt export` (config in the .json beside it)")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00000050 (default: latest)")
     p.add_argument("--prompt", action="append", required=True, help="caption; repeat for several clips")
     p.add_argument("--frames", type=int, default=None, help="latent frames (default: the training size)")
@@ -31,24 +34,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def checkpoint_root(path: Path) -> Path:
-    if (path / "checkpoints" / "latest").is_file():
-        return path / "checkpoints"
-    if (path / "latest").is_file():
-        return path
-    raise FileNotFoundError(f"{path}: no checkpoint found (expected {path}/checkpoints/latest)")
-
-
-def load_sampling_model(run_path: Path, tag: str | None, use_ema: bool) -> tuple[torch.nn.Module, "Config"]:
+def load_sampling_model(args: argparse.Namespace) -> tuple[torch.nn.Module, "Config", Path]:
+    """The DiT and its config from a run's checkpoint or an exported safetensors file."""
+    from megasora.commands.ckpt import checkpoints_root
     from megasora.config import config_from_dict
     from megasora.models import build_dit
     from megasora.train.checkpoint import read_model_weights
-    weights, cfg_dict, used_ema = read_model_weights(checkpoint_root(run_path), tag, use_ema)
+    if args.weights:
+        from safetensors.torch import load_file
+        path = Path(args.weights)
+        weights, cfg_dict, source = load_file(str(path)), json.loads(path.with_suffix(".json").read_text()), path
+        out_dir = path.parent
+    else:
+        root, tag = checkpoints_root(Path(args.run))
+        weights, cfg_dict, used_ema = read_model_weights(root, args.tag or tag, not args.no_ema)
+        source, out_dir = f"{root} ({'EMA' if used_ema else 'raw'} weights)", Path(args.run)
     cfg = config_from_dict(cfg_dict)
     model = build_dit(cfg)
     model.load_state_dict(weights)
-    log.info("loaded %s weights from %s", "EMA" if used_ema else "raw", run_path)
-    return model.eval(), cfg
+    log.info("loaded %s", source)
+    return model.eval(), cfg, out_dir
 
 
 def to_frames(video: torch.Tensor, upscale: int) -> np.ndarray:
@@ -71,14 +76,13 @@ def write_video(frames: np.ndarray, path: Path, fps: int = 4) -> None:
 def run(args: argparse.Namespace) -> int:
     from megasora.diffusion.sampler import sample_euler
     from megasora.models.text import TextEncoder
-    run_path = Path(args.run)
-    model, cfg = load_sampling_model(run_path, args.tag, not args.no_ema)
+    model, cfg, out_dir = load_sampling_model(args)
     text, mask = TextEncoder(cfg.text.path or None, cfg.text.max_length).encode(args.prompt)
     shape = (len(args.prompt), cfg.model.in_channels, args.frames or cfg.data.frames,
              args.height or cfg.data.height, args.width or cfg.data.width)
     latents = sample_euler(model, shape, text, mask, cfg.diffusion, steps=args.steps, guidance=args.guidance,
                            patch=tuple(cfg.model.patch), generator=torch.Generator().manual_seed(args.seed))
-    out = Path(args.out) if args.out else run_path / "samples" / "sample.gif"
+    out = Path(args.out) if args.out else out_dir / "samples" / "sample.gif"
     for i, video in enumerate(latents):
         path = out if len(args.prompt) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
         write_video(to_frames(video, args.upscale), path)

@@ -1,15 +1,41 @@
-"""Checkpoints through DeepSpeed's engine (sharded model/optimizer states) plus our client state."""
+"""Checkpoints users can trust.
+
+Layout on disk (run.dir/checkpoints/):
+    step_00000100/            DeepSpeed's sharded files + megasora.json (the manifest)
+    step_00000100.universal/  created on demand when resuming under a different layout
+    latest                    tag of the newest complete checkpoint
+
+Save is atomic: every rank writes into `.tmp.step_X/`; after all ranks finished, rank 0
+writes the manifest (every file with its size), renames the directory to `step_X/` and only
+then moves `latest`. A crash at any point leaves the previous checkpoint and `latest`
+untouched. Load verifies the manifest first, so a truncated or missing shard is reported by
+name, and `--resume auto` falls back to the newest checkpoint that verifies.
+"""
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger("megasora")
+
+MANIFEST = "megasora.json"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete or corrupt; the message names the file."""
 
 
 def step_tag(step: int) -> str:
@@ -26,54 +52,178 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any]) -> str:
-    tag = step_tag(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
-    return tag
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def resolve_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path, str | None] | None:
-    """'auto' -> the latest checkpoint in ckpt_dir (or None to start fresh); a path -> that checkpoint."""
+# ---------------------------------------------------------------- reading (no engine needed)
+
+
+@dataclass
+class CheckpointInfo:
+    root: Path
+    tag: str
+    manifest: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.tag
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def layout(self) -> dict[str, int]:
+        return self.manifest["layout"]
+
+
+def read_manifest(tag_dir: Path) -> dict[str, Any]:
+    path = tag_dir / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{tag_dir}: no {MANIFEST}, the checkpoint was never completed")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is corrupt: {err}") from err
+
+
+def verify(tag_dir: Path) -> dict[str, Any]:
+    """Every file the manifest lists exists with its recorded size; returns the manifest."""
+    manifest = read_manifest(tag_dir)
+    for rel, size in manifest["files"].items():
+        f = tag_dir / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint shard missing: {f}")
+        actual = f.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"checkpoint shard truncated or altered: {f} has {actual} bytes, "
+                                  f"the manifest recorded {size}")
+    return manifest
+
+
+def list_tags(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)), reverse=True)
+
+
+def find_resumable(root: Path) -> CheckpointInfo | None:
+    """Newest checkpoint that verifies; each one skipped on the way gets a warning."""
+    for tag in list_tags(root):
+        try:
+            return CheckpointInfo(root, tag, verify(root / tag))
+        except CheckpointError as err:
+            log.warning("skipping checkpoint %s: %s", tag, err)
+    return None
+
+
+def resolve_resume(resume: str | None, ckpt_dir: Path) -> CheckpointInfo | None:
+    """'auto' -> newest complete checkpoint in ckpt_dir or None; a path -> that checkpoint (verified)."""
     if not resume:
         return None
     if resume == "auto":
-        latest = ckpt_dir / "latest"
-        if not latest.is_file():
-            log.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt_dir)
-            return None
-        return ckpt_dir, latest.read_text().strip()
+        found = find_resumable(ckpt_dir)
+        if found is None:
+            log.info("--resume auto: no complete checkpoint in %s, starting from scratch", ckpt_dir)
+        return found
     path = Path(resume)
-    if (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
-    if path.is_dir() and path.parent.is_dir():
-        return path.parent, path.name
-    raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (expected a dir holding `latest` "
-                            f"or a step_XXXXXXXX tag directory)")
+    if (path / MANIFEST).is_file() or TAG_RE.match(path.name):
+        return CheckpointInfo(path.parent, path.name, verify(path))
+    if path.is_dir():
+        found = find_resumable(path)
+        if found is not None:
+            return found
+    raise CheckpointError(f"--resume {resume}: no complete checkpoint there (expected run/checkpoints, "
+                          f"or a step_XXXXXXXX directory holding {MANIFEST})")
 
 
-def load(engine: Any, root: Path, tag: str | None) -> dict[str, Any]:
-    path, client_state = engine.load_checkpoint(str(root), tag=tag)
-    if path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {root}/{tag}")
-    log.info("resumed from %s", path)
-    return client_state
+# ---------------------------------------------------------------- writing
+
+
+class CheckpointManager:
+    """Atomic saves, verified loads and retention for one run's checkpoint directory."""
+
+    def __init__(self, root: Path, layout: dict[str, int], keep_last: int = 3, keep_every: int = 0) -> None:
+        self.root = root
+        self.layout = layout
+        self.keep_last = max(1, keep_last)
+        self.keep_every = keep_every
+        self.is_main = dist.get_rank() == 0
+
+    def save(self, engine: Any, step: int, samples: int, client_state: dict[str, Any]) -> str:
+        tag = step_tag(step)
+        tmp_tag = f".tmp.{tag}"
+        if self.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.root / tmp_tag, ignore_errors=True)  # debris of an interrupted save
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        dist.barrier()  # every rank's shards are on disk
+        if self.is_main:
+            self._commit(tmp_tag, tag, step, samples)
+        dist.barrier()
+        return tag
+
+    def _commit(self, tmp_tag: str, tag: str, step: int, samples: int) -> None:
+        tmp_dir = self.root / tmp_tag
+        files = {str(p.relative_to(tmp_dir)): p.stat().st_size for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
+        manifest = {"step": step, "samples": samples, "layout": self.layout, "files": files,
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _atomic_write(tmp_dir / MANIFEST, json.dumps(manifest, indent=1))
+        final = self.root / tag
+        if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
+            shutil.rmtree(final)
+        tmp_dir.rename(final)
+        _atomic_write(self.root / "latest", tag)
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        complete = [t for t in list_tags(self.root) if (self.root / t / MANIFEST).is_file()]
+        keep = set(complete[:self.keep_last])
+        if self.keep_every:
+            keep |= {t for t in complete if int(TAG_RE.match(t).group(1)) % self.keep_every == 0}
+        for tag in complete:
+            if tag not in keep:
+                shutil.rmtree(self.root / tag, ignore_errors=True)
+                shutil.rmtree(self.root / f"{tag}.universal", ignore_errors=True)
+
+
+# ---------------------------------------------------------------- consolidated weights
 
 
 def read_model_weights(root: Path, tag: str | None = None, ema: bool = True
                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
-    """Full (consolidated) weights of a checkpoint on one process, without an engine.
+    """Full (consolidated over tp and ZeRO) weights of a checkpoint on one process, no engine.
 
     Returns (state_dict, config dict, whether the EMA weights were used).
     """
-    tag = tag or (root / "latest").read_text().strip()
-    states = root / tag / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise FileNotFoundError(f"{states} is missing: not a complete MegaSora checkpoint")
-    saved = torch.load(states, map_location="cpu", weights_only=False)
+    info = CheckpointInfo(root, tag, verify(root / tag)) if tag else find_resumable(root)
+    if info is None:
+        raise CheckpointError(f"{root}: no complete checkpoint")
+    states = sorted(info.path.glob("mp_rank_*_model_states.pt"))
+    saved = torch.load(states[0], map_location="cpu", weights_only=False)
     cfg = saved.get("config") or {}
     if ema and saved.get("ema") is not None:
-        return saved["ema"], cfg, True
-    if saved.get("module") is not None and cfg.get("train", {}).get("zero_stage", 0) < 3:
+        return saved["ema"], cfg, True  # saved full (gathered over tp) by the trainer
+    layout = info.layout
+    if layout.get("tp", 1) == 1 and layout.get("zero_stage", 0) < 3 and saved.get("module") is not None:
         return {k: v.float() for k, v in saved["module"].items()}, cfg, False
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag), cfg, False
+    return _weights_via_universal(info), cfg, False
+
+
+def _weights_via_universal(info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    """TP-sharded or ZeRO-3 weights: DeepSpeed's universal conversion holds full fp32 tensors."""
+    from megasora.train.universal import convert_to_universal
+    uni = info.root / f"{info.tag}.universal"
+    if not uni.is_dir():
+        convert_to_universal(info.path, uni)
+    weights = {}
+    for fp32 in (uni / "zero").glob("*/fp32.pt"):
+        weights[fp32.parent.name] = torch.load(fp32, map_location="cpu", weights_only=False)["param"].float()
+    return weights

@@ -10,9 +10,11 @@ from megasora.config import Config
 from megasora.train.schedule import warmup_cosine
 
 
-def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) -> dict[str, Any]:
     t = cfg.train
     return {
+        # Resuming under a different layout reads a universal checkpoint (see train/universal.py).
+        "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch_size * t.grad_accum * dp_size,
@@ -26,7 +28,7 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
     }
 
 
-def build_engine(cfg: Config, model: nn.Module, dp_size: int, mpu: Any = None) -> Any:
+def build_engine(cfg: Config, model: nn.Module, dp_size: int, mpu: Any = None, load_universal: bool = False) -> Any:
     import deepspeed
     t = cfg.train
     decay, no_decay = [], []
@@ -37,5 +39,5 @@ def build_engine(cfg: Config, model: nn.Module, dp_size: int, mpu: Any = None) -
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, t.steps, t.warmup_steps, t.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, dp_size), mpu=mpu)
+                                           config=deepspeed_config(cfg, dp_size, load_universal), mpu=mpu)
     return engine

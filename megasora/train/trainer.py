@@ -6,6 +6,7 @@ parallelize -> DeepSpeed engine -> resume -> data stream at the resumed global p
 """
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import time
@@ -20,6 +21,7 @@ from megasora.config import Config, save_config
 from megasora.data.sources import build_stream
 from megasora.models import build_dit, dit_arch
 from megasora.train import checkpoint
+from megasora.launcher.env import discover
 from megasora.train.distributed import device_for, init_distributed
 from megasora.train.ema import EMA
 from megasora.train.engine import build_engine
@@ -27,6 +29,7 @@ from megasora.train.flops import dit_train_flops
 from megasora.train.metrics import MetricsLogger
 from megasora.train.objective import FlowMatchingObjective
 from megasora.train.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
+from megasora.train.universal import gather_full_state, shard_full_state, universal_checkpoint_info
 
 log = logging.getLogger("megasora")
 
@@ -46,13 +49,15 @@ class DataParallel:
     size: int
     group: Any  # process group over which the logged loss is averaged
     mpu: Any = None
+    tp_group: Any = None
 
 
 def setup_parallel(cfg: Config, model: torch.nn.Module, world_size: int, rank: int) -> DataParallel:
     """Mesh + tp/ulysses/ring applied to `model` (megasora/parallel); dp is what remains of the world."""
     from megasora.parallel import MeshMPU, init_parallel
     mesh = init_parallel(model, cfg.parallel, world_size)
-    return DataParallel(rank=mesh.rank_in("dp"), size=mesh.size("dp"), group=mesh.group("dp"), mpu=MeshMPU(mesh))
+    return DataParallel(rank=mesh.rank_in("dp"), size=mesh.size("dp"), group=mesh.group("dp"), mpu=MeshMPU(mesh),
+                        tp_group=mesh.group("tp"))
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -61,7 +66,41 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def check_layout(cfg: Config, world_size: int) -> Any:
+    """Reject an impossible layout from the config and world size alone, before any process group."""
+    from megasora.parallel.mesh import ParallelLayout
+    layout = ParallelLayout.from_config(cfg.parallel, world_size)
+    m = cfg.model
+    layout.validate(world_size, heads=m.heads, hidden=m.hidden, mlp_hidden=int(m.hidden * m.mlp_ratio),
+                    depth=m.depth)
+    return layout
+
+
+def layout_record(cfg: Config, layout: Any, world_size: int) -> dict[str, int]:
+    """What a checkpoint remembers of how it was sharded; a mismatch on resume triggers resharding."""
+    return {"world_size": world_size, "dp": layout.dp, "tp": layout.tp, "ulysses": layout.ulysses,
+            "ring": layout.ring, "pp": layout.pp, "zero_stage": cfg.train.zero_stage}
+
+
+def prepare_resume(resume: str | None, ckpt_dir: Path, layout: dict[str, int], is_main: bool
+                   ) -> tuple[checkpoint.CheckpointInfo | None, bool]:
+    """Find the checkpoint to resume and whether it must be resharded (converted to universal)."""
+    info = checkpoint.resolve_resume(resume, ckpt_dir)
+    if info is None or info.layout == layout:
+        return info, False
+    from megasora.train.universal import convert_to_universal
+    log.warning("checkpoint %s was saved with layout %s; resuming with %s: resharding through a "
+                "DeepSpeed universal checkpoint", info.tag, info.layout, layout)
+    universal = info.root / f"{info.tag}.universal"
+    if is_main and not universal.is_dir():
+        convert_to_universal(info.path, universal)
+    dist.barrier()
+    return info, True
+
+
 def train(cfg: Config, resume: str | None = None) -> TrainResult:
+    env = discover()
+    layout = check_layout(cfg, env.world_size)  # fails here, before any process group exists
     env = init_distributed()
     device = device_for(env)
     run_dir = Path(cfg.run.dir)
@@ -69,35 +108,47 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     if env.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    record = layout_record(cfg, layout, env.world_size)
+    resume_from, reshard = prepare_resume(resume, ckpt_dir, record, env.rank == 0)
 
     torch.manual_seed(cfg.train.seed)  # identical init on every rank; parallelize slices it
     model = build_dit(cfg)
     parallel = setup_parallel(cfg, model, env.world_size, env.rank)
-    engine = build_engine(cfg, model.to(device), parallel.size, parallel.mpu)
+    if cfg.parallel.pp > 1:  # this rank keeps only its pipeline stage (docs/pipeline.md)
+        from megasora.train.pipeline_loop import pipeline_stage
+        model = pipeline_stage(cfg, model, parallel.mpu.mesh)
+    engine = build_engine(cfg, model.to(device), parallel.size, parallel.mpu, load_universal=reshard)
     ema = EMA(engine.module, cfg.train.ema_decay, cfg.train.zero_stage) if cfg.train.ema_decay > 0 else None
+    manager = checkpoint.CheckpointManager(ckpt_dir, record, cfg.train.keep_last, cfg.train.keep_every)
 
     step, samples = 0, 0
-    found = checkpoint.resolve_resume(resume, ckpt_dir)
-    if found is not None:
-        client = checkpoint.load(engine, *found)
+    if resume_from is not None:
+        tag = f"{resume_from.tag}.universal" if reshard else resume_from.tag
+        _, client = engine.load_checkpoint(str(resume_from.root), tag=tag)
+        if client is None:
+            raise checkpoint.CheckpointError(f"DeepSpeed could not load {resume_from.root / tag}")
         step, samples = client["step"], client["samples"]
         if ema is not None and client.get("ema") is not None:
-            ema.load_state_dict(client["ema"])
+            ema.load_state_dict(shard_full_state(client["ema"], engine.module, parallel.tp_group))
+        log.info("resumed from %s at step %d (%d samples seen)", resume_from.path, step, samples)
 
-    loop = TrainingLoop(cfg, engine, ema, parallel, device, env.rank == 0, ckpt_dir)
+    loop_type = TrainingLoop
+    if cfg.parallel.pp > 1:
+        from megasora.train.pipeline_loop import PipelineTrainingLoop as loop_type
+    loop = loop_type(cfg, engine, ema, parallel, device, env.rank == 0, manager)
     return loop.run(step, samples)
 
 
 class TrainingLoop:
     def __init__(self, cfg: Config, engine: Any, ema: EMA | None, parallel: DataParallel,
-                 device: torch.device, is_main: bool, ckpt_dir: Path) -> None:
+                 device: torch.device, is_main: bool, manager: checkpoint.CheckpointManager) -> None:
         self.cfg = cfg
         self.engine = engine
         self.ema = ema
         self.parallel = parallel
         self.device = device
         self.is_main = is_main
-        self.ckpt_dir = ckpt_dir
+        self.manager = manager
         self.objective = FlowMatchingObjective(cfg)
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.arch = dit_arch(cfg)
@@ -106,6 +157,7 @@ class TrainingLoop:
     def run(self, step: int, samples: int) -> TrainResult:
         cfg = self.cfg
         result = TrainResult(final_step=step, samples=samples)
+        start_step = step
         stream = build_stream(cfg, self.parallel.rank, self.parallel.size)
         metrics = MetricsLogger(Path(cfg.run.dir), cfg.train.steps, step, self.is_main)
         self.preemption.install()
@@ -118,12 +170,15 @@ class TrainingLoop:
                 result.losses[step], result.final_step, result.samples = stats["loss"], step, samples
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     metrics.log(step, {**stats, "samples": samples})
+                if cfg.run.record_sample_ids:
+                    self.record_sample_ids(step, batch.micro_batches)
                 if self._should_stop(step):
                     result.preempted = True
                     break
                 if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
                     self.save(step, samples)
-            self.save(result.final_step, result.samples)
+            if result.final_step > start_step:  # resuming a finished run trains and saves nothing
+                self.save(result.final_step, result.samples)
         finally:
             metrics.close()
         if result.preempted:
@@ -171,8 +226,19 @@ class TrainingLoop:
             "step_time_s": elapsed,
         }
 
+    def record_sample_ids(self, step: int, micro_batches: list[dict[str, Any]]) -> None:
+        ids = [i for m in micro_batches for i in m["ids"].tolist()]
+        per_rank: list[Any] = [None] * self.parallel.size
+        dist.all_gather_object(per_rank, ids, group=self.parallel.group)
+        if self.is_main:
+            with open(Path(self.cfg.run.dir) / "sample_ids.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "ids": [i for r in per_rank for i in r]}) + "\n")
+
     def save(self, step: int, samples: int) -> None:
-        client = {"step": step, "samples": samples, "config": self.cfg.to_dict(),
-                  "ema": self.ema.state_dict() if self.ema is not None else None,
-                  "rng": checkpoint.rng_state()}
-        checkpoint.save(self.engine, self.ckpt_dir, step, client)
+        ema = None
+        if self.ema is not None:  # stored full (unsharded over tp) so any layout can load it
+            ema = gather_full_state(self.ema.state_dict(), self.engine.module, self.parallel.tp_group)
+        client = {"step": step, "samples": samples, "config": self.cfg.to_dict(), "ema": ema,
+                  "rng": checkpoint.rng_state(),
+                  "universal_checkpoint_info": universal_checkpoint_info(self.engine.module)}
+        self.manager.save(self.engine, step, samples, client)

@@ -1,0 +1,101 @@
+"""`megasora ckpt`: inspect, export and convert checkpoints.
+
+  inspect DIR                 step, samples, layout, size and completeness of every checkpoint
+  export DIR --out F.safetensors [--ema]
+                              consolidated full weights (+ F.json with the config), loadable by
+                              `megasora sample --weights F.safetensors` on one process
+  convert DIR [--tag T]       write T.universal (DeepSpeed universal format) explicitly; resuming
+                              under a different layout does this automatically
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ckpt", help="inspect / export / convert checkpoints", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
+    inspect = sub.add_parser("inspect", help="list checkpoints with step, layout, size, completeness")
+    inspect.add_argument("dir", help="run directory or its checkpoints/ directory")
+    inspect.set_defaults(func=run_inspect)
+    export = sub.add_parser("export", help="consolidated weights to one safetensors file + config JSON")
+    export.add_argument("dir", help="run directory, checkpoints/ directory or one step_XXXXXXXX directory")
+    export.add_argument("--out", required=True, help="output .safetensors path (config goes next to it as .json)")
+    export.add_argument("--tag", default=None, help="checkpoint tag (default: newest complete)")
+    export.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    export.set_defaults(func=run_export)
+    convert = sub.add_parser("convert", help="convert to a DeepSpeed universal checkpoint (any layout can load it)")
+    convert.add_argument("dir", help="run directory or checkpoints/ directory")
+    convert.add_argument("--tag", default=None, help="checkpoint tag (default: newest complete)")
+    convert.set_defaults(func=run_convert)
+
+
+def checkpoints_root(path: Path) -> tuple[Path, str | None]:
+    from megasora.train.checkpoint import TAG_RE
+    if TAG_RE.match(path.name):
+        return path.parent, path.name
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    return path, None
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from megasora.train.checkpoint import CheckpointError, list_tags, verify
+    root, _ = checkpoints_root(Path(args.dir))
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    tags = list_tags(root)
+    if not tags:
+        print(f"{root}: no checkpoints")
+        return 1
+    print(f"{root}  (latest -> {latest})")
+    for tag in tags:
+        try:
+            m = verify(root / tag)
+            lay = m["layout"]
+            status = (f"complete  step {m['step']}  samples {m['samples']}  layout dp{lay['dp']} tp{lay['tp']} "
+                      f"ulysses{lay['ulysses']} ring{lay['ring']} pp{lay['pp']} zero{lay['zero_stage']}")
+        except CheckpointError as err:
+            status = f"INCOMPLETE: {err}"
+        print(f"  {tag}  {_size(root / tag) / 2 ** 20:8.1f} MiB  {status}")
+    for tmp in sorted(root.glob(".tmp.*")):
+        print(f"  {tmp.name}  interrupted save (ignored; removed by the next save)")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+    from megasora.train.checkpoint import read_model_weights
+    root, tag = checkpoints_root(Path(args.dir))
+    weights, cfg, used_ema = read_model_weights(root, args.tag or tag, ema=args.ema)
+    if args.ema and not used_ema:
+        raise SystemExit("megasora ckpt export --ema: this checkpoint has no EMA weights (train.ema_decay=0)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out))
+    out.with_suffix(".json").write_text(json.dumps(cfg, indent=1))
+    print(f"wrote {out} ({'EMA' if used_ema else 'raw'} weights, {len(weights)} tensors) and {out.with_suffix('.json')}")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from megasora.train.checkpoint import CheckpointInfo, find_resumable, verify
+    from megasora.train.universal import convert_to_universal
+    root, tag = checkpoints_root(Path(args.dir))
+    tag = args.tag or tag
+    info = CheckpointInfo(root, tag, verify(root / tag)) if tag else find_resumable(root)
+    if info is None:
+        raise SystemExit(f"{root}: no complete checkpoint to convert")
+    out = root / f"{info.tag}.universal"
+    if out.is_dir():
+        print(f"{out} already exists")
+        return 0
+    convert_to_universal(info.path, out)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,83 @@
+"""Layout changes on resume: DeepSpeed universal checkpoints, and TP (un)sharding of our own state.
+
+A checkpoint saved under one layout (dp, tp, sp, ZeRO stage) is converted with DeepSpeed's
+`ds_to_universal` into per-parameter fp32 + optimizer-state files, which `load_universal`
+re-slices for any new layout. DeepSpeed needs to know how each tensor-parallel parameter was
+split: `universal_checkpoint_info` records that from the `partition_dim` the TP layers set.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger("megasora")
+
+
+def universal_checkpoint_info(model: nn.Module) -> dict[str, Any]:
+    """Column-parallel params (partition_dim 0) are DeepSpeed's default; name the rest."""
+    from deepspeed.checkpoint import constants as c
+    replicated, row_parallel = [], []
+    for name, param in model.named_parameters():
+        dim = getattr(param, "partition_dim", None) if getattr(param, "tensor_model_parallel", False) else None
+        if dim is None:
+            replicated.append(f"^{re.escape(name)}$")
+        elif dim == 1:
+            row_parallel.append(f"^{re.escape(name)}$")
+    return {c.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
+            c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row_parallel,
+            c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+
+
+def convert_to_universal(tag_dir: Path, out_dir: Path) -> None:
+    """Run DeepSpeed's ds_to_universal (one process); atomic: written to a temp dir, then renamed."""
+    from deepspeed.checkpoint import ds_to_universal
+    tmp = out_dir.with_name(out_dir.name + ".converting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = ds_to_universal.argparse.Namespace(
+        input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=False)
+    log.info("converting %s to a universal checkpoint (layout changed)", tag_dir)
+    ds_to_universal.main(args)
+    tmp.rename(out_dir)
+
+
+def _tp_params(model: nn.Module) -> dict[str, int]:
+    return {name: p.partition_dim for name, p in model.named_parameters()
+            if getattr(p, "tensor_model_parallel", False)}
+
+
+def gather_full_state(local: dict[str, torch.Tensor], model: nn.Module, tp_group: Any) -> dict[str, torch.Tensor]:
+    """Per-rank TP shards (e.g. EMA) -> full tensors, identical on every tp rank."""
+    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    if tp_size == 1:
+        return {k: v.clone() for k, v in local.items()}
+    split = _tp_params(model)
+    full = {}
+    for name, tensor in local.items():
+        if name not in split:
+            full[name] = tensor.clone()
+            continue
+        parts = [torch.empty_like(tensor) for _ in range(tp_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=tp_group)
+        full[name] = torch.cat(parts, dim=split[name])
+    return full
+
+
+def shard_full_state(full: dict[str, torch.Tensor], model: nn.Module, tp_group: Any) -> dict[str, torch.Tensor]:
+    """Full tensors -> this tp rank's shard, for any tp degree dividing the split dims."""
+    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    split = _tp_params(model) if tp_size > 1 else {}
+    out = {}
+    for name, tensor in full.items():
+        if name in split:
+            tensor = tensor.chunk(tp_size, dim=split[name])[tp_rank]
+        out[name] = tensor.clone()
+    return out

@@ -1,0 +1,162 @@
+"""Checkpoints: exact resume for ZeRO 1/2/3, resharding to other layouts, crash safety, integrity,
+preemption. Everything runs the real CLI / DeepSpeed engine on CPU with gloo."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ckpt_workers import train_and_die_during_save
+from launch_utils import REPO, read_losses, run_torchrun
+from megasora.config import load_config
+from megasora.data.sources import SyntheticVideos
+from megasora.data.stream import stream_ids
+from megasora.launcher.env import free_port
+from megasora.models import build_dit
+from megasora.train.checkpoint import CheckpointError, find_resumable, read_model_weights, verify
+from megasora.train.objective import FlowMatchingObjective
+from megasora.train.preemption import PREEMPTED_EXIT_CODE
+
+TINY = "configs/tiny.yaml"
+pytestmark = pytest.mark.slow
+
+
+def train_args(run: Path, *sets: str) -> list[str]:
+    args = ["train", "--config", TINY, "--set", f"run.dir={run}"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def sample_ids(run: Path) -> dict[int, list[int]]:
+    return {r["step"]: r["ids"] for r in map(json.loads, (run / "sample_ids.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_same_layout_resume_is_exact(tmp_path: Path, zero_stage: int) -> None:
+    # ZeRO-2 is covered by test_train_e2e::test_same_layout_resume_is_exact.
+    sets = ("train.steps=6", f"train.zero_stage={zero_stage}", "train.precision=fp32")
+    full = tmp_path / "full"
+    run_torchrun(2, train_args(full, *sets, "train.save_every=3"))
+    resumed = tmp_path / "resumed"
+    run_torchrun(2, [*train_args(resumed, *sets), "--resume", str(full / "checkpoints" / "step_00000003")])
+    a, b = read_losses(full), read_losses(resumed)
+    assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]
+
+
+def saved_model_loss(ckpt_dir: Path, tag: str, positions: range, step_index: int) -> float:
+    """The loss the checkpoint's raw weights give on the global batch at these stream positions."""
+    weights, cfg_dict, _ = read_model_weights(ckpt_dir, tag, ema=False)
+    from megasora.config import config_from_dict
+    cfg = config_from_dict(cfg_dict)
+    model = build_dit(cfg)
+    model.load_state_dict(weights)
+    batch = SyntheticVideos(cfg)(stream_ids(cfg.train.seed, cfg.data.num_samples, positions.start, len(positions)))
+    with torch.no_grad():
+        return FlowMatchingObjective(cfg)(model, batch, step_index, torch.float32, torch.device("cpu")).item()
+
+
+RESHARD_TARGETS = {  # name -> (world size, overrides); every target keeps the global batch at 8
+    "dp2": (2, ["train.grad_accum=2"]),
+    "tp2xdp2": (4, ["parallel.tp=2"]),
+    "ring2xdp2": (4, ["parallel.ring=2"]),
+    "world1": (1, ["train.grad_accum=4"]),
+}
+
+
+@pytest.fixture(scope="module")
+def dp4_reference(tmp_path_factory) -> Path:
+    """An uninterrupted dp4 ZeRO-2 run of 4 steps (global batch 8) that checkpoints at step 2."""
+    run = tmp_path_factory.mktemp("dp4") / "run"
+    run_torchrun(4, train_args(run, "train.steps=4", "train.save_every=2", "train.zero_stage=2",
+                               "run.record_sample_ids=true", "train.ema_decay=0.9"))
+    return run
+
+
+@pytest.mark.parametrize("target", sorted(RESHARD_TARGETS))
+def test_resume_dp4_checkpoint_on_another_layout(tmp_path: Path, dp4_reference: Path, target: str) -> None:
+    world, sets = RESHARD_TARGETS[target]
+    run = tmp_path / target
+    ckpt = dp4_reference / "checkpoints" / "step_00000002"
+    run_torchrun(world, [*train_args(run, "train.steps=4", "train.zero_stage=2", "run.record_sample_ids=true",
+                                     "train.ema_decay=0.9", *sets), "--resume", str(ckpt)])
+    losses = read_losses(run)
+    assert sorted(losses) == [3, 4]  # continued from step 2 and trained on
+    expected = saved_model_loss(ckpt.parent, ckpt.name, range(16, 24), step_index=2)
+    assert losses[3] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    before, after, full = sample_ids(dp4_reference), sample_ids(run), sample_ids(dp4_reference)
+    assert sorted(before[1] + before[2] + after[3] + after[4]) == sorted(sum(full.values(), []))
+    for step in (3, 4):  # same samples in the same steps as the uninterrupted run
+        assert sorted(after[step]) == sorted(full[step])
+
+
+def test_resume_tp2_ring2_checkpoint_at_dp4(tmp_path: Path) -> None:
+    src = tmp_path / "tp2ring2"
+    run_torchrun(4, train_args(src, "train.steps=2", "parallel.tp=2", "parallel.ring=2", "train.grad_accum=4",
+                               "train.zero_stage=2", "run.record_sample_ids=true"))
+    dst = tmp_path / "dp4"
+    run_torchrun(4, [*train_args(dst, "train.steps=3", "train.zero_stage=2", "run.record_sample_ids=true"),
+                     "--resume", str(src / "checkpoints")])
+    losses = read_losses(dst)
+    assert sorted(losses) == [3]
+    expected = saved_model_loss(src / "checkpoints", "step_00000002", range(16, 24), step_index=2)
+    assert losses[3] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    ids = sample_ids(src)
+    assert sorted(ids[1] + ids[2] + sample_ids(dst)[3]) == sorted(stream_ids(0, 64, 0, 24))
+
+
+def test_rank_killed_during_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "crash"
+    overrides = [f"run.dir={run}", "train.steps=6", "train.save_every=2"]
+    with pytest.raises(mp.ProcessExitedException):
+        mp.spawn(train_and_die_during_save, args=(2, free_port(), overrides, ".tmp.step_00000004"), nprocs=2)
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    assert (ckpts / ".tmp.step_00000004").is_dir() and not (ckpts / "step_00000004").exists()
+    assert find_resumable(ckpts).tag == "step_00000002"
+    run_torchrun(2, [*train_args(run, "train.steps=6", "train.save_every=2"), "--resume", "auto"])
+    assert (ckpts / "latest").read_text().strip() == "step_00000006"
+    assert not (ckpts / ".tmp.step_00000004").exists()  # debris cleaned by the retried save
+
+
+def test_corrupt_shard_is_named_and_auto_resume_falls_back(tmp_path: Path) -> None:
+    run = tmp_path / "corrupt"
+    run_torchrun(2, train_args(run, "train.steps=4", "train.save_every=2"))
+    ckpts = run / "checkpoints"
+    shard = sorted((ckpts / "step_00000004").glob("*optim_states.pt"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"truncated or altered: {shard}"):
+        verify(ckpts / "step_00000004")
+    proc = run_torchrun(2, [*train_args(run, "train.steps=5"), "--resume", "auto"])
+    assert f"skipping checkpoint step_00000004: checkpoint shard truncated or altered: {shard}" in proc.stderr
+    assert "at step 2" in proc.stderr
+    assert sorted(read_losses(run)) == [1, 2, 3, 4, 5]
+    explicit = run_torchrun(2, [*train_args(run, "train.steps=5"), "--resume", str(ckpts / "step_00000004")],
+                            check=False)
+    assert explicit.returncode != 0 and f"truncated or altered: {shard}" in explicit.stderr
+
+
+def test_sigusr1_saves_and_exits_with_documented_status(tmp_path: Path) -> None:
+    run = tmp_path / "preempt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "megasora", *train_args(run, "train.steps=100000")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    last_step = max(read_losses(run))
+    info = find_resumable(run / "checkpoints")
+    assert info is not None and info.step == last_step
+    assert "preemption signal received" in err
