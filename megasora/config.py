@@ -45,8 +45,9 @@ class TextConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = _help("Data source: `synthetic` (moving shapes, built in) or `shards` (webdataset shards "
-                      "from `megasora preprocess`, at data.shards).", default="synthetic")
+    kind: str = _help("Data source: `synthetic` (moving shapes, built in), `shards` (webdataset shards "
+                      "from `megasora preprocess`, at data.shards) or `clips` (pixels of data.inputs; "
+                      "set by `megasora train-vae`).", default="synthetic")
     num_samples: int = _help("Synthetic: distinct clips in the dataset (an epoch).", default=64)
     frames: int = _help("Synthetic: latent frames T per clip.", default=4)
     height: int = _help("Synthetic: latent height H.", default=16)
@@ -86,6 +87,8 @@ class VAEConfig:
     shift_factor: float = _help("See scaling_factor.", default=0.0)
     kl_weight: float = _help("train-vae: weight of the KL term next to the L1 + L2 reconstruction loss.",
                              default=1e-6)
+    train_crop: int = _help("train-vae: square crop side (pixels, multiple of 8) cut from each clip so clips "
+                            "of any size batch together.", default=64)
 
 
 @dataclass
@@ -106,7 +109,11 @@ class ParallelConfig:
     tp: int = _help("Tensor-parallel degree (heads and MLP width split; keep within a node).", default=1)
     ulysses: int = _help("Ulysses sequence-parallel degree (all-to-all sequence<->heads).", default=1)
     ring: int = _help("Ring-attention sequence-parallel degree (K/V blocks pass around a ring).", default=1)
-    pp: int = _help("Pipeline-parallel stages.", default=1)
+    pp: int = _help("Pipeline-parallel stages (1F1B over the train.grad_accum micro-batches of a step, which "
+                    "must be >= pp; docs/pipeline.md).", default=1)
+    pp_boundaries: list[int] = _help("First block index of pipeline stages 1..pp-1 (pp-1 increasing ints in "
+                                     "(0, model.depth)); empty = balance the blocks by parameter count, "
+                                     "remainder blocks on the later stages.", default_factory=list)
 
 
 @dataclass
@@ -127,13 +134,16 @@ class TrainConfig:
     ema_decay: float = _help("EMA decay of the weights kept for sampling (0 = no EMA).", default=0.999)
     log_every: int = _help("Write metrics every N steps.", default=1)
     save_every: int = _help("Save a checkpoint every N steps (0 = only at the end).", default=0)
-    keep_last: int = _help("Checkpoints to keep (the newest complete one is never removed).", default=3)
+    keep_last: int = _help("Most recent complete checkpoints to keep (the newest is never removed).", default=3)
+    keep_every: int = _help("Also keep every checkpoint whose step is a multiple of this (0 = none).", default=0)
 
 
 @dataclass
 class RunConfig:
     dir: str = _help("Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints/.",
                      default="runs/default")
+    record_sample_ids: bool = _help("Write the global sample ids of every step to sample_ids.jsonl "
+                                    "(audits resume/resharding: no sample skipped or seen twice).", default=False)
 
 
 @dataclass
@@ -294,7 +304,8 @@ def validate(cfg: Config) -> None:
         _require(size > 0 and size % p == 0,
                  f"data.{name}={size} is not divisible by the patch size {p} (model.patch={m.patch}); "
                  f"pick a latent {name} that is a multiple of {p}")
-    _require(d.kind in ("synthetic", "shards"), f"data.kind={d.kind!r} is not one of: synthetic, shards")
+    _require(d.kind in ("synthetic", "shards", "clips"),
+             f"data.kind={d.kind!r} is not one of: synthetic, shards, clips (train-vae pixels)")
     _require(d.kind != "shards" or bool(d.shards), "data.kind=shards needs data.shards (a `megasora preprocess` "
              "output directory)")
     _require((d.clip_frames - 1) % 4 == 0, f"data.clip_frames={d.clip_frames} must be 1 + 4k (e.g. 17, 33)")
@@ -310,6 +321,28 @@ def validate(cfg: Config) -> None:
     for key in ("tp", "ulysses", "ring", "pp"):
         value = getattr(cfg.parallel, key)
         _require(value >= 1, f"parallel.{key}={value} must be >= 1")
+    _validate_pipeline(cfg)
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    """Pipeline layout checks (docs/pipeline.md); the world-size checks are in parallel/mesh.py."""
+    pp, depth, bounds = cfg.parallel.pp, cfg.model.depth, cfg.parallel.pp_boundaries
+    if pp == 1:
+        _require(not bounds, f"parallel.pp_boundaries={bounds} is set but parallel.pp=1; remove it or raise pp")
+        return
+    _require(pp <= depth, f"parallel.pp={pp} exceeds model.depth={depth}: every pipeline stage needs at least "
+             f"one DiT block; use parallel.pp <= {depth}")
+    _require(cfg.train.grad_accum >= pp,
+             f"train.grad_accum={cfg.train.grad_accum} is the number of pipeline micro-batches per step and must "
+             f"be >= parallel.pp={pp} (1F1B idles (pp-1)/(grad_accum+pp-1) of the time); set train.grad_accum to "
+             f"a multiple of {pp} (e.g. {4 * pp}) and shrink train.micro_batch_size to keep the global batch")
+    _require(cfg.train.zero_stage in (1, 2),
+             f"train.zero_stage={cfg.train.zero_stage} with parallel.pp={pp}: pipeline stages support ZeRO stage 1 "
+             f"or 2 (docs/pipeline.md); set train.zero_stage=1 or 2")
+    if bounds:
+        _require(len(bounds) == pp - 1 and all(a < b for a, b in zip([0] + bounds, bounds + [depth])),
+                 f"parallel.pp_boundaries={bounds} must be {pp - 1} strictly increasing block indices in "
+                 f"(0, model.depth={depth}), the first block of stages 1..{pp - 1}")
 
 
 # ---------------------------------------------------------------- docs
