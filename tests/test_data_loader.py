@@ -182,3 +182,19 @@ def test_truncated_shard_is_not_fatal(shard_dir):
     seen = [i for mbs, _ in take(src, 0, 10) for mb in mbs for i in mb]
     assert src.stats()["data/corrupt_samples"] > 0 and len(seen) > 0
     assert tarfile.is_tarfile(shard_dir / "shard-000000.tar") and n == 30
+
+
+def test_config_builds_bucketed_source_and_checks_compatibility(shard_dir):
+    from megasora.config import load_config
+    from megasora.data.shard_stream import build_shard_stream
+
+    overrides = [f"data.shards={shard_dir}", "data.kind=shards", "data.tokens_per_microbatch=24",
+                 "model.in_channels=3", "text.dim=8", "train.grad_accum=2"]
+    src = build_shard_stream(load_config(None, overrides), dp_rank=1, dp_size=2)
+    step = next(src.steps(0))
+    assert len(step.micro_batches) == 2
+    for mb in step.micro_batches:  # 24 tokens per micro-batch: 4-token samples x6, 6-token x4, 12-token x2 ...
+        n, _, t, h, w = mb["latents"].shape
+        assert n == max(1, 24 // (t * (h // 2) * (w // 2)))
+    with pytest.raises(ValueError, match="text.dim=16"):
+        build_shard_stream(load_config(None, overrides[:-3] + ["model.in_channels=3", "text.dim=16"]), 0, 1)

@@ -81,6 +81,7 @@ def test_resume_and_rank_split(inputs, models, tmp_path):
     (single / "shard-000001.json").unlink()  # as if the run died while writing shard 1
     again = run_preprocess(spec_for(inputs, single), vae, text)
     assert (again.shards_skipped, again.shards_written) == (1, 1)
+    assert again.dataset == {"shards": 2, "clips": 5, "failed_inputs": 1}  # totals survive the resume
 
     split = tmp_path / "split"
     reports = [run_preprocess(spec_for(inputs, split, rank=r, world_size=2), vae, text) for r in (0, 1)]

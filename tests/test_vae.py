@@ -125,3 +125,18 @@ def test_diffusers_dir_of_other_class_is_rejected(tmp_path):
     (tmp_path / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
     with pytest.raises(ValueError, match="supported"):
         load_vae(str(tmp_path))
+
+
+def test_decode_latents_to_viewable_files(vae, tmp_path):
+    import av
+
+    from megasora.data.decode import decode_to_files
+
+    z = torch.randn(2, 4, 3, 2, 4)
+    paths = decode_to_files(vae, z, tmp_path / "samples", fps=8)
+    assert [p.name for p in paths] == ["sample_000.mp4", "sample_001.mp4"]
+    with av.open(str(paths[0])) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 9 and frames[0].shape == (16, 32, 3)
+    (image,) = decode_to_files(vae, z[:1, :, :1], tmp_path / "one.mp4")
+    assert image.suffix == ".png" and image.is_file()

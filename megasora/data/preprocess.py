@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from megasora.data.captions import caption_for, load_captions
-from megasora.data.shards import Sample, shard_name, write_json_atomic, write_shard
+from megasora.data.shards import Sample, finished_shards, shard_name, write_json_atomic, write_shard
 from megasora.data.video_io import clip_to_tensor, is_media, iter_clips
 
 log = logging.getLogger("megasora.preprocess")
@@ -51,6 +51,7 @@ class Report:
     failed: int = 0
     failures: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    dataset: dict = field(default_factory=dict)  # totals over every finished shard in the output dir
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -129,6 +130,7 @@ def process_input(path: str, index: int, caption: str, spec: PreprocessSpec, vae
 def process_shard(shard: int, paths: list[str], first_index: int, captions: dict[str, str],
                   spec: PreprocessSpec, vae, text_encoder, report: Report) -> None:
     samples: list[Sample] = []
+    failed_before = len(report.failures)
     for offset, path in enumerate(paths):
         try:
             samples += process_input(path, first_index + offset, caption_for(path, captions), spec, vae)
@@ -141,9 +143,20 @@ def process_shard(shard: int, paths: list[str], first_index: int, captions: dict
         for s, e, m in zip(samples, emb.numpy(), mask.numpy()):
             s.text_emb, s.text_mask = e, m
     # An all-failed shard still gets an (empty) index so a resumed run does not retry it forever.
-    write_shard(spec.out, shard, samples, extra={"inputs": paths})
+    write_shard(spec.out, shard, samples, extra={"inputs": paths, "failures": report.failures[failed_before:]})
     report.clips += len(samples)
     report.shards_written += 1
+
+
+def dataset_totals(out: Path) -> dict:
+    """Shards, clips and failed inputs over all finished shards (all ranks, all resumed runs)."""
+    totals = {"shards": 0, "clips": 0, "failed_inputs": 0}
+    for index_file in finished_shards(out):
+        index = json.loads(index_file.read_text())
+        totals["shards"] += 1
+        totals["clips"] += len(index["samples"])
+        totals["failed_inputs"] += len(index.get("failures", []))
+    return totals
 
 
 def run_preprocess(spec: PreprocessSpec, vae, text_encoder) -> Report:
@@ -166,6 +179,7 @@ def run_preprocess(spec: PreprocessSpec, vae, text_encoder) -> Report:
         progress.update(len(paths), report.clips, report.failed)
     progress.close()
     report.seconds = time.time() - start
+    report.dataset = dataset_totals(out)
     name = "report.json" if spec.world_size == 1 else f"report-rank{spec.rank}.json"
     write_json_atomic(out / name, report.as_dict())
     log.info("preprocess rank %d done: %d shards written, %d already finished, %d clips, %d inputs failed "

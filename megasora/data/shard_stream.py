@@ -201,5 +201,17 @@ def build_shard_stream(cfg, dp_rank: int, dp_size: int) -> ShardStream:
                       tokens_per_microbatch=cfg.data.tokens_per_microbatch,
                       max_micro_batch=cfg.data.max_micro_batch)
     index = ShardIndex.load(cfg.data.shards, rule)
-    return ShardStream(index, rule, cfg.train.seed, cfg.train.grad_accum, dp_rank, dp_size,
+    stream = ShardStream(index, rule, cfg.train.seed, cfg.train.grad_accum, dp_rank, dp_size,
                        cfg.data.shuffle_shards)
+    check_compatible(stream, cfg.model.in_channels, cfg.text.dim)
+    return stream
+
+
+def check_compatible(stream: ShardStream, in_channels: int, text_dim: int) -> None:
+    """Fail at start-up, not at step 1, if the shards were made with another VAE or text encoder."""
+    sample = stream._read(0)
+    channels, dim = sample.latents.shape[0], sample.text_emb.shape[1]
+    if channels != in_channels or dim != text_dim:
+        raise ValueError(f"shards in {stream.index.tars[0].parent} hold {channels}-channel latents and {dim}-d text "
+                         f"embeddings; the config expects model.in_channels={in_channels}, text.dim={text_dim} "
+                         "(re-run `megasora preprocess` with this config's vae/text, or fix the config)")
