@@ -72,7 +72,10 @@ def slurm_conf(state: Path, nodes: int, cpus: int, base_port: int) -> str:
         f"SlurmctldPort={base_port}",
         "SlurmUser=root",
         "SlurmdUser=root",
-        f"AuthInfo=socket={state}/munge/munge.socket",
+        # cred_expire also sets how long a requeued job waits before it may start again
+        # (default 120 s, so that no node still holds the old run's revoked credential).
+        # Steps here launch in well under a second, so 30 s is plenty and keeps tests short.
+        f"AuthInfo=socket={state}/munge/munge.socket,cred_expire=30",
         "AuthType=auth/munge",
         "CredType=cred/munge",
         f"StateSaveLocation={state}/ctld",
