@@ -1,5 +1,6 @@
 """MegaSora: Sora-style video diffusion transformers trained at scale."""
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -15,7 +16,7 @@ def _extensions() -> dict:
         from torch.utils import cpp_extension as ext
     except ImportError:
         print("megasora: torch not importable at build time; building without csrc/ ops "
-              "(use pip install --no-build-isolation to build them)")
+              "(use pip install --no-build-isolation to build them)", file=sys.stderr)
         return {}
     here = os.path.dirname(os.path.abspath(__file__))
     csrc = os.path.join(here, "csrc")
