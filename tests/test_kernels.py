@@ -192,6 +192,17 @@ def test_merge_attention_partials(device, dtype, masked):
         assert torch.isneginf(lse[0, 0, 2]) and (out[0, 0, 2] == 0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_mixed_dtypes(device):
+    """Ring attention merges an fp32 running output with a bf16 block output."""
+    torch.manual_seed(0)
+    out_a, lse_a, out_b, lse_b = merge_inputs(torch.float32, device, masked=False)
+    out_b = out_b.bfloat16()
+    assert fused.supports_merge_attention_partials(out_a, lse_a, out_b, lse_b)
+    compare(K.merge_attention_partials, reference.merge_attention_partials, [out_a, lse_a, out_b, lse_b],
+            torch.bfloat16)
+
+
 # ------------------------------------------------------------------ fp64 gradcheck (CPU ops)
 
 

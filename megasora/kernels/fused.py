@@ -242,7 +242,9 @@ def supports_apply_rope(x, cos, sin) -> bool:
 
 
 def supports_merge_attention_partials(out_a, lse_a, out_b, lse_b) -> bool:
-    return (AVAILABLE and out_a.dim() >= 1 and _dtype_ok(out_a, out_b) and device_ok(out_a, lse_a, out_b, lse_b)
+    # out_a and out_b may differ in dtype (ring attention: fp32 running output, bf16 block).
+    return (AVAILABLE and out_a.dim() >= 1 and _dtype_ok(out_a) and _dtype_ok(out_b)
+            and device_ok(out_a, lse_a, out_b, lse_b)
             and out_a.shape == out_b.shape and lse_a.shape == out_a.shape[:-1] and lse_b.shape == lse_a.shape)
 
 
@@ -293,4 +295,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def merge_attention_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
                              lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     acc = acc_dtype(out_a.dtype)
+    if out_a.dtype != out_b.dtype:  # the kernel takes one activation dtype: merge in fp32
+        out_a, out_b = out_a.to(acc), out_b.to(acc)
     return torch.ops.megasora.merge_attention_partials_fwd(out_a, lse_a.to(acc), out_b, lse_b.to(acc))
