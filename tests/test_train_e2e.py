@@ -43,3 +43,13 @@ def test_same_layout_resume_is_exact(tmp_path: Path) -> None:
     assert sorted(b) == [6, 7, 8, 9, 10]
     for step in range(6, 11):
         assert b[step] == a[step], (step, a[step], b[step])
+
+
+@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (1, "bf16"), (3, "bf16")])
+def test_zero_stages_and_precisions_train(tmp_path: Path, zero_stage: int, precision: str) -> None:
+    run = tmp_path / f"z{zero_stage}{precision}"
+    run_torchrun(1, ["train", "--config", TINY, "--set", f"run.dir={run}", "--set", "train.steps=3",
+                     "--set", f"train.zero_stage={zero_stage}", "--set", f"train.precision={precision}"])
+    losses = read_losses(run)
+    assert sorted(losses) == [1, 2, 3] and all(0 < v < 10 for v in losses.values())
+    assert (run / "checkpoints" / "step_00000003" / "megasora.json").is_file()

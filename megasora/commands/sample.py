@@ -82,9 +82,18 @@ def run(args: argparse.Namespace) -> int:
              args.height or cfg.data.height, args.width or cfg.data.width)
     latents = sample_euler(model, shape, text, mask, cfg.diffusion, steps=args.steps, guidance=args.guidance,
                            patch=tuple(cfg.model.patch), generator=torch.Generator().manual_seed(args.seed))
+    videos, upscale = decode_latents(cfg, latents, args.upscale)
     out = Path(args.out) if args.out else out_dir / "samples" / "sample.gif"
-    for i, video in enumerate(latents):
+    for i, video in enumerate(videos):
         path = out if len(args.prompt) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
-        write_video(to_frames(video, args.upscale), path)
+        write_video(to_frames(video, upscale), path)
         print(f"wrote {path}  ({args.prompt[i]!r})")
     return 0
+
+
+def decode_latents(cfg: "Config", latents: torch.Tensor, upscale: int) -> tuple[torch.Tensor, int]:
+    """Latents -> pixels in [-1, 1]: through the configured VAE, or as-is for pixel-space (synthetic) runs."""
+    if not cfg.vae.path:
+        return latents, upscale
+    from megasora.models.vae import latents_to_pixels, vae_from_config
+    return latents_to_pixels(vae_from_config(cfg.vae), latents), 1

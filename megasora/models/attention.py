@@ -43,8 +43,8 @@ def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(b, n, -1, head_dim)  # (B, N, H, Dh)
 
 
-class SelfAttention(nn.Module):
-    """Full spacetime self-attention with QK-norm and 3-D RoPE."""
+class AttentionProjections(nn.Module):
+    """q/k/v/out projections and per-head QK-norm, shared by self- and cross-attention."""
 
     def __init__(self, hidden: int, heads: int, qk_norm: bool = True) -> None:
         super().__init__()
@@ -55,6 +55,13 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(hidden, hidden)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+
+
+class SelfAttention(AttentionProjections):
+    """Full spacetime self-attention with QK-norm and 3-D RoPE."""
+
+    def __init__(self, hidden: int, heads: int, qk_norm: bool = True) -> None:
+        super().__init__(hidden, heads, qk_norm)
         self.attention: AttentionFn = local_attention
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -69,18 +76,8 @@ class SelfAttention(nn.Module):
         return self.out(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, D)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(AttentionProjections):
     """Video tokens attend to text tokens; padded text tokens are masked out."""
-
-    def __init__(self, hidden: int, heads: int, qk_norm: bool = True) -> None:
-        super().__init__()
-        self.head_dim = hidden // heads
-        self.q = nn.Linear(hidden, hidden)
-        self.k = nn.Linear(hidden, hidden)
-        self.v = nn.Linear(hidden, hidden)
-        self.out = nn.Linear(hidden, hidden)
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
