@@ -1,0 +1,136 @@
+"""The training step for parallel.pp > 1: 1F1B over the step's micro-batches, one DeepSpeed engine per stage.
+
+Each rank wraps only its stage (megasora/parallel/pipeline.py) in an ordinary DeepSpeed
+engine built with the MeshMPU, so ZeRO, gradient averaging over dp / summing over sp, and
+gradient clipping (norm summed over the tp x pp `mp` group) are DeepSpeed's own. The step
+drives that engine in the 1F1B order (megasora/parallel/pipeline_schedule.py):
+
+- last stage: loss = masked MSE of its prediction; engine.backward(loss) scales by
+  1/grad_accum like the single-process loop;
+- other stages: engine.backward(sum(output * grad_from_next_stage)), whose gradient with
+  respect to `output` is exactly that received gradient; it already carries the 1/grad_accum
+  factor, so scale_wrt_gas=False;
+- engine.step() after every backward: DeepSpeed counts micro-steps and steps the optimizer
+  at the last one, exactly as in TrainingLoop.train_step.
+
+Every stage draws the micro-batch's noise itself (keyed by seed, sample id, step), so the
+first stage has its input and the last its target without sending either.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megasora.config import Config
+from megasora.diffusion.flow import masked_mse, noise_batch
+from megasora.models.dit import DiT
+from megasora.parallel.mesh import Mesh
+from megasora.parallel.pipeline import DiTStage, build_stage
+from megasora.parallel.pipeline_schedule import StageFunctions, StageLink, one_f_one_b, run_schedule
+from megasora.train.flops import dit_train_flops
+from megasora.train.trainer import TrainingLoop, peak_memory_bytes
+
+
+def pipeline_stage(cfg: Config, model: DiT, mesh: Mesh) -> DiTStage:
+    """This rank's stage of the (already parallelized) model."""
+    return build_stage(model, mesh.rank_in("pp"), mesh.size("pp"), cfg.parallel.pp_boundaries or None)
+
+
+@dataclass
+class StageInput:
+    """One micro-batch as every stage sees it (model inputs, and the loss terms for the last stage)."""
+    x_t: torch.Tensor
+    t: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    drop_text: torch.Tensor
+    target: torch.Tensor
+    loss_mask: torch.Tensor
+
+    def model_args(self) -> tuple[torch.Tensor, ...]:
+        return self.x_t, self.t, self.text, self.text_mask, self.drop_text
+
+
+class PipelineTrainingLoop(TrainingLoop):
+    """TrainingLoop whose step runs the 1F1B schedule; everything else (data, metrics, saves) is shared."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        mesh: Mesh = self.parallel.mpu.mesh
+        self.stage: DiTStage = self.engine.module
+        self.pp_group, self.last_stage_rank = mesh.group("pp"), mesh.ranks["pp"][-1]
+        self.link = StageLink.from_ranks(mesh.group("pp"), mesh.ranks["pp"], mesh.rank_in("pp"))
+
+    def stage_input(self, micro: dict[str, Any], step: int) -> StageInput:
+        """Exactly what FlowMatchingObjective feeds the model and the loss."""
+        x0 = micro["latents"].to(device=self.device, dtype=self.dtype)
+        noised = noise_batch(x0, micro["ids"], step, self.cfg.train.seed, self.cfg.diffusion,
+                             tuple(self.cfg.model.patch))
+        return StageInput(noised.x_t, noised.t_tokens.to(self.dtype),
+                          micro["text_emb"].to(device=self.device, dtype=self.dtype),
+                          micro["text_mask"].to(self.device), noised.drop_text, noised.target, noised.loss_mask)
+
+    def stage_functions(self, inputs: list[StageInput], losses: list[torch.Tensor]) -> StageFunctions:
+        engine, stage = self.engine, self.stage
+
+        def forward(i: int, received: Optional[torch.Tensor]) -> torch.Tensor:
+            out = engine(*inputs[i].model_args(), received)
+            if stage.is_last:
+                out = masked_mse(out, inputs[i].target, inputs[i].loss_mask)
+                losses.append(out.detach())
+            return out
+
+        def backward(i: int, received: Optional[torch.Tensor], out: torch.Tensor,
+                     grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            if grad is None:
+                engine.backward(out)
+            else:
+                engine.backward((out.float() * grad.float()).sum(), scale_wrt_gas=False)
+            return None if received is None else received.grad
+
+        def message_shape(i: int) -> tuple[int, ...]:
+            return stage.message_shape(inputs[i].x_t, inputs[i].t, inputs[i].text)
+
+        return StageFunctions(forward, backward, message_shape, after_backward=lambda i: engine.step())
+
+    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:
+        start = time.perf_counter()
+        inputs = [self.stage_input(micro, step) for micro in micro_batches]
+        losses: list[torch.Tensor] = []
+        order = one_f_one_b(self.stage.stage, self.stage.stages, len(micro_batches))
+        times = run_schedule(order, self.link, self.stage_functions(inputs, losses), self.dtype, self.device)
+        if self.ema is not None:
+            self.ema.update(self.engine.module, step)
+        loss_mean = torch.zeros((), dtype=torch.float64)
+        if losses:
+            loss_mean = torch.stack([l.double().cpu() for l in losses]).mean()
+        dist.broadcast(loss_mean, self.last_stage_rank, group=self.pp_group)  # only the last stage has it
+        dist.all_reduce(loss_mean, group=self.parallel.group)
+        loss_mean /= self.parallel.size
+        return self.step_stats(float(loss_mean), micro_batches, time.perf_counter() - start,
+                               bubble=1.0 - times.busy / times.wall)
+
+    def step_stats(self, loss: float, micro_batches: list[dict[str, Any]], elapsed: float,
+                   bubble: float) -> dict[str, float]:
+        """The same metrics as TrainingLoop.train_step, plus this stage's measured idle fraction."""
+        global_samples = sum(m["latents"].shape[0] for m in micro_batches) * self.parallel.size
+        global_tokens = sum(self.objective.tokens_per_sample(m) * m["latents"].shape[0]
+                            for m in micro_batches) * self.parallel.size
+        text_len = micro_batches[0]["text_emb"].shape[1]
+        flops = dit_train_flops(self.arch, global_tokens // global_samples, text_len) * global_samples
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": loss,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": float(self.engine.get_lr()[0]),
+            "samples_per_s": global_samples / elapsed,
+            "tokens_per_s": global_tokens / elapsed,
+            "flops_per_s": flops / elapsed,
+            "mem_bytes": peak_memory_bytes(self.device),
+            "step_time_s": elapsed,
+            "pp_bubble": bubble,
+        }
