@@ -17,12 +17,16 @@ import torch
 import megasora.kernels as K
 from megasora.kernels import fused, reference
 
-pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason=f"megasora._C not built: {fused.LOAD_ERROR}")
-
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not (torch.cuda.is_available() and fused.CUDA_AVAILABLE), reason="needs a GPU and megasora._C_cuda"))]
 DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [(2, 37, 53), (1, 1, 7), (3, 5, 130), (2, 70, 33)]  # odd sizes; 70 rows > one chunk
+
+
+def test_cpu_extension_loaded():
+    """setup.py always builds megasora._C; a broken build must fail here, not skip."""
+    assert fused.AVAILABLE, f"megasora._C not importable ({fused.LOAD_ERROR}); run pip install --no-build-isolation -e ."
+    assert K.backend() == "fused"
 
 
 def tol(dtype: torch.dtype, summed: bool = False) -> float:
