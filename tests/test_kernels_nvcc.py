@@ -22,6 +22,15 @@ CU_FILES = sorted((CSRC / "cuda").glob("*.cu"))
 ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]  # as in setup.py
 
 
+def torch_nvcc_flags() -> list[str]:
+    """The flags torch's CUDAExtension adds (C++20, no implicit half/bf16 conversions)."""
+    try:
+        from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+    except ImportError:
+        return ["-std=c++17"]
+    return ["-std=c++20", *COMMON_NVCC_FLAGS]
+
+
 def find_nvcc() -> str | None:
     for cand in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
         if cand and os.path.exists(cand):
@@ -48,7 +57,7 @@ def test_cuda_sources_exist():
 @needs_nvcc
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
 def test_nvcc_compiles(cu, tmp_path):
-    cmd = [NVCC, "-c", "-std=c++17", "-O3", *ARCHS, f"-I{CSRC}", str(cu), "-o", str(tmp_path / "k.o")]
+    cmd = [NVCC, "-c", "-O3", *torch_nvcc_flags(), *ARCHS, f"-I{CSRC}", str(cu), "-o", str(tmp_path / "k.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
     assert (tmp_path / "k.o").stat().st_size > 0
