@@ -289,6 +289,23 @@ def test_compile_fullgraph():
         assert_close(a.grad, r.grad, 1e-4, "grad")
 
 
+def test_compile_inductor_fullgraph():
+    """inductor keeps the custom ops as extern kernels (forward and backward) and matches eager."""
+    torch.manual_seed(0)
+    x, shift, scale, _, _ = norm_inputs((2, 6, 16), torch.float32, "cpu", False, False, False)
+    cos, sin = rope_tables(6, 4, "cpu")
+
+    def f(x, shift, scale):
+        h = K.modulated_norm(x, shift, scale, norm="rms")
+        return K.apply_rope(h.view(2, 6, 2, 8), cos, sin).square().sum()
+
+    args, ref_args = leaves([x, shift, scale]), leaves([x, shift, scale])
+    torch.compile(f, fullgraph=True)(*args).backward()
+    f(*ref_args).backward()
+    for a, r in zip(args, ref_args):
+        assert_close(a.grad, r.grad, 1e-5, "grad")
+
+
 def test_backend_switch():
     x = torch.randn(2, 3, 8)
     shift, scale = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
