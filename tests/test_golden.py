@@ -34,13 +34,18 @@ LAYOUTS = {  # name -> (world, parallel overrides)
     "tp2xulysses2": (4, ["parallel.tp=2", "parallel.ulysses=2"]),
     "ulysses2xring2": (4, ["parallel.ulysses=2", "parallel.ring=2"]),
     "dp2xtp2": (4, ["parallel.tp=2"]),
+    # The same proof under the other ZeRO stages (partitioning is over dp x sp).
+    "ring2_zero0": (2, ["parallel.ring=2", "train.zero_stage=0"]),
+    "dp2xtp2_zero1": (4, ["parallel.tp=2", "train.zero_stage=1"]),
+    "dp2xtp2_zero3": (4, ["parallel.tp=2", "train.zero_stage=3"]),
 }
 
 
 def _overrides(world: int, parallel: list[str], run_dir: str) -> list[str]:
     model_ranks = 1
     for item in parallel:
-        model_ranks *= int(item.split("=")[1])
+        if item.startswith("parallel."):
+            model_ranks *= int(item.split("=")[1])
     dp = world // model_ranks
     return BASE + parallel + [f"train.micro_batch_size={GLOBAL_BATCH // dp}", f"run.dir={run_dir}"]
 
@@ -50,10 +55,16 @@ def _full_params(cfg, world: int) -> dict[str, torch.Tensor]:
     from megasora.models import build_dit
     from megasora.parallel import MeshMPU, init_parallel
     from megasora.parallel.tensor import full_state_dict
+    ckpt = Path(cfg.run.dir) / "checkpoints"
+    tag = (ckpt / "latest").read_text().strip()
+    if cfg.train.zero_stage == 3:
+        # DeepSpeed 0.19.8's zero_to_fp32 reads mp_rank_00 only, so it cannot consolidate a
+        # tensor-parallel ZeRO-3 checkpoint; for this case the test compares the per-step
+        # losses only (each depends on all earlier updates).
+        return None
     model = build_dit(cfg)
     mesh = init_parallel(model, cfg.parallel, world)
-    tag = (Path(cfg.run.dir) / "checkpoints" / "latest").read_text().strip()
-    path = Path(cfg.run.dir) / "checkpoints" / tag / f"mp_rank_{MeshMPU(mesh).get_model_parallel_rank():02d}_model_states.pt"
+    path = ckpt / tag / f"mp_rank_{MeshMPU(mesh).get_model_parallel_rank():02d}_model_states.pt"
     model.load_state_dict(torch.load(path, weights_only=False)["module"])
     return full_state_dict(model, mesh)
 
@@ -89,6 +100,8 @@ def test_parallel_training_equals_single_process(golden_runs, layout):
     for step, ref in ref_losses.items():
         rel = abs(losses[step] - ref) / abs(ref)
         assert rel <= 1e-5, f"{layout} step {step}: loss {losses[step]:.8f} vs single {ref:.8f} (rel {rel:.1e})"
+    if params is None:  # ZeRO-3 with tp: see _full_params
+        return
     assert params.keys() == ref_params.keys()
     moved = max((ref_params[k] - p0).abs().max().item() for k, p0 in _initial_params().items())
     assert moved > 1e-3, "training did not change the parameters; the comparison would be vacuous"

@@ -26,7 +26,6 @@ def tiny_model(*overrides: str):
     (["parallel.tp=4"], 4, "model.heads=6 is not divisible by parallel.tp*parallel.ulysses = 4*1"),
     (["parallel.tp=2", "parallel.ulysses=2"], 4, "model.heads=6 is not divisible by parallel.tp*parallel.ulysses"),
     (["parallel.ulysses=4"], 4, "model.heads=6 is not divisible by parallel.tp*parallel.ulysses = 1*4"),
-    (["parallel.pp=3"], 3, "parallel.pp=3 exceeds model.depth=2"),
     (["model.mlp_ratio=2.0625", "parallel.tp=2"], 2, "MLP width 99"),
 ])
 def test_invalid_layout_rejected_before_any_process_group(overrides, world, needle):
@@ -46,6 +45,16 @@ def test_error_messages_name_the_key_and_the_fix():
         ParallelLayout(dp=2, ring=2).validate(8, heads=4, hidden=32, mlp_hidden=128, depth=2)
     with pytest.raises(LayoutError, match=r"parallel\.ring=0 must be an integer >= 1"):
         ParallelLayout.from_config(type("P", (), {"tp": 1, "ulysses": 1, "ring": 0, "pp": 1})(), 4)
+
+
+def test_pipeline_deeper_than_model_and_zero3_with_sp_rejected():
+    with pytest.raises(LayoutError, match=r"parallel\.pp=3 exceeds model\.depth=2"):
+        ParallelLayout(pp=3).validate(3, heads=4, hidden=32, mlp_hidden=128, depth=2)
+    with pytest.raises(LayoutError, match=r"train\.zero_stage=3 with sequence parallelism \(parallel\.ulysses=1 \* "
+                                          r"parallel\.ring=2"):
+        ParallelLayout(ring=2).validate_zero_stage(3)
+    ParallelLayout(ring=2).validate_zero_stage(2)
+    ParallelLayout(tp=2).validate_zero_stage(3)
 
 
 def test_rank_order_tp_innermost_then_ulysses_ring_dp_pp():

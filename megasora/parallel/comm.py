@@ -23,7 +23,7 @@ def _all_gather_dim(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Ten
     world = dist.get_world_size(group)
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((world * moved.shape[0],) + tuple(moved.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, moved, group=group)
+    dist.all_gather_single(out, moved, group=group)
     return out.movedim(0, dim)
 
 
@@ -33,7 +33,7 @@ def _reduce_scatter_dim(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch
         raise ValueError(f"reduce-scatter: dim {dim} of size {x.shape[dim]} is not divisible by {world} ranks")
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((moved.shape[0] // world,) + tuple(moved.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, moved, group=group)
+    dist.reduce_scatter_single(out, moved, group=group)
     return out.movedim(0, dim)
 
 

@@ -96,6 +96,16 @@ class ParallelLayout:
             raise LayoutError(f"parallel.pp={self.pp} exceeds model.depth={depth}: every pipeline stage needs "
                               f"at least one block; use parallel.pp <= {depth}")
 
+    def validate_zero_stage(self, zero_stage: int) -> None:
+        """DeepSpeed 0.19's ZeRO-3 partitions parameters over mpu.get_data_parallel_group() (dp)
+        but reduces and partitions gradients over the dp x sp group, which disagree when sp > 1."""
+        if zero_stage == 3 and self.sp > 1:
+            raise LayoutError(
+                f"train.zero_stage=3 with sequence parallelism (parallel.ulysses={self.ulysses} * "
+                f"parallel.ring={self.ring} > 1) is not supported: DeepSpeed 0.19 shards ZeRO-3 parameters "
+                f"over dp only but gradients over dp x sp; use train.zero_stage=1 or 2 (optimizer state "
+                f"is still partitioned over dp x sp), or parallel.tp for the memory")
+
     def coords(self, rank: int) -> dict[str, int]:
         """Rank -> coordinate on every axis (tp innermost)."""
         out = {}

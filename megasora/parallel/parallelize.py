@@ -24,9 +24,8 @@ def check_layout_matches(mesh: Mesh, parallel: Any, model: DiT) -> None:
     arch = model.arch
     layout.validate(layout.world_size, heads=arch.heads, hidden=arch.hidden,
                     mlp_hidden=model.blocks[0].mlp.fc1.out_features, depth=arch.depth)
-    if layout.pp > 1:
-        raise LayoutError(f"parallel.pp={layout.pp}: parallelize() handles tp/ulysses/ring; pipeline stages "
-                          f"are built by the pipeline engine, set parallel.pp=1 here")
+    # pp > 1: parallelize() still applies tp/ulysses/ring to the whole model; the caller then
+    # keeps this rank's stage of it (megasora/parallel/pipeline.py: build_stage).
 
 
 def parallelize(model: DiT, mesh: Mesh, parallel: Any, attention_backend: str = "auto") -> DiT:
@@ -52,7 +51,8 @@ def parallelize(model: DiT, mesh: Mesh, parallel: Any, attention_backend: str = 
     return model
 
 
-def init_parallel(model: DiT, parallel: Any, world_size: int, attention_backend: str = "auto") -> Mesh:
+def init_parallel(model: DiT, parallel: Any, world_size: int, zero_stage: int = 0,
+                  attention_backend: str = "auto") -> Mesh:
     """Validate the layout against the model BEFORE creating any group, build the mesh, parallelize.
 
     Needs the default process group; returns the mesh (dp rank/size/group and MeshMPU come from it).
@@ -61,6 +61,7 @@ def init_parallel(model: DiT, parallel: Any, world_size: int, attention_backend:
     arch = model.arch
     layout.validate(world_size, heads=arch.heads, hidden=arch.hidden,
                     mlp_hidden=model.blocks[0].mlp.fc1.out_features, depth=arch.depth)
+    layout.validate_zero_stage(zero_stage)
     mesh = build_mesh(layout)
     parallelize(model, mesh, parallel, attention_backend)
     return mesh

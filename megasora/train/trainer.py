@@ -55,7 +55,7 @@ class DataParallel:
 def setup_parallel(cfg: Config, model: torch.nn.Module, world_size: int, rank: int) -> DataParallel:
     """Mesh + tp/ulysses/ring applied to `model` (megasora/parallel); dp is what remains of the world."""
     from megasora.parallel import MeshMPU, init_parallel
-    mesh = init_parallel(model, cfg.parallel, world_size)
+    mesh = init_parallel(model, cfg.parallel, world_size, cfg.train.zero_stage)
     return DataParallel(rank=mesh.rank_in("dp"), size=mesh.size("dp"), group=mesh.group("dp"), mpu=MeshMPU(mesh),
                         tp_group=mesh.group("tp"))
 
