@@ -33,6 +33,9 @@ class ModelConfig:
     patch: list[int] = _help("Patch size [pt, ph, pw] over latent (T, H, W).", default_factory=lambda: [1, 2, 2])
     qk_norm: bool = _help("RMS-normalise queries and keys per head (stabilises large models).", default=True)
     rope_theta: float = _help("RoPE base frequency.", default=10000.0)
+    kernels: str = _help("Hot-spot ops (adaLN norm, gated residual, RoPE, ring merge): `auto` (fused csrc "
+                         "ops when built, else PyTorch), `fused` (require them) or `torch`. Checkpoints are "
+                         "identical either way.", default="auto")
 
 
 @dataclass
@@ -309,6 +312,7 @@ def validate(cfg: Config) -> None:
     _require(d.kind != "shards" or bool(d.shards), "data.kind=shards needs data.shards (a `megasora preprocess` "
              "output directory)")
     _require((d.clip_frames - 1) % 4 == 0, f"data.clip_frames={d.clip_frames} must be 1 + 4k (e.g. 17, 33)")
+    _require(m.kernels in ("auto", "fused", "torch"), f"model.kernels={m.kernels!r} must be auto, fused or torch")
     _require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
     _require(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")

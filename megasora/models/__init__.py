@@ -13,4 +13,6 @@ def dit_arch(cfg: Config) -> DiTArch:
 
 
 def build_dit(cfg: Config) -> DiT:
+    from megasora import kernels
+    kernels.set_backend(cfg.model.kernels)  # a process-wide choice of op implementation, not model state
     return DiT(dit_arch(cfg))
