@@ -26,13 +26,16 @@ stage recomputes it instead of receiving it.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megasora.models.dit import DiT, TokenState
 from megasora.models.embeddings import rope_3d
 from megasora.models.patch import patch_grid, unpatchify
+from megasora.parallel.mesh import Mesh
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (N, Dh/2)
 
@@ -162,3 +165,13 @@ def build_stage(model: DiT, stage: int, stages: int, boundaries: list[int] | Non
     """Keep stage `stage` of `model` (call after parallelize(), which shards the whole model)."""
     first, end = stage_ranges(model, stages, boundaries)[stage]
     return DiTStage(model, stage, stages, first, end)
+
+
+def gather_stages(local: dict[str, torch.Tensor], mesh: Mesh) -> dict[str, torch.Tensor]:
+    """Union of every stage's state dict (names are the full DiT's), on every rank of the pp group.
+
+    Pass tp-unsharded tensors (parallel/tensor.py: full_state_dict) to get the whole model.
+    """
+    parts: list[Any] = [None] * mesh.size("pp")
+    dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in local.items()}, group=mesh.group("pp"))
+    return {name: tensor for part in parts for name, tensor in part.items()}
