@@ -19,7 +19,7 @@ def test_train_vae_lowers_reconstruction_loss(tmp_path):
            "--set", f"data.inputs={inputs}", "--set", f"run.dir={run}", "--set", "data.clip_frames=5",
            "--set", "data.max_area=9216", "--set", "vae.base_channels=8", "--set", "vae.channel_mult=[1,1,2,2]",
            "--set", "vae.train_crop=32", "--set", "train.steps=30", "--set", "train.lr=3e-3",
-           "--set", "train.warmup_steps=2", "--set", "train.ema_decay=0", "--set", "train.micro_batch_size=2"]
+           "--set", "train.warmup_steps=2", "--set", "train.ema_decay=0.5", "--set", "train.micro_batch_size=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
                          cwd=os.path.dirname(os.path.dirname(__file__)))

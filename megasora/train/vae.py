@@ -23,7 +23,7 @@ from megasora.train import checkpoint
 from megasora.train.distributed import device_for, init_distributed
 from megasora.train.ema import EMA, _gathered
 from megasora.train.engine import build_engine
-from megasora.train.trainer import DataParallel, TrainingLoop, TrainResult, peak_memory_bytes
+from megasora.train.trainer import DataParallel, TrainingLoop, TrainResult, peak_memory_bytes, prepare_resume
 
 log = logging.getLogger("megasora")
 
@@ -102,10 +102,16 @@ def latent_statistics(vae: VideoVAE, clips: list, max_clips: int = 16) -> tuple[
     return float(z.mean()), float(z.std().clamp_min(1e-6))
 
 
-def export_vae(module: nn.Module, cfg: Config, clips: list, path: Path) -> None:
-    """Copy the trained weights into a fresh fp32 VideoVAE, set shift/scale from data, save."""
-    with _gathered(module, cfg.train.zero_stage):
-        state = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+def trained_state(module: nn.Module, ema: EMA | None, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights to export: the EMA when it is on (VideoVAE has no buffers), else the raw ones."""
+    if ema is not None:
+        return ema.state_dict()
+    with _gathered(module, zero_stage):
+        return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+
+def export_vae(state: dict[str, torch.Tensor], cfg: Config, clips: list, path: Path) -> None:
+    """Load the trained weights into a fresh fp32 VideoVAE, set shift/scale from data, save."""
     vae = VideoVAE(arch_from_config(cfg.vae))
     vae.load_state_dict(state)
     vae.eval()
@@ -116,7 +122,7 @@ def export_vae(module: nn.Module, cfg: Config, clips: list, path: Path) -> None:
 
 
 def train_vae(cfg: Config, resume: str | None = None) -> TrainResult:
-    """Train VideoVAE(cfg.vae) on the pixel clips of cfg.data.inputs; returns the loop's TrainResult."""
+    """Train VideoVAE(cfg.vae) on the pixel clips of cfg.data.inputs; the start-up mirrors trainer.train."""
     if not cfg.data.inputs:
         raise ValueError("train-vae needs data.inputs (video/image files or directories)")
     p = cfg.parallel
@@ -130,26 +136,35 @@ def train_vae(cfg: Config, resume: str | None = None) -> TrainResult:
     if env.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    record = {"world_size": env.world_size, "dp": env.world_size, "tp": 1, "ulysses": 1, "ring": 1, "pp": 1,
+              "zero_stage": cfg.train.zero_stage}
+    resume_from, reshard = prepare_resume(resume, ckpt_dir, record, env.rank == 0)
 
     torch.manual_seed(cfg.train.seed)
     model = VideoVAE(arch_from_config(cfg.vae))
     parallel = DataParallel(rank=env.rank, size=env.world_size, group=None)
-    engine = build_engine(cfg, model.to(device), parallel.size)
+    engine = build_engine(cfg, model.to(device), parallel.size, load_universal=reshard)
     ema = EMA(engine.module, cfg.train.ema_decay, cfg.train.zero_stage) if cfg.train.ema_decay > 0 else None
+    manager = checkpoint.CheckpointManager(ckpt_dir, record, cfg.train.keep_last, cfg.train.keep_every)
     step, samples = 0, 0
-    found = checkpoint.resolve_resume(resume, ckpt_dir)
-    if found is not None:
-        client = checkpoint.load(engine, *found)
+    if resume_from is not None:
+        tag = f"{resume_from.tag}.universal" if reshard else resume_from.tag
+        _, client = engine.load_checkpoint(str(resume_from.root), tag=tag)
+        if client is None:
+            raise checkpoint.CheckpointError(f"DeepSpeed could not load {resume_from.root / tag}")
         step, samples = client["step"], client["samples"]
         if ema is not None and client.get("ema") is not None:
             ema.load_state_dict(client["ema"])
+        log.info("resumed from %s at step %d (%d samples seen)", resume_from.path, step, samples)
 
-    loop = VAETrainingLoop(cfg, engine, ema, parallel, device, env.rank == 0, ckpt_dir)
+    loop = VAETrainingLoop(cfg, engine, ema, parallel, device, env.rank == 0, manager)
     result = loop.run(step, samples)
-    if env.rank == 0 and not result.preempted:
-        from megasora.data.clips import decode_all_clips
+    if not result.preempted:
+        state = trained_state(engine.module, ema, cfg.train.zero_stage)  # collective under ZeRO-3: all ranks
+        if env.rank == 0:
+            from megasora.data.clips import decode_all_clips
 
-        d = cfg.data
-        clips = decode_all_clips(list(d.inputs), d.fps, d.clip_frames, d.max_area, multiple=8)
-        export_vae(engine.module, cfg, clips, run_dir / "vae.safetensors")
+            d = cfg.data
+            clips = decode_all_clips(list(d.inputs), d.fps, d.clip_frames, d.max_area, multiple=8)
+            export_vae(state, cfg, clips, run_dir / "vae.safetensors")
     return result
