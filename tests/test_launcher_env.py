@@ -16,7 +16,7 @@ import pytest
 
 from megasora.launcher.env import (
     PORT_BASE, PORT_SPAN, DistEnv, LaunchError, discover, expand_tasks_per_node,
-    export_torch_env, slurm_port,
+    export_torch_env, free_port, slurm_port,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +182,14 @@ def test_torchrun_ranks_rendezvous() -> None:
                  "-m", "megasora.launcher.check", "--timeout", "60"], _clean_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("via torchrun") == 2 and proc.stdout.count("all_reduce ok") == 2
+
+
+def test_deepspeed_launcher_ranks_rendezvous() -> None:
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    proc = _run([str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
+                 "--module", "megasora.launcher.check", "--timeout", "60"], _clean_env(DS_ACCELERATOR="cpu"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("via deepspeed") == 2 and proc.stdout.count("all_reduce ok") == 2
 
 
 @pytest.mark.mpi

@@ -21,7 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "testing" / "cluster.py"
 TINY = REPO / "configs" / "tiny.yaml"
-SAMPLES_PER_STEP = 4 * 2  # world 4 x train.micro_batch_size 2
+TP2 = ("--set", "parallel.tp=2")  # world 4 = tp 2 x dp 2
+SAMPLES_PER_STEP = 2 * 2  # dp 2 x train.micro_batch_size 2
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 
 pytestmark = [
@@ -109,7 +110,7 @@ def test_srun_ranks_rendezvous_across_nodes(cluster: dict[str, str]) -> None:
 @pytest.fixture(scope="module")
 def two_node_run(cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     run_dir = tmp_path_factory.mktemp("slurm") / "run"
-    job_id = submit(cluster, run_dir, "--nodes", "2", "--tasks-per-node", "2", "--set", "train.steps=6")
+    job_id = submit(cluster, run_dir, "--nodes", "2", "--tasks-per-node", "2", *TP2, "--set", "train.steps=6")
     wait_done(job_id, cluster)
     return run_dir, job_id
 
@@ -125,7 +126,7 @@ def test_submit_two_nodes_completes(cluster: dict[str, str], two_node_run: tuple
     assert sacct.split()[-2:] == ["COMPLETED", "2"], sacct
     records = steps_of(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert records[-1]["samples"] == 6 * SAMPLES_PER_STEP  # four ranks in one world, not four singles
+    assert records[-1]["samples"] == 6 * SAMPLES_PER_STEP  # one world of tp 2 x dp 2, not four singles
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     batch, rank0 = logs(run_dir, job_id)
     assert "srun exited with 0" in batch and "requeueing" not in batch
@@ -134,7 +135,7 @@ def test_submit_two_nodes_completes(cluster: dict[str, str], two_node_run: tuple
 
 def test_preempted_job_requeues_and_resumes(cluster: dict[str, str], tmp_path: Path) -> None:
     run_dir, total = tmp_path / "run", 40
-    job_id = submit(cluster, run_dir, "--nodes", "2", "--tasks-per-node", "2", "--set", f"train.steps={total}")
+    job_id = submit(cluster, run_dir, "--nodes", "2", "--tasks-per-node", "2", *TP2, "--set", f"train.steps={total}")
     wait_for(lambda: len(steps_of(run_dir)) >= 2, 600, "the first training steps", poll=0.1)
     # What --signal=USR1@... does before the time limit: USR1 to every task of the job.
     assert run(["scancel", "--signal=USR1", job_id], cluster).returncode == 0
@@ -153,16 +154,16 @@ def test_preempted_job_requeues_and_resumes(cluster: dict[str, str], tmp_path: P
     assert int(saved.group(1)) == int(resumed.group(1)) < total
 
 
-@pytest.mark.xfail(reason="resuming a ZeRO checkpoint on a different data-parallel size needs the "
-                          "checkpoint issue's resharding (DeepSpeed refuses dp 4 -> 2)", strict=False)
 def test_two_node_checkpoint_resumes_on_one_node(cluster: dict[str, str], two_node_run: tuple[Path, str],
                                                  tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(two_node_run[0], run_dir, ignore=shutil.ignore_patterns("slurm"))
-    job_id = submit(cluster, run_dir, "--nodes", "1", "--tasks-per-node", "2", "--set", "train.steps=9")
+    # Same tp 2, now dp 1: the ZeRO state saved by 2 data-parallel ranks is resharded for 1.
+    job_id = submit(cluster, run_dir, "--nodes", "1", "--tasks-per-node", "2", *TP2, "--set", "train.steps=9")
     info = wait_done(job_id, cluster)
     assert (info["JobState"], info["NumTasks"]) == ("COMPLETED", "2"), describe(run_dir, job_id)
     records = steps_of(run_dir)
     assert [r["step"] for r in records] == list(range(1, 10))
-    # world 2 after the resume: 2 ranks x 2 samples per step
-    assert records[-1]["samples"] - records[5]["samples"] == 3 * 2 * 2
+    # world 2 = tp 2 x dp 1 after the resume: one data-parallel rank x 2 samples per step
+    assert records[-1]["samples"] - records[5]["samples"] == 3 * 1 * 2
+    assert re.search(r"resumed from \S*step_00000006 at step 6", logs(run_dir, job_id)[1])
