@@ -38,7 +38,7 @@ def test_render_has_the_whole_job() -> None:
     for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2", "#SBATCH --gpus-per-node=2",
                  "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --time=12:00:00",
                  "#SBATCH --signal=USR1@300", "#SBATCH --requeue", "#SBATCH --output=/tmp/logs/%x-%j.out",
-                 f'if [ "$rc" -eq {PREEMPTED_EXIT_CODE} ]; then', 'scontrol requeue "${SLURM_JOB_ID}"',
+                 f'if [ "$rc" -eq {PREEMPTED_EXIT_CODE} ] && [ "$got_term" -eq 0 ]; then', 'scontrol requeue "${SLURM_JOB_ID}"',
                  "export NCCL_DEBUG=INFO", "# export NCCL_SOCKET_IFNAME=ib0"]:
         assert line in script.splitlines() or line in script, line
     assert (f"/usr/bin/python3 -m megasora train --config {TINY} --resume auto "
