@@ -192,6 +192,12 @@ def _full_params(cfg, world: int) -> dict[str, torch.Tensor]:
     return gather_stages(full_state_dict(stage, mesh), mesh)
 
 
+def _grad_norms(run_dir: str) -> dict[int, float]:
+    import json
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {row["step"]: row["grad_norm"] for row in map(json.loads, lines)}
+
+
 def _train_worker(rank: int, world: int, cases: list[tuple[str, list[str], str | None]], root: str):
     from megasora.train.trainer import train
     results = {}
@@ -199,8 +205,8 @@ def _train_worker(rank: int, world: int, cases: list[tuple[str, list[str], str |
         cfg = load_config(REPO / "configs" / "tiny.yaml", _overrides(extra, f"{root}/{name}"))
         resume_path = f"{root}/{resume}" if resume else None
         losses = train(cfg, resume=resume_path).losses
-        dist.barrier()  # every stage's checkpoint is on disk
-        results[name] = (losses, _full_params(cfg, world))
+        dist.barrier()  # every stage's checkpoint and the metrics are on disk
+        results[name] = (losses, _full_params(cfg, world), _grad_norms(cfg.run.dir))
     return results if rank == 0 else None
 
 
@@ -222,12 +228,17 @@ def pipeline_runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pipeline_training_equals_single_process(pipeline_runs, layout):
-    ref_losses, ref_params = pipeline_runs["single"]
-    losses, params = pipeline_runs[layout]
+    ref_losses, ref_params, ref_norms = pipeline_runs["single"]
+    losses, params, norms = pipeline_runs[layout]
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step, ref in ref_losses.items():
         rel = abs(losses[step] - ref) / abs(ref)
         assert rel <= 1e-5, f"{layout} step {step}: loss {losses[step]:.8f} vs single {ref:.8f} (rel {rel:.1e})"
+    # The norm is summed over the tp x pp group; clipping (train.grad_clip=1) is active, so a
+    # norm missing a stage's parameters would also change the weights.
+    assert max(ref_norms.values()) > 1.0
+    for step, ref in ref_norms.items():
+        assert abs(norms[step] - ref) <= 1e-5 * ref, f"{layout} step {step}: grad norm {norms[step]} vs {ref}"
     assert params.keys() == ref_params.keys()
     torch.manual_seed(0)  # tiny.yaml's train.seed: the initial weights of every run
     initial = dict(build_dit(load_config(REPO / "configs" / "tiny.yaml", _overrides([], "unused"))).named_parameters())
@@ -240,8 +251,8 @@ def test_pipeline_training_equals_single_process(pipeline_runs, layout):
 
 @pytest.mark.slow
 def test_pipeline_resume_same_layout_is_exact(pipeline_runs):
-    losses, params = pipeline_runs["pp2"]
-    resumed_losses, resumed_params = pipeline_runs["pp2_resumed"]
+    losses, params, _ = pipeline_runs["pp2"]
+    resumed_losses, resumed_params, _ = pipeline_runs["pp2_resumed"]
     assert sorted(resumed_losses) == [4, 5]  # steps 1-3 came from the checkpoint
     for step in (4, 5):
         assert resumed_losses[step] == losses[step], f"step {step}: {resumed_losses[step]!r} vs {losses[step]!r}"

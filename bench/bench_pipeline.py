@@ -1,0 +1,148 @@
+"""Pipeline bubble of the 1F1B schedule vs micro-batches m, next to the theory (p-1)/(m+p-1).
+
+One process per stage (gloo, CPU), the real executor (megasora/parallel/pipeline_schedule.py)
+and real point-to-point messages. Per step and stage, `busy` is the time spent inside
+forward/backward compute and `wall` the step time (slowest stage); the measured bubble is 1 - mean(busy over stages)/wall,
+reported as the median over the measured steps (the median resists preemption by other load).
+
+Two kinds of compute:
+  model  a tiny DiT cut into p stages (megasora/parallel/pipeline.py), plain autograd, fp32;
+  sleep  forward sleeps --sleep-ms, backward twice that, with real-size messages: isolates the
+         schedule from the CPU, which matters when p exceeds the number of cores.
+
+    OMP_NUM_THREADS=1 python bench/bench_pipeline.py --stages 2 4 --micro 1 2 4 8 16 --compute model sleep
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megasora.config import load_config
+from megasora.models import build_dit
+from megasora.parallel.pipeline import build_stage
+from megasora.parallel.pipeline_schedule import StageFunctions, StageLink, one_f_one_b, run_schedule
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = ["model.hidden=64", "model.heads=4", "model.depth=8", "model.mlp_ratio=4.0", "text.dim=64"]
+LATENTS = (1, 3, 2, 16, 16)  # (B, C, T, H, W): 2 x 8 x 8 = 128 tokens per micro-batch
+
+
+def model_functions(stage, inputs, text_len: int) -> StageFunctions:
+    latents, t, text, mask = inputs
+
+    def forward(i, received):
+        out = stage(latents, t, text, mask, None, received)
+        return out.pow(2).mean() if stage.is_last else out  # stand-in loss on the last stage
+
+    def backward(i, received, out, grad):
+        out.backward() if grad is None else out.backward(grad)
+        return None if received is None else received.grad
+
+    return StageFunctions(forward, backward, lambda i: stage.message_shape(latents, t, text))
+
+
+def sleep_functions(stage_index: int, stages: int, shape: tuple[int, ...], seconds: float) -> StageFunctions:
+    def forward(i, received):
+        time.sleep(seconds)
+        return torch.zeros(()) if stage_index == stages - 1 else torch.zeros(shape)
+
+    def backward(i, received, out, grad):
+        time.sleep(2 * seconds)  # backward ~ 2x forward
+        return None if received is None else torch.zeros(shape)
+
+    return StageFunctions(forward, backward, lambda i: shape)
+
+
+def stage_worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", MODEL)
+    stage = build_stage(build_dit(cfg), rank, world)
+    text_len = 16
+    inputs = (torch.randn(LATENTS), torch.rand(LATENTS[0]), torch.randn(LATENTS[0], text_len, cfg.text.dim),
+              torch.ones(LATENTS[0], text_len, dtype=torch.bool))
+    link = StageLink.from_ranks(None, list(range(world)), rank)
+    results = []
+    for compute in args.compute:
+        fns = model_functions(stage, inputs, text_len) if compute == "model" else \
+            sleep_functions(rank, world, stage.message_shape(*inputs[:3]), args.sleep_ms / 1000)
+        for m in args.micro:
+            order = one_f_one_b(rank, world, m)
+            busy, wall = [], []
+            for step in range(args.warmup + args.steps):
+                dist.barrier()
+                times = run_schedule(order, link, fns, torch.float32, torch.device("cpu"))
+                stage.zero_grad(set_to_none=True)
+                if step >= args.warmup:
+                    busy.append(times.busy)
+                    wall.append(times.wall)
+            results.append({"compute": compute, "m": m, "busy": busy, "wall": wall})
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, Path(out_dir) / "results.pt")
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(stages: int, args: argparse.Namespace) -> list[dict]:
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(stage_worker, args=(stages, free_port(), args, out_dir), nprocs=stages, join=True)
+        per_stage = torch.load(Path(out_dir) / "results.pt", weights_only=False)
+    rows = []
+    for k, first in enumerate(per_stage[0]):
+        steps = len(first["wall"])
+        # per step: wall = the slowest stage's step time; bubble = 1 - mean stage busy / wall
+        bubbles, walls = [], []
+        for j in range(steps):
+            wall = max(stage[k]["wall"][j] for stage in per_stage)
+            busy = sum(stage[k]["busy"][j] for stage in per_stage) / stages
+            bubbles.append(1 - busy / wall)
+            walls.append(wall)
+        m = first["m"]
+        rows.append({"compute": first["compute"], "p": stages, "m": m, "step_ms": 1000 * statistics.median(walls),
+                     "bubble": statistics.median(bubbles), "theory": (stages - 1) / (m + stages - 1)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--micro", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--compute", nargs="+", choices=["model", "sleep"], default=["model", "sleep"])
+    parser.add_argument("--sleep-ms", type=float, default=5.0)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=9)
+    parser.add_argument("--json", type=str, default="")
+    args = parser.parse_args()
+    rows = [row for p in args.stages for row in measure(p, args)]
+    print(f"# {platform.node()} | {os.cpu_count()} CPUs | torch {torch.__version__} | gloo | "
+          f"{time.strftime('%Y-%m-%d')} | load average {os.getloadavg()[0]:.1f}")
+    print("| compute | p | m | step (ms) | bubble measured | (p-1)/(m+p-1) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['compute']} | {r['p']} | {r['m']} | {r['step_ms']:.1f} | {r['bubble']:.3f} | {r['theory']:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
