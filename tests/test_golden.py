@@ -8,6 +8,7 @@ All layouts of one world size share a spawn: process start-up dominates on 2 cor
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,14 @@ def _full_params(cfg, world: int) -> dict[str, torch.Tensor]:
     return full_state_dict(model, mesh)
 
 
+def _grad_norms(run_dir: Path) -> dict[int, float]:
+    """Per-step global gradient norm DeepSpeed computed (through MeshMPU), from metrics.jsonl."""
+    if not (run_dir / "metrics.jsonl").exists():  # written by rank 0 only
+        return {}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["grad_norm"] for row in rows}
+
+
 def _train_worker(rank: int, world: int, cases: list[tuple[str, list[str]]], root: str):
     from megasora.config import load_config
     from megasora.train.trainer import train
@@ -77,7 +86,7 @@ def _train_worker(rank: int, world: int, cases: list[tuple[str, list[str]]], roo
         cfg = load_config(REPO / "configs" / "tiny.yaml", _overrides(world, parallel, f"{root}/{name}"))
         losses = train(cfg).losses
         dist.barrier()  # checkpoint files of every mp rank are written
-        results[name] = (losses, _full_params(cfg, world))
+        results[name] = (losses, _full_params(cfg, world), _grad_norms(Path(cfg.run.dir)))
     return results if rank == 0 else None
 
 
@@ -94,12 +103,19 @@ def golden_runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parallel_training_equals_single_process(golden_runs, layout):
-    ref_losses, ref_params = golden_runs["single"]
-    losses, params = golden_runs[layout]
+    ref_losses, ref_params, ref_norms = golden_runs["single"]
+    losses, params, norms = golden_runs[layout]
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step, ref in ref_losses.items():
         rel = abs(losses[step] - ref) / abs(ref)
         assert rel <= 1e-5, f"{layout} step {step}: loss {losses[step]:.8f} vs single {ref:.8f} (rel {rel:.1e})"
+    # Clipping (train.grad_clip=1.0) is active (norms > 1), so the norm DeepSpeed computes over
+    # the mesh must equal the single-process one as well.
+    # (Without ZeRO DeepSpeed clips but reports no norm; the trainer logs nan, so zero0 is skipped.)
+    assert sorted(norms) == sorted(ref_norms) == list(range(1, STEPS + 1)) and max(ref_norms.values()) > 1.0
+    compared = {} if "zero0" in layout else ref_norms
+    for step, ref in compared.items():
+        assert abs(norms[step] - ref) <= 1e-5 * ref, f"{layout} step {step}: grad norm {norms[step]} vs {ref}"
     if params is None:  # ZeRO-3 with tp: see _full_params
         return
     assert params.keys() == ref_params.keys()
