@@ -66,8 +66,8 @@ def saved_model_loss(ckpt_dir: Path, tag: str, positions: range, step_index: int
 
 RESHARD_TARGETS = {  # name -> (world size, overrides); every target keeps the global batch at 8
     "dp2": (2, ["train.grad_accum=2"]),
-    "tp2xdp2": (4, ["parallel.tp=2"]),
-    "ring2xdp2": (4, ["parallel.ring=2"]),
+    "tp2xdp2": (4, ["parallel.tp=2", "train.grad_accum=2"]),
+    "ring2xdp2": (4, ["parallel.ring=2", "train.grad_accum=2"]),
     "world1": (1, ["train.grad_accum=4"]),
 }
 

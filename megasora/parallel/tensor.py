@@ -94,12 +94,36 @@ def _split_sublayer(module: nn.Module, column: list[str], row: list[str], mesh: 
     module.register_forward_pre_hook(partial(_gather_first_arg, group))
 
 
+# Sublayer of each block -> (column-parallel linears, row-parallel linears).
+TP_PLAN: dict[str, tuple[list[str], list[str]]] = {
+    "cross_attn": (["q", "k", "v"], ["out"]),
+    "attn": (["q", "k", "v"], ["out"]),
+    "mlp": (["fc1"], ["fc2"]),
+}
+
+
+def tp_partition_dims(model: DiT) -> dict[str, int]:
+    """Parameter name -> the dim tensor parallel splits it along, for ANY tp degree (1 included).
+
+    Checkpoints record this so one saved at tp=1 can be resharded to tp=2 and back; the
+    row-parallel bias is absent because it is replicated.
+    """
+    dims = {}
+    for i in range(len(model.blocks)):
+        for sublayer, (column, row) in TP_PLAN.items():
+            for name in column:
+                dims[f"blocks.{i}.{sublayer}.{name}.weight"] = 0
+                dims[f"blocks.{i}.{sublayer}.{name}.bias"] = 0
+            for name in row:
+                dims[f"blocks.{i}.{sublayer}.{name}.weight"] = 1
+    return dims
+
+
 def apply_tensor_parallel(model: DiT, mesh: Mesh) -> DiT:
     """Shard every block's attention heads and MLP columns over mesh 'tp' (in place)."""
     for block in model.blocks:
-        _split_sublayer(block.cross_attn, ["q", "k", "v"], ["out"], mesh)
-        _split_sublayer(block.attn, ["q", "k", "v"], ["out"], mesh)
-        _split_sublayer(block.mlp, ["fc1"], ["fc2"], mesh)
+        for sublayer, (column, row) in TP_PLAN.items():
+            _split_sublayer(getattr(block, sublayer), column, row, mesh)
     group = mesh.group("tp")
     for param in model.parameters():
         if not is_tensor_parallel(param):

@@ -17,15 +17,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megasora.parallel.tensor import tp_partition_dims
+
 log = logging.getLogger("megasora")
 
 
 def universal_checkpoint_info(model: nn.Module) -> dict[str, Any]:
-    """Column-parallel params (partition_dim 0) are DeepSpeed's default; name the rest."""
+    """Column-parallel params (split dim 0) are DeepSpeed's default; name the rest.
+
+    Recorded from the model's TP plan, not from the current tp degree: a checkpoint saved at
+    tp=1 must still tell DeepSpeed how to slice row-parallel weights for a tp=2 resume.
+    """
     from deepspeed.checkpoint import constants as c
+    split = tp_partition_dims(model)
     replicated, row_parallel = [], []
-    for name, param in model.named_parameters():
-        dim = getattr(param, "partition_dim", None) if getattr(param, "tensor_model_parallel", False) else None
+    for name, _ in model.named_parameters():
+        dim = split.get(name)
         if dim is None:
             replicated.append(f"^{re.escape(name)}$")
         elif dim == 1:
@@ -48,17 +55,12 @@ def convert_to_universal(tag_dir: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)
 
 
-def _tp_params(model: nn.Module) -> dict[str, int]:
-    return {name: p.partition_dim for name, p in model.named_parameters()
-            if getattr(p, "tensor_model_parallel", False)}
-
-
 def gather_full_state(local: dict[str, torch.Tensor], model: nn.Module, tp_group: Any) -> dict[str, torch.Tensor]:
     """Per-rank TP shards (e.g. EMA) -> full tensors, identical on every tp rank."""
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
     if tp_size == 1:
         return {k: v.clone() for k, v in local.items()}
-    split = _tp_params(model)
+    split = tp_partition_dims(model)
     full = {}
     for name, tensor in local.items():
         if name not in split:
@@ -74,7 +76,7 @@ def shard_full_state(full: dict[str, torch.Tensor], model: nn.Module, tp_group: 
     """Full tensors -> this tp rank's shard, for any tp degree dividing the split dims."""
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
-    split = _tp_params(model) if tp_size > 1 else {}
+    split = tp_partition_dims(model) if tp_size > 1 else {}
     out = {}
     for name, tensor in full.items():
         if name in split:
