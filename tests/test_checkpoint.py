@@ -160,3 +160,33 @@ def test_sigusr1_saves_and_exits_with_documented_status(tmp_path: Path) -> None:
     info = find_resumable(run / "checkpoints")
     assert info is not None and info.step == last_step
     assert "preemption signal received" in err
+
+
+def test_ckpt_inspect_export_and_sample_from_export(tmp_path: Path) -> None:
+    run = tmp_path / "cli"
+    run_torchrun(2, train_args(run, "train.steps=2", "train.save_every=1", "parallel.tp=2"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def megasora(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "megasora", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    listing = megasora("ckpt", "inspect", str(run))
+    assert "latest -> step_00000002" in listing
+    assert "step_00000002" in listing and "complete  step 2  samples 4  layout dp1 tp2" in listing
+    out = tmp_path / "export" / "model.safetensors"
+    megasora("ckpt", "export", str(run), "--out", str(out), "--ema")
+    from safetensors.torch import load_file
+    weights = load_file(str(out))
+    cfg = load_config(REPO / TINY)
+    assert {k: tuple(v.shape) for k, v in weights.items()} == \
+        {k: tuple(v.shape) for k, v in build_dit(cfg).state_dict().items()}  # full, unsharded tensors
+    raw = tmp_path / "export" / "raw.safetensors"
+    megasora("ckpt", "export", str(run), "--out", str(raw))  # tp-sharded raw weights via universal
+    assert {k: v.shape for k, v in load_file(str(raw)).items()} == {k: v.shape for k, v in weights.items()}
+    gif = tmp_path / "sample.gif"
+    printed = megasora("sample", "--weights", str(out), "--prompt", "a red circle moving left",
+                       "--steps", "2", "--out", str(gif))
+    assert gif.stat().st_size > 0 and "wrote" in printed
