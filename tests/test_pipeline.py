@@ -1,7 +1,7 @@
 """Pipeline parallelism: stage splitting, the 1F1B order, config errors, and parallel == single.
 
 Golden runs: 5 optimizer steps through the real trainer (per-stage DeepSpeed engines, ZeRO-2,
-gradient clipping over tp x pp) for pp2, pp2 x tp2, pp2 x ring2 and pp2 x dp2, compared with
+gradient clipping over tp x pp) for pp2, pp2 x tp2, pp2 x ring2, pp2 x ulysses2 and pp2 x dp2, compared with
 one process on the same global batch split into the same 4 micro-batches. 27 tokens per
 sample and per-token timesteps (conditioning frames on), so the sequence-sharded layouts pad
 and the per-token timestep embedding travels between stages. One spawn per world size:
@@ -34,6 +34,7 @@ LAYOUTS = {  # name -> (world, overrides)
     "pp2": (2, ["parallel.pp=2", f"train.grad_accum={MICRO_BATCHES}"]),
     "pp2xtp2": (4, ["parallel.pp=2", "parallel.tp=2", f"train.grad_accum={MICRO_BATCHES}"]),
     "pp2xring2": (4, ["parallel.pp=2", "parallel.ring=2", f"train.grad_accum={MICRO_BATCHES}"]),
+    "pp2xulysses2": (4, ["parallel.pp=2", "parallel.ulysses=2", f"train.grad_accum={MICRO_BATCHES}"]),
     "pp2xdp2": (4, ["parallel.pp=2", f"train.grad_accum={MICRO_BATCHES // 2}"]),
 }
 
