@@ -167,3 +167,15 @@ def test_two_node_checkpoint_resumes_on_one_node(cluster: dict[str, str], two_no
     # world 2 = tp 2 x dp 1 after the resume: one data-parallel rank x 2 samples per step
     assert records[-1]["samples"] - records[5]["samples"] == 3 * 1 * 2
     assert re.search(r"resumed from \S*step_00000006 at step 6", logs(run_dir, job_id)[1])
+
+
+def test_scancel_cancels_instead_of_requeueing(cluster: dict[str, str], tmp_path: Path) -> None:
+    # scancel sends TERM: the ranks exit with the "saved, requeue me" code, but a job the
+    # user cancelled must stay cancelled.
+    run_dir = tmp_path / "run"
+    job_id = submit(cluster, run_dir, "--nodes", "2", "--tasks-per-node", "2", "--set", "train.steps=500")
+    wait_for(lambda: len(steps_of(run_dir)) >= 2, 600, "the first training steps", poll=0.1)
+    assert run(["scancel", job_id], cluster).returncode == 0
+    info = wait_done(job_id, cluster)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), describe(run_dir, job_id)
+    assert "requeueing" not in logs(run_dir, job_id)[0]
