@@ -30,6 +30,14 @@ def test_train_vae_lowers_reconstruction_loss(tmp_path):
     assert sum(recon[-5:]) / 5 < 0.6 * sum(recon[:3]) / 3, recon
     assert (run / "checkpoints" / "latest").is_file()
 
+    # Same checkpoints as the DiT: resuming continues the step and global sample counters.
+    resumed = subprocess.run(cmd[:-2] + ["--set", "train.micro_batch_size=2", "--set", "train.steps=32",
+                                         "--resume", "auto"], capture_output=True, text=True, env=env,
+                             timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records[30:]] == [31, 32] and records[-1]["samples"] == 64
+
     vae = load_vae(str(run / "vae.safetensors"))
     assert vae.arch.base_channels == 8 and vae.arch.scaling_factor != 1.0
     z = pixels_to_latents(vae, torch.rand(1, 3, 5, 32, 32) * 2 - 1)
