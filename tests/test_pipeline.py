@@ -199,6 +199,13 @@ def _grad_norms(run_dir: str) -> dict[int, float]:
     return {row["step"]: row["grad_norm"] for row in map(json.loads, lines)}
 
 
+def _saved_ema(run_dir: str) -> dict[str, torch.Tensor] | None:
+    """The EMA stored in mp_rank_00 (stage 0's file), which a resume on another layout reads."""
+    ckpt = Path(run_dir) / "checkpoints"
+    states = ckpt / (ckpt / "latest").read_text().strip() / "mp_rank_00_model_states.pt"
+    return torch.load(states, weights_only=False).get("ema")
+
+
 def _train_worker(rank: int, world: int, cases: list[tuple[str, list[str], str | None]], root: str):
     from megasora.train.trainer import train
     results = {}
@@ -207,21 +214,24 @@ def _train_worker(rank: int, world: int, cases: list[tuple[str, list[str], str |
         resume_path = f"{root}/{resume}" if resume else None
         losses = train(cfg, resume=resume_path).losses
         dist.barrier()  # every stage's checkpoint and the metrics are on disk
-        results[name] = (losses, _full_params(cfg, world), _grad_norms(cfg.run.dir))
+        results[name] = (losses, _full_params(cfg, world), _grad_norms(cfg.run.dir), _saved_ema(cfg.run.dir))
     return results if rank == 0 else None
 
 
 @pytest.fixture(scope="module")
 def pipeline_runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("pipeline"))
-    runs = run_launched(_train_worker, 1, [("single", [f"train.grad_accum={MICRO_BATCHES}"], None)], root)[0]
+    ema = ["train.ema_decay=0.9"]
+    runs = run_launched(_train_worker, 1, [("single", [f"train.grad_accum={MICRO_BATCHES}"] + ema, None)], root)[0]
     pp2 = LAYOUTS["pp2"][1]
     runs.update(run_launched(_train_worker, 2, [
-        ("pp2", pp2 + ["train.save_every=3"], None),
+        ("pp2", pp2 + ema + ["train.save_every=3"], None),
         # a new run directory that resumes the step-3 checkpoint of the run above
-        ("pp2_resumed", pp2, "pp2/checkpoints/step_00000003"),
+        ("pp2_resumed", pp2 + ema, "pp2/checkpoints/step_00000003"),
     ], root)[0])
     cases = [(name, extra, None) for name, (world, extra) in LAYOUTS.items() if world == 4]
+    # another layout resumes the same checkpoint: converted to a DeepSpeed universal checkpoint
+    cases.append(("pp2_to_pp2xtp2", LAYOUTS["pp2xtp2"][1], "pp2/checkpoints/step_00000003"))
     runs.update(run_launched(_train_worker, 4, cases, root)[0])
     return runs
 
@@ -229,8 +239,8 @@ def pipeline_runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pipeline_training_equals_single_process(pipeline_runs, layout):
-    ref_losses, ref_params, ref_norms = pipeline_runs["single"]
-    losses, params, norms = pipeline_runs[layout]
+    ref_losses, ref_params, ref_norms, _ = pipeline_runs["single"]
+    losses, params, norms, _ = pipeline_runs[layout]
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step, ref in ref_losses.items():
         rel = abs(losses[step] - ref) / abs(ref)
@@ -252,10 +262,33 @@ def test_pipeline_training_equals_single_process(pipeline_runs, layout):
 
 @pytest.mark.slow
 def test_pipeline_resume_same_layout_is_exact(pipeline_runs):
-    losses, params, _ = pipeline_runs["pp2"]
-    resumed_losses, resumed_params, _ = pipeline_runs["pp2_resumed"]
+    losses, params, _, _ = pipeline_runs["pp2"]
+    resumed_losses, resumed_params, _, _ = pipeline_runs["pp2_resumed"]
     assert sorted(resumed_losses) == [4, 5]  # steps 1-3 came from the checkpoint
     for step in (4, 5):
         assert resumed_losses[step] == losses[step], f"step {step}: {resumed_losses[step]!r} vs {losses[step]!r}"
     for name, tensor in params.items():
         assert torch.equal(resumed_params[name], tensor), f"{name} differs after resume"
+
+
+@pytest.mark.slow
+def test_pipeline_resume_on_another_layout(pipeline_runs):
+    """pp2 step-3 checkpoint resumed as pp2 x tp2 (universal conversion) continues the single-process run."""
+    ref_losses, ref_params, _, _ = pipeline_runs["single"]
+    losses, params, _, _ = pipeline_runs["pp2_to_pp2xtp2"]
+    assert sorted(losses) == [4, 5]
+    for step in (4, 5):
+        assert abs(losses[step] - ref_losses[step]) <= 1e-5 * ref_losses[step], f"step {step}"
+    for name, ref in ref_params.items():
+        assert (params[name] - ref).abs().max().item() <= 1e-4, name
+
+
+@pytest.mark.slow
+def test_pipeline_checkpoint_holds_the_whole_ema(pipeline_runs):
+    """Each stage's file stores the EMA of every stage, so stage 0's file alone restores or exports it."""
+    ref_ema = pipeline_runs["single"][3]
+    for run in ("pp2", "pp2_resumed"):
+        ema = pipeline_runs[run][3]
+        assert ema is not None and ema.keys() == ref_ema.keys()
+        for name, ref in ref_ema.items():
+            assert (ema[name] - ref).abs().max().item() <= 1e-4, f"{run}: EMA of {name}"

@@ -114,6 +114,25 @@ class PipelineTrainingLoop(TrainingLoop):
         return self.step_stats(float(loss_mean), micro_batches, time.perf_counter() - start,
                                bubble=1.0 - times.busy / times.wall)
 
+    def client_state(self, step: int, samples: int) -> dict[str, Any]:
+        """Every stage's checkpoint file describes the WHOLE model (EMA and the universal TP plan).
+
+        Resuming on another layout reads one file: DeepSpeed's ds_to_universal takes the
+        universal_checkpoint_info of mp_rank_00 (stage 0) for every parameter, and the trainer
+        restores the EMA from the file of the resuming rank's own mp rank.
+        """
+        client = super().client_state(step, samples)
+        parts: list[Any] = [None] * self.stage.stages
+        dist.all_gather_object(parts, (client["ema"], client["universal_checkpoint_info"]), group=self.pp_group)
+        if client["ema"] is not None:
+            client["ema"] = {name: tensor for ema, _ in parts for name, tensor in ema.items()}
+        info = dict(client["universal_checkpoint_info"])
+        for key, value in info.items():
+            if isinstance(value, list):  # parameter-name patterns: the union over stages
+                info[key] = [pattern for _, stage_info in parts for pattern in stage_info[key]]
+        client["universal_checkpoint_info"] = info
+        return client
+
     def step_stats(self, loss: float, micro_batches: list[dict[str, Any]], elapsed: float,
                    bubble: float) -> dict[str, float]:
         """The same metrics as TrainingLoop.train_step, plus this stage's measured idle fraction."""
