@@ -82,6 +82,8 @@ def test_resume_and_rank_split(inputs, models, tmp_path):
     again = run_preprocess(spec_for(inputs, single), vae, text)
     assert (again.shards_skipped, again.shards_written) == (1, 1)
     assert again.dataset == {"shards": 2, "clips": 5, "failed_inputs": 1}  # totals survive the resume
+    with pytest.raises(RuntimeError, match="other settings"):  # never mix shards of two configurations
+        run_preprocess(spec_for(inputs, single, fps=12), vae, text)
 
     split = tmp_path / "split"
     reports = [run_preprocess(spec_for(inputs, split, rank=r, world_size=2), vae, text) for r in (0, 1)]
@@ -111,3 +113,5 @@ def test_cli_preprocess_and_help(inputs, tmp_path):
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["shards_written"] == 1 and summary["inputs"] == 2  # rank 1 of 2: shard 1 only
     assert sorted(p.name for p in (tmp_path / "s").glob("shard-*")) == ["shard-000001.json", "shard-000001.tar"]
+    settings = json.loads((tmp_path / "s" / "shard-000001.json").read_text())["settings"]
+    assert settings["clip_frames"] == 5 and settings["encoders"]["vae"].startswith(f"{vae_file}@")

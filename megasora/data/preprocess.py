@@ -40,6 +40,36 @@ class PreprocessSpec:
     max_clips_per_video: int = 0
     rank: int = 0
     world_size: int = 1
+    encoders: dict = field(default_factory=dict)  # identity of the VAE / text encoder (see encoder_identity)
+
+    def settings(self) -> dict:
+        """Everything that changes a shard's content; a resumed run must match it."""
+        keys = ("captions", "fps", "clip_frames", "max_area", "patch", "inputs_per_shard", "max_clips_per_video")
+        return {**{k: getattr(self, k) for k in keys}, "encoders": self.encoders}
+
+
+def file_identity(path: str) -> str:
+    """sha256 of a weights file, or of a directory's config.json plus its file names and sizes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    target = Path(path)
+    if target.is_file():
+        with target.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    else:
+        for f in sorted(target.rglob("*")):
+            if f.is_file():
+                digest.update(f"{f.relative_to(target)}:{f.stat().st_size}".encode())
+                if f.name == "config.json":
+                    digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def encoder_identity(vae_path: str, seed: int, text_path: str, text_max_length: int) -> dict:
+    vae = f"{vae_path}@{file_identity(vae_path)}" if vae_path else f"random-init(seed={seed})"
+    return {"vae": vae, "text": f"{text_path}@{file_identity(text_path)}", "text_max_length": text_max_length}
 
 
 @dataclass
@@ -143,9 +173,19 @@ def process_shard(shard: int, paths: list[str], first_index: int, captions: dict
         for s, e, m in zip(samples, emb.numpy(), mask.numpy()):
             s.text_emb, s.text_mask = e, m
     # An all-failed shard still gets an (empty) index so a resumed run does not retry it forever.
-    write_shard(spec.out, shard, samples, extra={"inputs": paths, "failures": report.failures[failed_before:]})
+    write_shard(spec.out, shard, samples, extra={"inputs": paths, "failures": report.failures[failed_before:],
+                                                 "settings": spec.settings()})
     report.clips += len(samples)
     report.shards_written += 1
+
+
+def check_resumable(index_file: Path, spec: PreprocessSpec) -> None:
+    """Skipping a finished shard is only right if it was made exactly as this run would make it."""
+    previous = json.loads(index_file.read_text()).get("settings")
+    if previous != json.loads(json.dumps(spec.settings())):
+        raise RuntimeError(f"{index_file} was written with other settings ({previous}) than this run "
+                           f"({spec.settings()}): a resumed run would mix them. Use a new --out, or delete "
+                           f"{index_file.parent} to start over.")
 
 
 def dataset_totals(out: Path) -> dict:
@@ -173,6 +213,7 @@ def run_preprocess(spec: PreprocessSpec, vae, text_encoder) -> Report:
     for shard in shards:
         paths = inputs[shard * n:(shard + 1) * n]
         if (out / f"{shard_name(shard)}.json").is_file():
+            check_resumable(out / f"{shard_name(shard)}.json", spec)
             report.shards_skipped += 1  # finished by an earlier run
         else:
             process_shard(shard, paths, shard * n, captions, spec, vae, text_encoder, report)
@@ -226,7 +267,6 @@ def register(subparsers) -> None:
     p.add_argument("--inputs-per-shard", type=int, default=8, help="input files per shard (default 8)")
     p.add_argument("--max-clips-per-video", type=int, default=0, help="0 = cut every full clip")
     p.add_argument("--device", default="cpu", help="device for the VAE and text encoder (cpu, cuda)")
-    p.add_argument("--log-level", default="INFO", help="logging level")
     p.set_defaults(func=main)
 
 
@@ -235,7 +275,6 @@ def main(args: argparse.Namespace) -> int:
     from megasora.models.text import TextEncoder
     from megasora.models.vae import vae_from_config
 
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config(args.config, args.overrides)
     out = args.out or cfg.data.shards
     inputs = args.inputs or cfg.data.inputs
@@ -248,10 +287,12 @@ def main(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.train.seed)
     vae = vae_from_config(cfg.vae).to(args.device)
     text = TextEncoder(cfg.text.path or None, cfg.text.max_length, args.device)
+    encoders = encoder_identity(cfg.vae.path, cfg.train.seed, text.path, cfg.text.max_length)
     spec = PreprocessSpec(inputs=list(inputs), out=out, captions=args.captions or cfg.data.captions,
                           fps=cfg.data.fps, clip_frames=cfg.data.clip_frames, max_area=cfg.data.max_area,
                           patch=math.lcm(*cfg.model.patch[1:]), inputs_per_shard=args.inputs_per_shard,
-                          max_clips_per_video=args.max_clips_per_video, rank=rank, world_size=world)
+                          max_clips_per_video=args.max_clips_per_video, rank=rank, world_size=world,
+                          encoders=encoders)
     report = run_preprocess(spec, vae, text)
     print(json.dumps({k: v for k, v in report.as_dict().items() if k != "failures"}))
     return 0
