@@ -75,7 +75,7 @@ def wait_done(job_id: str, env: dict[str, str], timeout: float = 600) -> dict[st
 
 
 def submit(env: dict[str, str], run_dir: Path, *args: str) -> str:
-    proc = run([sys.executable, "-m", "megasora", "submit", "--config", str(TINY), "--time", "00:10:00",
+    proc = run([sys.executable, "-m", "megasora", "submit", "--config", str(TINY), "--time", "01:00:00",
                 "--set", f"run.dir={run_dir}", *args], env)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip()
