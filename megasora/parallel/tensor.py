@@ -109,7 +109,9 @@ def tp_partition_dims(model: DiT) -> dict[str, int]:
     row-parallel bias is absent because it is replicated.
     """
     dims = {}
-    for i in range(len(model.blocks)):
+    if not hasattr(model, "blocks"):  # not a DiT (e.g. the VideoVAE of train-vae): nothing is tp-split
+        return dims
+    for i, _ in model.blocks.named_children():  # the global block index, also on a pipeline stage
         for sublayer, (column, row) in TP_PLAN.items():
             for name in column:
                 dims[f"blocks.{i}.{sublayer}.{name}.weight"] = 0

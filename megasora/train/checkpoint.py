@@ -212,7 +212,9 @@ def read_model_weights(root: Path, tag: str | None = None, ema: bool = True
     if ema and saved.get("ema") is not None:
         return saved["ema"], cfg, True  # saved full (gathered over tp) by the trainer
     layout = info.layout
-    if layout.get("tp", 1) == 1 and layout.get("zero_stage", 0) < 3 and saved.get("module") is not None:
+    # With pp > 1 each mp_rank file holds one stage's module: consolidate through universal instead.
+    if (layout.get("tp", 1) == 1 and layout.get("pp", 1) == 1 and layout.get("zero_stage", 0) < 3
+            and saved.get("module") is not None):
         return {k: v.float() for k, v in saved["module"].items()}, cfg, False
     return _weights_via_universal(info), cfg, False
 

@@ -235,10 +235,12 @@ class TrainingLoop:
                 f.write(json.dumps({"step": step, "ids": [i for r in per_rank for i in r]}) + "\n")
 
     def save(self, step: int, samples: int) -> None:
+        self.manager.save(self.engine, step, samples, self.client_state(step, samples))
+
+    def client_state(self, step: int, samples: int) -> dict[str, Any]:
         ema = None
         if self.ema is not None:  # stored full (unsharded over tp) so any layout can load it
             ema = gather_full_state(self.ema.state_dict(), self.engine.module, self.parallel.tp_group)
-        client = {"step": step, "samples": samples, "config": self.cfg.to_dict(), "ema": ema,
-                  "rng": checkpoint.rng_state(),
-                  "universal_checkpoint_info": universal_checkpoint_info(self.engine.module)}
-        self.manager.save(self.engine, step, samples, client)
+        return {"step": step, "samples": samples, "config": self.cfg.to_dict(), "ema": ema,
+                "rng": checkpoint.rng_state(),
+                "universal_checkpoint_info": universal_checkpoint_info(self.engine.module)}
