@@ -10,4 +10,7 @@ if [ -x "$REPO/slurm/testing/install.sh" ]; then bash "$REPO/slurm/testing/insta
 cd "$REPO"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1
 export MEGASORA_CACHE="${MEGASORA_CACHE:-$REPO/.cache}"
+# DeepSpeed JIT-builds its CPU comm op; a cache private to this checkout stops other venvs'
+# builds from invalidating it (each rebuild stalls every multi-process test for a minute).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}"
 exec python -m pytest tests "$@"
