@@ -13,4 +13,4 @@ export MEGASORA_CACHE="${MEGASORA_CACHE:-$REPO/.cache}"
 # DeepSpeed JIT-builds its CPU comm op; a cache private to this checkout stops other venvs'
 # builds from invalidating it (each rebuild stalls every multi-process test for a minute).
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}"
-exec python -m pytest tests "$@"
+exec python -m pytest "$@"   # pytest.ini: testpaths = tests
