@@ -26,7 +26,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -c "import torch" 2>/dev/null || {
   echo "[bootstrap] pip install $TORCH_SPEC"
-  "$VENV/bin/pip" install -q "$TORCH_SPEC"
+  "$VENV/bin/pip" install -q "$TORCH_SPEC" numpy
 }
 
 # Reinstall the package only when its metadata or native sources changed.
