@@ -24,7 +24,15 @@ class SyntheticVideos:
                 "text_emb": text_emb, "text_mask": text_mask}
 
 
-def build_stream(cfg: Config, dp_rank: int, dp_size: int) -> SampleStream:
+def build_stream(cfg: Config, dp_rank: int, dp_size: int) -> "SampleStream | ShardStream":
+    if cfg.data.kind == "shards":  # preprocessed real data: bucketed micro-batches (data/shard_stream.py)
+        from megasora.data.shard_stream import build_shard_stream
+        return build_shard_stream(cfg, dp_rank, dp_size)
+    if cfg.data.kind == "clips":  # pixels for train-vae (data/clips.py)
+        from megasora.data.clips import build_clip_source
+        load = build_clip_source(cfg)
+        return SampleStream(load, len(load), cfg.train.seed, cfg.train.micro_batch_size,
+                            cfg.train.grad_accum, dp_rank, dp_size)
     if cfg.data.kind == "synthetic":
         load, num_samples = SyntheticVideos(cfg), cfg.data.num_samples
     else:
