@@ -168,6 +168,8 @@ class TrainingLoop:
                 stats = self.train_step(batch.micro_batches, step)
                 step, samples = step + 1, batch.samples_after
                 result.losses[step], result.final_step, result.samples = stats["loss"], step, samples
+                if hasattr(stream, "stats"):  # shard streams count corrupt / substituted samples
+                    stats.update(stream.stats())
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     metrics.log(step, {**stats, "samples": samples})
                 if cfg.run.record_sample_ids:
