@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megasora.train.preemption import process_flag
+    process_flag().install()  # before heavy imports: early SIGUSR1/SIGTERM still save cleanly
     from megasora.config import load_config
     cfg = load_config(args.config, args.overrides)
     from megasora.train.vae import train_vae

@@ -18,9 +18,13 @@ class PreemptionFlag:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._installed = False
         self.signal_name: str | None = None
 
     def install(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+        if self._installed:
+            return
+        self._installed = True
         for sig in signals:
             signal.signal(sig, self._handle)
 
@@ -31,3 +35,12 @@ class PreemptionFlag:
     @property
     def requested(self) -> bool:
         return self._event.is_set()
+
+
+_PROCESS_FLAG = PreemptionFlag()
+
+
+def process_flag() -> PreemptionFlag:
+    """Signals are process-wide, and so is this flag. Training commands install it first thing,
+    so a signal that arrives during start-up (imports, rendezvous) still ends in a clean save."""
+    return _PROCESS_FLAG

@@ -28,7 +28,7 @@ from megasora.train.engine import build_engine
 from megasora.train.flops import dit_train_flops
 from megasora.train.metrics import MetricsLogger
 from megasora.train.objective import FlowMatchingObjective
-from megasora.train.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
+from megasora.train.preemption import PREEMPTED_EXIT_CODE, process_flag
 from megasora.train.universal import gather_full_state, shard_full_state, universal_checkpoint_info
 
 log = logging.getLogger("megasora")
@@ -152,7 +152,7 @@ class TrainingLoop:
         self.objective = FlowMatchingObjective(cfg)
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.arch = dit_arch(cfg)
-        self.preemption = PreemptionFlag()
+        self.preemption = process_flag()
 
     def run(self, step: int, samples: int) -> TrainResult:
         cfg = self.cfg
