@@ -16,12 +16,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a spacetime DiT (rectified flow) with DeepSpeed",
                               description=__doc__, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML preset, e.g. configs/tiny.yaml")
+    add_training_arguments(p, "configs/tiny.yaml")
+    p.set_defaults(func=run)
+
+
+def add_training_arguments(p: argparse.ArgumentParser, example_config: str) -> None:
+    """--config / --set / --resume, shared by every training command."""
+    p.add_argument("--config", required=True, help=f"YAML preset, e.g. {example_config}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=100 (repeatable; keys in docs/config.md)")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
-                   help="`auto`: continue from the newest checkpoint in run.dir if any; or a checkpoint path")
-    p.set_defaults(func=run)
+                   help="`auto`: continue from the newest complete checkpoint in run.dir if any; or a "
+                        "checkpoint path. A different parallel layout or node count is resharded automatically")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,11 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train-vae", help="train the causal video VAE on real clips (reconstruction + KL)",
                               description=__doc__, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML preset, e.g. configs/quickstart.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.steps=100 (repeatable; keys in docs/config.md)")
-    p.add_argument("--resume", default=None, metavar="auto|PATH",
-                   help="`auto`: continue from the newest checkpoint in run.dir if any; or a checkpoint path")
+    from megasora.commands.train import add_training_arguments
+    add_training_arguments(p, "configs/quickstart-vae.yaml")
     p.set_defaults(func=run)
 
 

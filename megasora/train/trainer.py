@@ -98,6 +98,21 @@ def prepare_resume(resume: str | None, ckpt_dir: Path, layout: dict[str, int], i
     return info, True
 
 
+def restore(engine: Any, ema: EMA | None, resume_from: checkpoint.CheckpointInfo | None, reshard: bool,
+            tp_group: Any = None) -> tuple[int, int]:
+    """Load engine (+ EMA) state from a checkpoint; returns (step, global samples seen)."""
+    if resume_from is None:
+        return 0, 0
+    tag = f"{resume_from.tag}.universal" if reshard else resume_from.tag
+    _, client = engine.load_checkpoint(str(resume_from.root), tag=tag)
+    if client is None:
+        raise checkpoint.CheckpointError(f"DeepSpeed could not load {resume_from.root / tag}")
+    if ema is not None and client.get("ema") is not None:
+        ema.load_state_dict(shard_full_state(client["ema"], engine.module, tp_group))
+    log.info("resumed from %s at step %d (%d samples seen)", resume_from.path, client["step"], client["samples"])
+    return client["step"], client["samples"]
+
+
 def train(cfg: Config, resume: str | None = None) -> TrainResult:
     env = discover()
     layout = check_layout(cfg, env.world_size)  # fails here, before any process group exists
@@ -121,16 +136,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     ema = EMA(engine.module, cfg.train.ema_decay, cfg.train.zero_stage) if cfg.train.ema_decay > 0 else None
     manager = checkpoint.CheckpointManager(ckpt_dir, record, cfg.train.keep_last, cfg.train.keep_every)
 
-    step, samples = 0, 0
-    if resume_from is not None:
-        tag = f"{resume_from.tag}.universal" if reshard else resume_from.tag
-        _, client = engine.load_checkpoint(str(resume_from.root), tag=tag)
-        if client is None:
-            raise checkpoint.CheckpointError(f"DeepSpeed could not load {resume_from.root / tag}")
-        step, samples = client["step"], client["samples"]
-        if ema is not None and client.get("ema") is not None:
-            ema.load_state_dict(shard_full_state(client["ema"], engine.module, parallel.tp_group))
-        log.info("resumed from %s at step %d (%d samples seen)", resume_from.path, step, samples)
+    step, samples = restore(engine, ema, resume_from, reshard, parallel.tp_group)
 
     loop_type = TrainingLoop
     if cfg.parallel.pp > 1:

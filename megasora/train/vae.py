@@ -23,7 +23,8 @@ from megasora.train import checkpoint
 from megasora.train.distributed import device_for, init_distributed
 from megasora.train.ema import EMA, _gathered
 from megasora.train.engine import build_engine
-from megasora.train.trainer import DataParallel, TrainingLoop, TrainResult, peak_memory_bytes, prepare_resume
+from megasora.train.trainer import (DataParallel, TrainingLoop, TrainResult, peak_memory_bytes, prepare_resume,
+                                    restore)
 
 log = logging.getLogger("megasora")
 
@@ -146,16 +147,7 @@ def train_vae(cfg: Config, resume: str | None = None) -> TrainResult:
     engine = build_engine(cfg, model.to(device), parallel.size, load_universal=reshard)
     ema = EMA(engine.module, cfg.train.ema_decay, cfg.train.zero_stage) if cfg.train.ema_decay > 0 else None
     manager = checkpoint.CheckpointManager(ckpt_dir, record, cfg.train.keep_last, cfg.train.keep_every)
-    step, samples = 0, 0
-    if resume_from is not None:
-        tag = f"{resume_from.tag}.universal" if reshard else resume_from.tag
-        _, client = engine.load_checkpoint(str(resume_from.root), tag=tag)
-        if client is None:
-            raise checkpoint.CheckpointError(f"DeepSpeed could not load {resume_from.root / tag}")
-        step, samples = client["step"], client["samples"]
-        if ema is not None and client.get("ema") is not None:
-            ema.load_state_dict(client["ema"])
-        log.info("resumed from %s at step %d (%d samples seen)", resume_from.path, step, samples)
+    step, samples = restore(engine, ema, resume_from, reshard)
 
     loop = VAETrainingLoop(cfg, engine, ema, parallel, device, env.rank == 0, manager)
     result = loop.run(step, samples)
