@@ -153,7 +153,10 @@ def test_slurm_port_is_deterministic_and_safe() -> None:
 
 def test_export_torch_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        # setenv first: monkeypatch only restores (here: removes again) keys it has recorded,
+        # and delenv of an absent key records nothing, which leaked RANK=1 into later tests.
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
     export_torch_env(DistEnv(1, 2, 1, 2, "127.0.0.1", 23456, "slurm"))
     assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")] == ["1", "2", "1", "23456"]
 
