@@ -14,3 +14,21 @@ os.environ.setdefault("MEGASORA_CACHE", str(REPO / ".cache"))
 @pytest.fixture
 def tiny_config_path() -> Path:
     return REPO / "configs" / "tiny.yaml"
+
+
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_launch_env():
+    """A test that sets rank variables in this process would make every later `megasora` subprocess
+    think it is one rank of a job and wait for its peers; fail the leaking test instead."""
+    before = {k: os.environ.get(k) for k in LAUNCH_ENV}
+    yield
+    after = {k: os.environ.get(k) for k in LAUNCH_ENV}
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    assert after == before, f"test leaked launcher environment: {after}"
