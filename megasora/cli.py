@@ -45,11 +45,15 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from megasora.config import ConfigError
+    from megasora.parallel.mesh import LayoutError
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
         code = args.func(args)
     except ConfigError as err:
         print(f"megasora: config error: {err}", file=sys.stderr)
+        code = 2
+    except LayoutError as err:  # raised before any process group exists
+        print(f"megasora: parallel layout error: {err}", file=sys.stderr)
         code = 2
     sys.exit(code or 0)

@@ -1,6 +1,7 @@
 """Config loading, overrides, validation messages and the generated reference."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,20 @@ def test_cli_reports_one_clear_line_and_starts_nothing() -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("megasora: config error: model.hidden=64")
     assert "init_distributed" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("parallel.tp=3", "world size 1 is not divisible by parallel.tp=3"),
+    ("parallel.ring=2", "world size 1 is not divisible by parallel.tp=1 * parallel.ulysses=1 * parallel.ring=2"),
+])
+def test_cli_rejects_a_layout_the_world_cannot_hold(override: str, message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "megasora", "train", "--config", str(TINY), "--set", override],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("megasora: parallel layout error:") and message in last, last
+    assert "Traceback" not in proc.stderr
 
 
 def test_docs_reference_is_in_sync() -> None:

@@ -67,6 +67,15 @@ def test_world_not_divisible_by_layout_names_valid_node_counts() -> None:
     assert any("dp 2 x tp 2 x ulysses 2" in n for n in notes)
 
 
+def test_model_dependent_layout_errors_surface_at_submit_time() -> None:
+    cfg = load_config(TINY, ["model.heads=2", "parallel.tp=2", "parallel.ulysses=2"])
+    with pytest.raises(SubmitError, match=r"model.heads=2 is not divisible by parallel.tp\*parallel.ulysses"):
+        check_layout(spec(nodes=2), cfg)
+    cfg = load_config(TINY, ["parallel.ring=2", "train.zero_stage=3"])
+    with pytest.raises(SubmitError, match="train.zero_stage=3 with sequence parallelism"):
+        check_layout(spec(nodes=2), cfg)
+
+
 def test_tp_across_nodes_is_a_warning() -> None:
     cfg = load_config(TINY, ["parallel.tp=4"])
     notes = check_layout(spec(nodes=2, tasks_per_node=2), cfg)

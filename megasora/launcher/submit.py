@@ -79,6 +79,11 @@ def check_layout(spec: JobSpec, cfg: Config) -> list[str]:
             f"not divisible by the model-parallel size {layout}; with {spec.tasks_per_node} "
             f"tasks per node use a multiple of {step} nodes (e.g. --nodes {step * max(1, spec.nodes // step)})"
             f" or change parallel.* in the config")
+    from megasora.parallel.mesh import LayoutError, validate_config_layout
+    try:  # the model-dependent checks the trainer would make at start-up (heads, widths, ZeRO-3 x sp)
+        validate_config_layout(cfg, spec.world_size)
+    except LayoutError as err:
+        raise SubmitError(str(err)) from err
     warnings = []
     if p.tp > spec.tasks_per_node:
         warnings.append(f"parallel.tp={p.tp} exceeds the {spec.tasks_per_node} tasks per node: "

@@ -170,6 +170,17 @@ class Mesh:
         return self.ranks[name].index(self.rank)
 
 
+def validate_config_layout(cfg: Any, world_size: int) -> ParallelLayout:
+    """Every layout check for a config at a world size, with no process group: used by the
+    trainer before start-up and by `megasora submit` before anything is queued."""
+    layout = ParallelLayout.from_config(cfg.parallel, world_size)
+    m = cfg.model
+    layout.validate(world_size, heads=m.heads, hidden=m.hidden, mlp_hidden=int(m.hidden * m.mlp_ratio),
+                    depth=m.depth)
+    layout.validate_zero_stage(cfg.train.zero_stage)
+    return layout
+
+
 def build_mesh(layout: ParallelLayout, rank: Optional[int] = None) -> Mesh:
     """Create all groups of `layout` (torch.distributed must be initialised, world matching).
 

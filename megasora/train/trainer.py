@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megasora.config import Config, save_config
 from megasora.data.sources import build_stream
 from megasora.models import build_dit, dit_arch
+from megasora.parallel.mesh import validate_config_layout
 from megasora.train import checkpoint
 from megasora.launcher.env import discover
 from megasora.train.distributed import device_for, init_distributed
@@ -66,16 +67,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def check_layout(cfg: Config, world_size: int) -> Any:
-    """Reject an impossible layout from the config and world size alone, before any process group."""
-    from megasora.parallel.mesh import ParallelLayout
-    layout = ParallelLayout.from_config(cfg.parallel, world_size)
-    m = cfg.model
-    layout.validate(world_size, heads=m.heads, hidden=m.hidden, mlp_hidden=int(m.hidden * m.mlp_ratio),
-                    depth=m.depth)
-    return layout
-
-
 def layout_record(cfg: Config, layout: Any, world_size: int) -> dict[str, int]:
     """What a checkpoint remembers of how it was sharded; a mismatch on resume triggers resharding."""
     return {"world_size": world_size, "dp": layout.dp, "tp": layout.tp, "ulysses": layout.ulysses,
@@ -115,7 +106,7 @@ def restore(engine: Any, ema: EMA | None, resume_from: checkpoint.CheckpointInfo
 
 def train(cfg: Config, resume: str | None = None) -> TrainResult:
     env = discover()
-    layout = check_layout(cfg, env.world_size)  # fails here, before any process group exists
+    layout = validate_config_layout(cfg, env.world_size)  # fails here, before any process group exists
     env = init_distributed()
     device = device_for(env)
     run_dir = Path(cfg.run.dir)
