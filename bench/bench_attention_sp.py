@@ -84,10 +84,9 @@ def step(rank: int, world: int, port: int, out_dir: str, tokens: list[int], u: i
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     attention = local_attention
-    chunk_index = 0
     if world > 1:
         mesh = build_mesh(ParallelLayout(ulysses=u, ring=r))
-        attention, chunk_index = sequence_attention(mesh), mesh.rank_in("sp")
+        attention = sequence_attention(mesh)
         instrument()
     rows = []
     for n in [256 * world] + tokens:  # the first, small step pays one-off library/allocator set-up

@@ -6,7 +6,6 @@ config fails in milliseconds with one message naming the key, never after a clus
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megasora.config import Config
+
 log = logging.getLogger("megasora")
 
 
@@ -34,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_sampling_model(args: argparse.Namespace) -> tuple[torch.nn.Module, "Config", Path]:
+def load_sampling_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Config, Path]:
     """The DiT and its config from a run's checkpoint or an exported safetensors file."""
     from megasora.commands.ckpt import checkpoints_root
     from megasora.config import config_from_dict
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def decode_latents(cfg: "Config", latents: torch.Tensor, upscale: int) -> tuple[torch.Tensor, int]:
+def decode_latents(cfg: Config, latents: torch.Tensor, upscale: int) -> tuple[torch.Tensor, int]:
     """Latents -> pixels in [-1, 1]: through the configured VAE, or as-is for pixel-space (synthetic) runs."""
     if not cfg.vae.path:
         return latents, upscale

@@ -1,6 +1,8 @@
 """Build the configured data source as a per-rank SampleStream."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -24,7 +26,7 @@ class SyntheticVideos:
                 "text_emb": text_emb, "text_mask": text_mask}
 
 
-def build_stream(cfg: Config, dp_rank: int, dp_size: int) -> "SampleStream | ShardStream":
+def build_stream(cfg: Config, dp_rank: int, dp_size: int) -> Any:
     if cfg.data.kind == "shards":  # preprocessed real data: bucketed micro-batches (data/shard_stream.py)
         from megasora.data.shard_stream import build_shard_stream
         return build_shard_stream(cfg, dp_rank, dp_size)
