@@ -31,8 +31,7 @@ from megasora.models.dit import DiT
 from megasora.parallel.mesh import Mesh
 from megasora.parallel.pipeline import DiTStage, build_stage
 from megasora.parallel.pipeline_schedule import StageFunctions, StageLink, one_f_one_b, run_schedule
-from megasora.train.flops import dit_train_flops
-from megasora.train.trainer import TrainingLoop, peak_memory_bytes
+from megasora.train.trainer import TrainingLoop
 
 
 def pipeline_stage(cfg: Config, model: DiT, mesh: Mesh) -> DiTStage:
@@ -135,21 +134,5 @@ class PipelineTrainingLoop(TrainingLoop):
 
     def step_stats(self, loss: float, micro_batches: list[dict[str, Any]], elapsed: float,
                    bubble: float) -> dict[str, float]:
-        """The same metrics as TrainingLoop.train_step, plus this stage's measured idle fraction."""
-        global_samples = sum(m["latents"].shape[0] for m in micro_batches) * self.parallel.size
-        global_tokens = sum(self.objective.tokens_per_sample(m) * m["latents"].shape[0]
-                            for m in micro_batches) * self.parallel.size
-        text_len = micro_batches[0]["text_emb"].shape[1]
-        flops = dit_train_flops(self.arch, global_tokens // global_samples, text_len) * global_samples
-        grad_norm = self.engine.get_global_grad_norm()
-        return {
-            "loss": loss,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": float(self.engine.get_lr()[0]),
-            "samples_per_s": global_samples / elapsed,
-            "tokens_per_s": global_tokens / elapsed,
-            "flops_per_s": flops / elapsed,
-            "mem_bytes": peak_memory_bytes(self.device),
-            "step_time_s": elapsed,
-            "pp_bubble": bubble,
-        }
+        """The same metrics as TrainingLoop, plus this stage's measured idle fraction."""
+        return {**super().step_stats(loss, micro_batches, elapsed), "pp_bubble": bubble}

@@ -89,6 +89,17 @@ def prepare_resume(resume: str | None, ckpt_dir: Path, layout: dict[str, int], i
     return info, True
 
 
+def open_run(cfg: Config, rank: int, record: dict[str, int], resume: str | None
+             ) -> tuple[Path, checkpoint.CheckpointInfo | None, bool]:
+    """Create the run directory with its resolved config; find what to resume and whether to reshard."""
+    run_dir = Path(cfg.run.dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    return (ckpt_dir, *prepare_resume(resume, ckpt_dir, record, rank == 0))
+
+
 def restore(engine: Any, ema: EMA | None, resume_from: checkpoint.CheckpointInfo | None, reshard: bool,
             tp_group: Any = None) -> tuple[int, int]:
     """Load engine (+ EMA) state from a checkpoint; returns (step, global samples seen)."""
@@ -109,13 +120,8 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     layout = validate_config_layout(cfg, env.world_size)  # fails here, before any process group exists
     env = init_distributed()
     device = device_for(env)
-    run_dir = Path(cfg.run.dir)
-    ckpt_dir = run_dir / "checkpoints"
-    if env.rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     record = layout_record(cfg, layout, env.world_size)
-    resume_from, reshard = prepare_resume(resume, ckpt_dir, record, env.rank == 0)
+    ckpt_dir, resume_from, reshard = open_run(cfg, env.rank, record, resume)
 
     torch.manual_seed(cfg.train.seed)  # identical init on every rank; parallelize slices it
     model = build_dit(cfg)
@@ -196,26 +202,28 @@ class TrainingLoop:
     def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:
         start = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64)
-        tokens = 0
         for micro in micro_batches:
             loss = self.objective(self.engine, micro, step, self.dtype, self.device)
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach().double().cpu()
-            tokens += self.objective.tokens_per_sample(micro) * micro["latents"].shape[0]
         if self.ema is not None:
             self.ema.update(self.engine.module, step)
         loss_mean = loss_sum / len(micro_batches)
         dist.all_reduce(loss_mean, group=self.parallel.group)
         loss_mean /= self.parallel.size
-        elapsed = time.perf_counter() - start
+        return self.step_stats(float(loss_mean), micro_batches, time.perf_counter() - start)
+
+    def step_stats(self, loss: float, micro_batches: list[dict[str, Any]], elapsed: float) -> dict[str, float]:
+        """The per-step metrics of metrics.jsonl: throughput and FLOP/s over the global batch."""
         global_samples = sum(m["latents"].shape[0] for m in micro_batches) * self.parallel.size
-        global_tokens = tokens * self.parallel.size
+        global_tokens = sum(self.objective.tokens_per_sample(m) * m["latents"].shape[0]
+                            for m in micro_batches) * self.parallel.size
         text_len = micro_batches[0]["text_emb"].shape[1]
         flops = dit_train_flops(self.arch, global_tokens // global_samples, text_len) * global_samples
         grad_norm = self.engine.get_global_grad_norm()
         return {
-            "loss": float(loss_mean),
+            "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": float(self.engine.get_lr()[0]),
             "samples_per_s": global_samples / elapsed,

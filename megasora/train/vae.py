@@ -17,14 +17,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megasora.config import Config, save_config
+from megasora.config import Config
 from megasora.models.vae import VideoVAE, arch_from_config, kl_divergence, save_vae
 from megasora.train import checkpoint
 from megasora.train.distributed import device_for, init_distributed
 from megasora.train.ema import EMA, _gathered
 from megasora.train.engine import build_engine
-from megasora.train.trainer import (DataParallel, TrainingLoop, TrainResult, peak_memory_bytes, prepare_resume,
-                                    restore)
+from megasora.parallel.mesh import ParallelLayout
+from megasora.train.trainer import (DataParallel, TrainingLoop, TrainResult, layout_record, open_run,
+                                    peak_memory_bytes, restore)
 
 log = logging.getLogger("megasora")
 
@@ -132,14 +133,8 @@ def train_vae(cfg: Config, resume: str | None = None) -> TrainResult:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, kind="clips"))
     env = init_distributed()
     device = device_for(env)
-    run_dir = Path(cfg.run.dir)
-    ckpt_dir = run_dir / "checkpoints"
-    if env.rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    record = {"world_size": env.world_size, "dp": env.world_size, "tp": 1, "ulysses": 1, "ring": 1, "pp": 1,
-              "zero_stage": cfg.train.zero_stage}
-    resume_from, reshard = prepare_resume(resume, ckpt_dir, record, env.rank == 0)
+    record = layout_record(cfg, ParallelLayout.from_config(cfg.parallel, env.world_size), env.world_size)
+    ckpt_dir, resume_from, reshard = open_run(cfg, env.rank, record, resume)
 
     torch.manual_seed(cfg.train.seed)
     model = VideoVAE(arch_from_config(cfg.vae))
@@ -158,5 +153,5 @@ def train_vae(cfg: Config, resume: str | None = None) -> TrainResult:
 
             d = cfg.data
             clips = decode_all_clips(list(d.inputs), d.fps, d.clip_frames, d.max_area, multiple=8)
-            export_vae(state, cfg, clips, run_dir / "vae.safetensors")
+            export_vae(state, cfg, clips, Path(cfg.run.dir) / "vae.safetensors")
     return result
