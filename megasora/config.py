@@ -133,6 +133,14 @@ class TrainConfig:
     betas: list[float] = _help("AdamW betas.", default_factory=lambda: [0.9, 0.999])
     grad_clip: float = _help("Clip the global gradient norm to this value (0 = off).", default=1.0)
     zero_stage: int = _help("DeepSpeed ZeRO stage 0, 1, 2 or 3.", default=2)
+    activation_checkpointing: str = _help(
+        "Recompute activations in backward to save memory: `none`, `full` (keep only each checkpointed "
+        "block's input, re-run the whole block, including its ring/Ulysses communication) or `selective` "
+        "(also keep the self-attention output and its log-sum-exp, so attention and its communication are "
+        "not re-run; recompute norms, modulation, projections, MLP, cross-attention). docs/parallelism.md.",
+        default="none")
+    ac_every: int = _help("With activation_checkpointing: checkpoint only the blocks whose global index is a "
+                          "multiple of this (1 = every block, 2 = blocks 0, 2, 4, ...).", default=1)
     ema_decay: float = _help("EMA decay of the weights kept for sampling (0 = no EMA).", default=0.999)
     log_every: int = _help("Write metrics every N steps.", default=1)
     save_every: int = _help("Save a checkpoint every N steps (0 = only at the end).", default=0)
@@ -287,6 +295,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # ---------------------------------------------------------------- validation
 
 
+AC_MODES = ("none", "full", "selective")  # train.activation_checkpointing
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -314,6 +325,9 @@ def validate(cfg: Config) -> None:
     _require(m.kernels in ("auto", "fused", "torch"), f"model.kernels={m.kernels!r} must be auto, fused or torch")
     _require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
     _require(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+    _require(t.activation_checkpointing in AC_MODES,
+             f"train.activation_checkpointing={t.activation_checkpointing!r} must be one of: {', '.join(AC_MODES)}")
+    _require(t.ac_every >= 1, f"train.ac_every={t.ac_every} must be >= 1 (checkpoint every k-th block)")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _require(t.steps >= 1, f"train.steps={t.steps} must be >= 1")

@@ -23,7 +23,11 @@ def test_tiny_preset_and_overrides() -> None:
 @pytest.mark.parametrize("override,message", [
     ("model.heads=5", "model.hidden=64 is not divisible by model.heads=5"),
     ("data.height=15", "data.height=15 is not divisible by the patch size 2"),
-    ("train.nonsense=1", "unknown config key `train.nonsense`; valid keys in `train`: betas"),
+    ("train.nonsense=1", "unknown config key `train.nonsense`; valid keys in `train`: ac_every, "
+                         "activation_checkpointing, betas"),
+    ("train.activation_checkpointing=some", "train.activation_checkpointing='some' must be one of: none, full, "
+                                            "selective"),
+    ("train.ac_every=0", "train.ac_every=0 must be >= 1"),
     ("nosection.x=1", "unknown config key `nosection`"),
     ("train.precision=fp8", "train.precision='fp8' must be fp32 or bf16"),
     ("train.zero_stage=4", "train.zero_stage=4 must be 0, 1, 2 or 3"),
