@@ -1,0 +1,1 @@
+"""Models of the system (plain functions, no process groups): communication, memory, step time."""

@@ -1,0 +1,243 @@
+"""Analytic communication volume of one optimizer step, per rank, per mesh axis and kind.
+
+Plain functions of a config, a layout and the token counts: no torch, no process group,
+microseconds to evaluate, so the planner, `megasora scale` and the tests can all call them.
+The counter in megasora/train/accounting.py measures the same quantity at the
+torch.distributed seam, and tests/test_accounting.py holds the two equal, byte for byte.
+
+What "bytes" means (the NCCL-tests "algorithm bytes" convention)
+----------------------------------------------------------------
+For a collective, the bytes of the full tensor the collective is about, as handed to it
+by this rank:
+
+    all_reduce       the buffer reduced (input = output size)
+    all_gather       the gathered OUTPUT (group size x this rank's piece)
+    reduce_scatter   the full INPUT (group size x this rank's piece of the result)
+    all_to_all       the input (= output) buffer
+    broadcast/reduce the buffer
+    p2p              the bytes this rank SENDS (a receive is counted at its sender)
+
+so the time of a bandwidth-bound collective over a group of P ranks with per-rank link
+bandwidth `bw` (bytes/s, one direction) is
+
+    time = bus_factor(kind, P) * bytes / bw        (see `bus_factor`, `transfer_seconds`)
+
+with the ring factors explicit: 2(P-1)/P for all_reduce, (P-1)/P for all_gather,
+reduce_scatter and all_to_all, 1 for p2p / broadcast / reduce. A group of one rank moves
+nothing and is left out.
+
+Axes. A collective is attributed to the mesh axes its group spans, counting only axes of
+size > 1: one axis gives its name (dp, tp, ulysses, ring, pp); a group spanning several
+(DeepSpeed's dp x sp gradient group when both are > 1, the world group) gives them joined
+by "+" in rank order, innermost first, e.g. "ulysses+dp". Its link is the slowest one those
+axes cross.
+
+Scope: the collectives issued inside the training step (forward, backward, optimizer step
+and the logged-loss averaging); the loop's bookkeeping (preemption flag, sample-id audit,
+checkpoints) is not part of a step. Assumptions: the sequence length N is what the ranks
+exchange (padded to a multiple of tp*ulysses*ring if it isn't one), caption length is
+`text_tokens`, timesteps are per sample (`per_token_timesteps=False`: cond is one token;
+conditioning frames make it per token). Padding masks (a uint8 row per Ulysses gather, a
+bias row per ring hop) are not modelled.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+AXES = ("tp", "ulysses", "ring", "dp", "pp")  # rank order, innermost first (megasora/parallel/mesh.py)
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "reduce", "p2p")
+TIMESTEP_FREQ_DIM = 256  # models/embeddings.py TimestepEmbedder
+LOSS_BYTES = 8           # the logged loss travels as one float64
+NORM_BYTES = 4           # DeepSpeed's global gradient norm: one fp32 scalar
+
+Volume = dict[str, dict[str, int]]  # axis -> kind -> bytes
+
+
+def bus_factor(kind: str, group_size: int) -> float:
+    """Bytes on the busiest link per byte of `bytes` (ring algorithms; NCCL-tests 'busbw')."""
+    p = group_size
+    if p <= 1:
+        return 0.0
+    if kind == "all_reduce":
+        return 2.0 * (p - 1) / p
+    if kind in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (p - 1) / p
+    if kind in ("p2p", "broadcast", "reduce"):
+        return 1.0
+    raise ValueError(f"unknown collective kind {kind!r}; expected one of {KINDS}")
+
+
+def transfer_seconds(kind: str, nbytes: float, group_size: int, bandwidth: float, latency: float = 0.0) -> float:
+    """Bandwidth-bound time of one collective of `nbytes` (this module's convention) on links of
+    `bandwidth` bytes/s per rank and direction, plus a fixed `latency`."""
+    if group_size <= 1 or nbytes == 0:
+        return 0.0
+    return latency + bus_factor(kind, group_size) * nbytes / bandwidth
+
+
+def axis_name(axes: tuple[str, ...] | list[str], layout: Any) -> str | None:
+    """The name a group spanning `axes` is accounted under, or None if it has one rank."""
+    live = [a for a in AXES if a in axes and getattr(layout, a) > 1]
+    return "+".join(live) if live else None
+
+
+# ------------------------------------------------------------------ model shapes
+
+
+def stage_block_counts(depth: int, stages: int, boundaries: list[int] | None = None) -> list[int]:
+    """Blocks per pipeline stage: explicit boundaries, or the equal-cost split of
+    parallel/pipeline.py's balanced_boundaries (the later stages take the remainder)."""
+    if boundaries:
+        edges = [0] + list(boundaries) + [depth]
+        return [b - a for a, b in zip(edges[:-1], edges[1:])]
+    base, extra = divmod(depth, stages)
+    return [base + (1 if s >= stages - extra else 0) for s in range(stages)]
+
+
+def dit_param_counts(model: Any, text_dim: int, tp: int = 1) -> dict[str, int]:
+    """Parameters of the DiT's pieces on one tp rank (config.ModelConfig-like `model`).
+
+    Keys: `block` (one block's local parameters), `block_replicated` (those of them every tp
+    rank holds whole: norms, qk-norms, adaLN, row-parallel biases), `embed` (patch, timestep
+    and caption embedding, all replicated), `final` (replicated).
+    """
+    d, h = model.hidden, model.heads
+    mlp = int(d * model.mlp_ratio)
+    patch_in = model.in_channels * math.prod(model.patch)
+    qk = 2 * (d // h) if model.qk_norm else 0
+    column = 2 * (3 * (d * d + d)) + (d * mlp + mlp)             # q, k, v of both attentions; fc1
+    row_weights = 2 * d * d + mlp * d                          # out of both attentions; fc2
+    replicated = 2 * d + 2 * qk + 2 * d + d + (d * 6 * d + 6 * d)  # cross_norm, qk-norms, out biases, fc2 bias, adaLN
+    embed = (patch_in * d + d) + (TIMESTEP_FREQ_DIM * d + d + d * d + d) + (text_dim * d + d + d * d + d + text_dim)
+    final = (d * 2 * d + 2 * d) + (d * patch_in + patch_in)
+    return {"block": (column + row_weights) // tp + replicated, "block_replicated": replicated,
+            "embed": embed, "final": final}
+
+
+def stage_params(cfg: Any, layout: Any, stage: int) -> tuple[int, int]:
+    """(local parameters, tp-replicated parameters) of pipeline stage `stage` on one rank."""
+    counts = dit_param_counts(cfg.model, cfg.text.dim, layout.tp)
+    blocks = stage_block_counts(cfg.model.depth, layout.pp, cfg.parallel.pp_boundaries or None)[stage]
+    outer = (counts["embed"] if stage == 0 else 0) + (counts["final"] if stage == layout.pp - 1 else 0)
+    return blocks * counts["block"] + outer, blocks * counts["block_replicated"] + outer
+
+
+def checkpointed_blocks(cfg: Any, layout: Any, stage: int) -> int:
+    """Blocks of `stage` that activation checkpointing re-runs in backward (global index % ac_every == 0)."""
+    if getattr(cfg.train, "activation_checkpointing", "none") == "none":
+        return 0
+    every = max(1, getattr(cfg.train, "ac_every", 1))
+    counts = stage_block_counts(cfg.model.depth, layout.pp, cfg.parallel.pp_boundaries or None)
+    first = sum(counts[:stage])
+    return sum(1 for i in range(first, first + counts[stage]) if i % every == 0)
+
+
+# ------------------------------------------------------------------ the volume
+
+
+class _Tally:
+    def __init__(self, layout: Any) -> None:
+        self.layout = layout
+        self.volume: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def add(self, axes: tuple[str, ...], kind: str, nbytes: float) -> None:
+        name = axis_name(axes, self.layout)
+        if name is not None and nbytes:
+            self.volume[name][kind] += int(nbytes)
+
+    def result(self) -> Volume:
+        return {axis: dict(kinds) for axis, kinds in self.volume.items()}
+
+
+def comm_volume(cfg: Any, layout: Any, tokens_per_sample: int, text_tokens: int, *, stage: int = 0,
+                per_token_timesteps: bool = False) -> Volume:
+    """Bytes one rank (of pipeline stage `stage`) hands to each kind of collective on each axis
+    in one optimizer step: {axis: {kind: bytes}} (see the module docstring for the convention).
+
+    `cfg` is a config.Config (model, text, train, parallel), `layout` a ParallelLayout.
+    """
+    t = cfg.train
+    act = 2 if t.precision == "bf16" else 4       # activation / gradient element bytes
+    micro, b = t.grad_accum, t.micro_batch_size
+    d, shards = cfg.model.hidden, layout.tp * layout.sp
+    n = math.ceil(tokens_per_sample / shards) * shards     # tokens exchanged (padded)
+    blocks = stage_block_counts(cfg.model.depth, layout.pp, cfg.parallel.pp_boundaries or None)[stage]
+    recomputed = checkpointed_blocks(cfg, layout, stage)
+    full_ac = getattr(t, "activation_checkpointing", "none") == "full"
+    tally = _Tally(layout)
+
+    # Per micro-batch, per block: what its forward (f) and backward (b) pass exchange.
+    per_mb = _block_traffic(layout, b, n, d, act)
+    for kind_key, nbytes in per_mb.items():
+        axes, kind, when = kind_key
+        runs = blocks
+        if when == "fwd":  # recompute re-runs forward comm: tp always, sp only under full AC
+            runs += recomputed if (axes == ("tp",) or full_ac) else 0
+        tally.add(axes, kind, micro * runs * nbytes)
+
+    if stage == layout.pp - 1 and shards > 1:  # final layer output gathered over tp x sp for the loss
+        patch_out = cfg.model.in_channels * math.prod(cfg.model.patch)
+        tally.add(("tp", "ulysses", "ring"), "all_gather", micro * b * n * patch_out * act)
+
+    local, replicated = stage_params(cfg, layout, stage)
+    tally.add(("tp",), "all_reduce", micro * replicated * act)  # tp hooks sum replicated grads
+    _gradient_reduction(tally, t.zero_stage, local, act)
+    tally.add(("tp", "pp"), "all_reduce", NORM_BYTES)              # grad-norm over the mp group
+    if layout.pp > 1:
+        _pipeline_traffic(tally, layout, stage, micro, b, n // shards, 1 if not per_token_timesteps else n // shards,
+                          text_tokens, d, act)
+        tally.add(("pp",), "broadcast", LOSS_BYTES)                # the last stage's loss
+    tally.add(("dp",), "all_reduce", LOSS_BYTES)                   # logged loss averaged over dp
+    return tally.result()
+
+
+def _block_traffic(layout: Any, b: int, n: int, d: int, act: int) -> dict[tuple[tuple[str, ...], str, str], float]:
+    """{(axes, kind, fwd|bwd): bytes} of one block for one micro-batch of b samples of n tokens."""
+    out: dict[tuple[tuple[str, ...], str, str], float] = defaultdict(float)
+    attn_tokens = n // layout.sp  # tokens a rank's attention chunk holds (tp gathers its residual pieces)
+    if layout.tp > 1:
+        # 3 sublayers (cross-attn, self-attn, MLP): all-gather in, reduce-scatter out; adjoint in backward
+        chunk = b * attn_tokens * d * act
+        for when in ("fwd", "bwd"):
+            out[(("tp",), "all_gather", when)] += 3 * chunk
+            out[(("tp",), "reduce_scatter", when)] += 3 * chunk
+    heads_width = d // layout.tp  # this rank's heads after tp, times head dim
+    if layout.ulysses > 1:
+        # q, k, v in and out: 4 all-to-alls of the (B, H, N_ring, Dh) chunk, each way
+        qkvo = 4 * b * attn_tokens * heads_width * act
+        out[(("ulysses",), "all_to_all", "fwd")] += qkvo
+        out[(("ulysses",), "all_to_all", "bwd")] += qkvo
+    if layout.ring > 1:
+        r = layout.ring
+        ring_chunk = b * (n // r) * (heads_width // layout.ulysses)  # elements of K (or V): (B, H/U, N/R, Dh)
+        kv = 2 * ring_chunk * act
+        out[(("ring",), "p2p", "fwd")] += (r - 1) * kv
+        # backward: K/V travel again (r-1 hops) and fp32 dK/dV accumulators make r hops
+        out[(("ring",), "p2p", "bwd")] += (r - 1) * kv + r * 2 * ring_chunk * 4
+    return out
+
+
+def _gradient_reduction(tally: _Tally, zero_stage: int, local_params: int, act: int) -> None:
+    """DeepSpeed's gradient averaging over dp x sp (MeshMPU: get_sequence_data_parallel_group)."""
+    axes = ("ulysses", "ring", "dp")
+    grads = local_params * act
+    if zero_stage == 0:
+        tally.add(axes, "all_reduce", grads)
+    else:  # ZeRO 1/2/3: gradients reduced to their owner's partition, updated parameters gathered back
+        tally.add(axes, "reduce_scatter", grads)
+        tally.add(axes, "all_gather", grads)
+
+
+def _pipeline_traffic(tally: _Tally, layout: Any, stage: int, micro: int, b: int, n_local: int, cond: int,
+                      text_tokens: int, d: int, act: int) -> None:
+    """1F1B: one (B, n + c + L, D) activation to the next stage and its gradient back, per micro-batch."""
+    message = b * (n_local + cond + text_tokens) * d * act
+    sends = (stage < layout.pp - 1) + (stage > 0)
+    tally.add(("pp",), "p2p", micro * sends * message)
+
+
+def total_bytes(volume: Volume) -> dict[str, int]:
+    """Bytes per axis, summed over kinds."""
+    return {axis: sum(kinds.values()) for axis, kinds in volume.items()}
