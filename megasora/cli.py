@@ -44,16 +44,13 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from megasora.config import ConfigError
-    from megasora.parallel.mesh import LayoutError
+    """Run one command. A UserError (megasora/errors.py) becomes one line on global rank 0 and
+    exit status 2 on every rank; any other exception is a bug and keeps its traceback."""
+    from megasora.errors import UserError, report
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
         code = args.func(args)
-    except ConfigError as err:
-        print(f"megasora: config error: {err}", file=sys.stderr)
-        code = 2
-    except LayoutError as err:  # raised before any process group exists
-        print(f"megasora: parallel layout error: {err}", file=sys.stderr)
-        code = 2
+    except UserError as err:
+        code = report(err)
     sys.exit(code or 0)

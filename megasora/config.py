@@ -13,9 +13,13 @@ from typing import Any
 
 import yaml
 
+from megasora.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key and the fix."""
+
+    kind = "config"
 
 
 def _help(text: str, **kw: Any) -> Any:

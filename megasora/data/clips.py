@@ -13,6 +13,7 @@ import torch
 
 from megasora.data.preprocess import collect_inputs
 from megasora.data.video_io import clip_to_tensor, iter_clips
+from megasora.errors import DataError
 
 log = logging.getLogger("megasora.data")
 
@@ -36,8 +37,9 @@ class PixelClips:
     def __init__(self, clips: list[np.ndarray], crop: int, seed: int) -> None:
         small = [c.shape[1:3] for c in clips if min(c.shape[1:3]) < crop]
         if not clips or small:
-            raise ValueError(f"train-vae needs clips at least {crop}x{crop}; got {len(clips)} clips, too small: "
-                             f"{small[:3]} (lower vae.train_crop or raise data.max_area)")
+            raise DataError(f"train-vae needs clips at least {crop}x{crop}; got {len(clips)} clips, too small: "
+                            f"{small[:3]}", "lower vae.train_crop or raise data.max_area; inputs shorter than "
+                            "data.clip_frames frames give no clip")
         self.clips, self.crop, self.seed = clips, crop, seed
 
     def __len__(self) -> int:

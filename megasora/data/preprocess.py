@@ -23,6 +23,7 @@ import torch
 from megasora.data.captions import caption_for, load_captions
 from megasora.data.shards import Sample, finished_shards, shard_name, write_json_atomic, write_shard
 from megasora.data.video_io import clip_to_tensor, is_media, iter_clips
+from megasora.errors import MissingPathError
 
 log = logging.getLogger("megasora.preprocess")
 
@@ -99,7 +100,8 @@ def collect_inputs(paths: list[str], captions: dict[str, str]) -> list[str]:
         elif path.exists():
             found.add(str(path.resolve()))
         else:
-            raise FileNotFoundError(f"preprocess input {p!r} does not exist")
+            raise MissingPathError(f"input {p!r} does not exist", "fix the path in data.inputs (or the "
+                                   "positional inputs)")
     found.update(captions)
     return sorted(found)
 

@@ -26,6 +26,7 @@ import torch
 from megasora.data.buckets import BucketRule, Shape, plan_epoch
 from megasora.data.shards import FIELDS, decode_sample, finished_shards, read_member
 from megasora.data.stream import StepBatch
+from megasora.errors import DataError
 
 log = logging.getLogger("megasora.data")
 
@@ -62,8 +63,9 @@ class ShardIndex:
             log.warning("%s: %d samples left out (missing members, or latent shape not divisible by patch %s)",
                         directory, dropped, rule.patch if rule else None)
         if not keys:
-            raise FileNotFoundError(f"no samples in {directory}: expected shard-*.tar + shard-*.json from "
-                                    "`megasora preprocess`")
+            raise DataError(f"data.shards={str(directory)!r} holds no usable samples (no finished "
+                            "shard-*.tar + shard-*.json pair)", "point data.shards at the output directory of "
+                            "`megasora preprocess`, or run it first")
         return cls(tars, np.asarray(shard_of, dtype=np.int64), keys, spans, shapes)
 
     def __len__(self) -> int:
@@ -212,6 +214,6 @@ def check_compatible(stream: ShardStream, in_channels: int, text_dim: int) -> No
     sample = stream._read(0)
     channels, dim = sample.latents.shape[0], sample.text_emb.shape[1]
     if channels != in_channels or dim != text_dim:
-        raise ValueError(f"shards in {stream.index.tars[0].parent} hold {channels}-channel latents and {dim}-d text "
-                         f"embeddings; the config expects model.in_channels={in_channels}, text.dim={text_dim} "
-                         "(re-run `megasora preprocess` with this config's vae/text, or fix the config)")
+        raise DataError(f"shards in {stream.index.tars[0].parent} hold {channels}-channel latents and {dim}-d text "
+                        f"embeddings but the config expects model.in_channels={in_channels}, text.dim={text_dim}",
+                        "re-run `megasora preprocess` with this config's vae/text, or fix the config")

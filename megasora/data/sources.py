@@ -1,6 +1,7 @@
 """Build the configured data source as a per-rank SampleStream."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from megasora.config import Config
 from megasora.data.stream import SampleStream
 from megasora.data.synthetic import CaptionEmbeddings, render_clip
+from megasora.errors import DataError, MissingPathError
 
 
 class SyntheticVideos:
@@ -24,6 +26,24 @@ class SyntheticVideos:
         text_emb, text_mask = self.captions.lookup(list(captions))
         return {"ids": torch.tensor(ids), "latents": torch.from_numpy(np.stack(clips)),
                 "text_emb": text_emb, "text_mask": text_mask}
+
+
+def check_source(cfg: Config) -> None:
+    """The configured data exists: checked before any process group, so a wrong path is one line."""
+    d = cfg.data
+    if d.kind == "shards":
+        from megasora.data.shards import finished_shards
+        if not Path(d.shards).is_dir():
+            raise MissingPathError(f"data.shards={d.shards!r} is not a directory",
+                                   "point it at the output directory of `megasora preprocess`")
+        if not finished_shards(d.shards):
+            raise DataError(f"data.shards={d.shards!r} holds no finished shard (shard-*.tar + shard-*.json)",
+                            "point it at the output directory of `megasora preprocess`, or run it first")
+    if d.kind == "clips":
+        from megasora.data.preprocess import collect_inputs
+        if not collect_inputs(list(d.inputs), {}):
+            raise DataError(f"data.inputs={list(d.inputs)} holds no video or image file",
+                            "list video/image files or directories that contain them")
 
 
 def build_stream(cfg: Config, dp_rank: int, dp_size: int) -> Any:

@@ -26,6 +26,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from megasora.errors import UserError
+
 LAUNCHERS = ("torchrun", "deepspeed", "mpi", "slurm", "single")
 # Job-id derived ports stay in 10000-29999: above well-known services, below the Linux
 # ephemeral range (32768+) where the kernel hands out client ports that could collide.
@@ -33,8 +35,10 @@ PORT_BASE = 10000
 PORT_SPAN = 20000
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The environment does not describe a usable distributed launch."""
+
+    kind = "launcher"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megasora.config import Config, ConfigError, load_config
+from megasora.config import Config, load_config
+from megasora.errors import UserError
 from megasora.train.preemption import PREEMPTED_EXIT_CODE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -28,8 +29,10 @@ DEFAULT_TEMPLATE = REPO_ROOT / "slurm" / "templates" / "train.sbatch"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserError, RuntimeError):
     """The job cannot be rendered or submitted; the message says what to change."""
+
+    kind = "submit"
 
 
 @dataclass
@@ -194,8 +197,12 @@ def run(args: argparse.Namespace) -> int:
         notes = check_layout(spec, cfg)
         template = Path(args.template or DEFAULT_TEMPLATE)
         script = render(spec, template.read_text())
-    except (ConfigError, SubmitError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except OSError as err:  # the template: the user's --template path or a broken install
+        print(SubmitError(f"cannot read the sbatch template: {err}", "pass --template PATH to an existing "
+                          "file").line(), file=sys.stderr)
+        return 2
+    except UserError as err:
+        print(err.line(), file=sys.stderr)
         return 2
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -208,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         job_id = sbatch(path)
     except SubmitError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(err.line(), file=sys.stderr)
         return 2
     print(f"submitted job {job_id}: script {path}, log {spec.log_dir}/{spec.job_name}-{job_id}.out",
           file=sys.stderr)

@@ -25,11 +25,15 @@ from typing import Any, Optional
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from megasora.errors import UserError
+
 AXES = ("tp", "ulysses", "ring", "dp", "pp")  # innermost first
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """An impossible parallel layout; the message names the config key and the fix."""
+
+    kind = "parallel layout"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -28,14 +29,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megasora.errors import UserError
+
 log = logging.getLogger("megasora")
 
 MANIFEST = "megasora.json"
 TAG_RE = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is incomplete or corrupt; the message names the file."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or of another model; the message names the file."""
+
+    kind = "checkpoint"
 
 
 def step_tag(step: int) -> str:
@@ -83,14 +88,19 @@ class CheckpointInfo:
         return self.manifest["layout"]
 
 
+PICK_ANOTHER = "pick a complete one from `megasora ckpt inspect RUN_DIR`"
+
+
 def read_manifest(tag_dir: Path) -> dict[str, Any]:
     path = tag_dir / MANIFEST
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"checkpoint {tag_dir} does not exist", PICK_ANOTHER)
     if not path.is_file():
-        raise CheckpointError(f"{tag_dir}: no {MANIFEST}, the checkpoint was never completed")
+        raise CheckpointError(f"{tag_dir}: no {MANIFEST}, the checkpoint was never completed", PICK_ANOTHER)
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is corrupt: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is corrupt: {err}", PICK_ANOTHER) from err
 
 
 def verify(tag_dir: Path) -> dict[str, Any]:
@@ -99,11 +109,11 @@ def verify(tag_dir: Path) -> dict[str, Any]:
     for rel, size in manifest["files"].items():
         f = tag_dir / rel
         if not f.is_file():
-            raise CheckpointError(f"checkpoint shard missing: {f}")
+            raise CheckpointError(f"checkpoint shard missing: {f}", PICK_ANOTHER)
         actual = f.stat().st_size
         if actual != size:
             raise CheckpointError(f"checkpoint shard truncated or altered: {f} has {actual} bytes, "
-                                  f"the manifest recorded {size}")
+                                  f"the manifest recorded {size}", PICK_ANOTHER)
     return manifest
 
 
@@ -139,8 +149,25 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> CheckpointInfo | None:
         found = find_resumable(path)
         if found is not None:
             return found
-    raise CheckpointError(f"--resume {resume}: no complete checkpoint there (expected run/checkpoints, "
-                          f"or a step_XXXXXXXX directory holding {MANIFEST})")
+    raise CheckpointError(f"--resume {resume}: no complete checkpoint there",
+                          f"pass --resume auto, a run directory's checkpoints/, or a step_XXXXXXXX directory "
+                          f"holding {MANIFEST}")
+
+
+def load_engine_state(engine: Any, root: Path, tag: str) -> dict[str, Any]:
+    """engine.load_checkpoint, with a checkpoint of another model reported as a CheckpointError."""
+    try:
+        _, client = engine.load_checkpoint(str(root), tag=tag)
+    except RuntimeError as err:
+        if "state_dict" not in str(err):  # torch's "Error(s) in loading state_dict for DiT: size mismatch"
+            raise
+        first = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))
+        raise CheckpointError(f"{root / tag} holds a different model than the config ({first})",
+                              "resume it with the config it was trained with (config.yaml beside "
+                              "checkpoints/), or start a new run.dir without --resume") from err
+    if client is None:
+        raise CheckpointError(f"DeepSpeed could not load {root / tag}", PICK_ANOTHER)
+    return client
 
 
 # ---------------------------------------------------------------- writing
@@ -197,6 +224,18 @@ class CheckpointManager:
 # ---------------------------------------------------------------- consolidated weights
 
 
+def load_model_states(tag_dir: Path) -> dict[str, Any]:
+    """The first mp rank's model-states file (module, config, EMA), as a CheckpointError if unreadable."""
+    states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not states:
+        raise CheckpointError(f"{tag_dir} holds no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)",
+                              PICK_ANOTHER)
+    try:
+        return torch.load(states[0], map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # what torch.load raises on garbage
+        raise CheckpointError(f"{states[0]} is unreadable ({type(err).__name__}: {err})", PICK_ANOTHER) from err
+
+
 def read_model_weights(root: Path, tag: str | None = None, ema: bool = True
                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
     """Full (consolidated over tp and ZeRO) weights of a checkpoint on one process, no engine.
@@ -205,9 +244,10 @@ def read_model_weights(root: Path, tag: str | None = None, ema: bool = True
     """
     info = CheckpointInfo(root, tag, verify(root / tag)) if tag else find_resumable(root)
     if info is None:
-        raise CheckpointError(f"{root}: no complete checkpoint")
-    states = sorted(info.path.glob("mp_rank_*_model_states.pt"))
-    saved = torch.load(states[0], map_location="cpu", weights_only=False)
+        raise CheckpointError(f"{root}: no complete checkpoint",
+                              "point at a run directory (or its checkpoints/) that `megasora train` saved into; "
+                              "`megasora ckpt inspect DIR` lists what a directory holds")
+    saved = load_model_states(info.path)
     cfg = saved.get("config") or {}
     if ema and saved.get("ema") is not None:
         return saved["ema"], cfg, True  # saved full (gathered over tp) by the trainer

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megasora.config import Config, save_config
-from megasora.data.sources import build_stream
+from megasora.data.sources import build_stream, check_source
 from megasora.models import build_dit, dit_arch
 from megasora.parallel.mesh import validate_config_layout
 from megasora.train import checkpoint
@@ -106,9 +106,7 @@ def restore(engine: Any, ema: EMA | None, resume_from: checkpoint.CheckpointInfo
     if resume_from is None:
         return 0, 0
     tag = f"{resume_from.tag}.universal" if reshard else resume_from.tag
-    _, client = engine.load_checkpoint(str(resume_from.root), tag=tag)
-    if client is None:
-        raise checkpoint.CheckpointError(f"DeepSpeed could not load {resume_from.root / tag}")
+    client = checkpoint.load_engine_state(engine, resume_from.root, tag)
     if ema is not None and client.get("ema") is not None:
         ema.load_state_dict(shard_full_state(client["ema"], engine.module, tp_group))
     log.info("resumed from %s at step %d (%d samples seen)", resume_from.path, client["step"], client["samples"])
@@ -121,6 +119,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     env = init_distributed()
     device = device_for(env)
     record = layout_record(cfg, layout, env.world_size)
+    check_source(cfg)  # so does a data path that holds nothing
     ckpt_dir, resume_from, reshard = open_run(cfg, env.rank, record, resume)
 
     torch.manual_seed(cfg.train.seed)  # identical init on every rank; parallelize slices it

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megasora.config import Config
+from megasora.config import Config, ConfigError
+from megasora.data.sources import check_source
 from megasora.models.vae import VideoVAE, arch_from_config, kl_divergence, save_vae
 from megasora.train import checkpoint
 from megasora.train.distributed import device_for, init_distributed
@@ -126,11 +127,12 @@ def export_vae(state: dict[str, torch.Tensor], cfg: Config, clips: list, path: P
 def train_vae(cfg: Config, resume: str | None = None) -> TrainResult:
     """Train VideoVAE(cfg.vae) on the pixel clips of cfg.data.inputs; the start-up mirrors trainer.train."""
     if not cfg.data.inputs:
-        raise ValueError("train-vae needs data.inputs (video/image files or directories)")
+        raise ConfigError("train-vae needs data.inputs; set data.inputs to video/image files or directories")
     p = cfg.parallel
     if p.tp * p.ulysses * p.ring * p.pp != 1:
-        raise ValueError("train-vae is data parallel only: set parallel.tp/ulysses/ring/pp to 1")
+        raise ConfigError("train-vae is data parallel only; set parallel.tp/ulysses/ring/pp to 1")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, kind="clips"))
+    check_source(cfg)  # before any process group: a wrong path is one line, not one traceback per rank
     env = init_distributed()
     device = device_for(env)
     record = layout_record(cfg, ParallelLayout.from_config(cfg.parallel, env.world_size), env.world_size)
