@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "megasora.data.preprocess",
     "megasora.commands.train_vae",
     "megasora.launcher.submit",
+    "megasora.commands.scale",
 ]
 
 

@@ -189,18 +189,33 @@ def spec_from_args(args: argparse.Namespace, cfg: Config) -> JobSpec:
     )
 
 
+def prepare_job(args: argparse.Namespace) -> tuple[JobSpec, str, list[str]]:
+    """Every check and the rendering `submit` does before queuing: (spec, script, notes).
+    Raises a UserError; `megasora scale submit` calls this once per point."""
+    cfg = load_config(args.config, list(args.set))
+    spec = spec_from_args(args, cfg)
+    check_spec(spec)
+    notes = check_layout(spec, cfg)
+    template = Path(args.template or DEFAULT_TEMPLATE)
+    try:
+        text = template.read_text()
+    except OSError as err:  # the template: the user's --template path or a broken install
+        raise SubmitError(f"cannot read the sbatch template: {err}", "pass --template PATH to an existing "
+                          "file") from err
+    return spec, render(spec, text), notes
+
+
+def submit_script(spec: JobSpec, script: str) -> tuple[str, Path]:
+    """Write the script next to the job's logs and sbatch it: (job id, script path)."""
+    spec.log_dir.mkdir(parents=True, exist_ok=True)
+    path = spec.log_dir / f"{spec.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    path.write_text(script)
+    return sbatch(path), path
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.config, list(args.set))
-        spec = spec_from_args(args, cfg)
-        check_spec(spec)
-        notes = check_layout(spec, cfg)
-        template = Path(args.template or DEFAULT_TEMPLATE)
-        script = render(spec, template.read_text())
-    except OSError as err:  # the template: the user's --template path or a broken install
-        print(SubmitError(f"cannot read the sbatch template: {err}", "pass --template PATH to an existing "
-                          "file").line(), file=sys.stderr)
-        return 2
+        spec, script, notes = prepare_job(args)
     except UserError as err:
         print(err.line(), file=sys.stderr)
         return 2
@@ -209,11 +224,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(script, end="")
         return 0
-    spec.log_dir.mkdir(parents=True, exist_ok=True)
-    path = spec.log_dir / f"{spec.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
-    path.write_text(script)
     try:
-        job_id = sbatch(path)
+        job_id, path = submit_script(spec, script)
     except SubmitError as err:
         print(err.line(), file=sys.stderr)
         return 2
@@ -228,6 +240,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny.yaml)")
     p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, passed to every rank (repeatable)")
+    add_slurm_arguments(p)
+    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    p.set_defaults(func=run)
+
+
+def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
+    """The job options of `megasora submit`, shared with `megasora scale submit`."""
     p.add_argument("--gpus-per-node", type=int, default=0, help="0 = CPU job (no --gpus line)")
     p.add_argument("--tasks-per-node", type=int, default=0,
                    help="ranks per node; default: gpus per node, or 1")
@@ -237,8 +258,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--time", default="24:00:00", help="time limit, HH:MM:SS or D-HH:MM:SS")
     p.add_argument("--job-name", default=None, help="default: the config file's name")
     p.add_argument("--log-dir", default=None, help="default: <run.dir>/slurm")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, passed to every rank (repeatable)")
     p.add_argument("--signal-seconds", type=int, default=300,
                    help="USR1 this long before the time limit: checkpoint, exit, requeue")
     p.add_argument("--max-restarts", type=int, default=20, help="stop requeueing after this many")
@@ -248,5 +267,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="export in the job, e.g. --env NCCL_SOCKET_IFNAME=ib0 (repeatable)")
     p.add_argument("--template", default=None, help=f"sbatch template (default {DEFAULT_TEMPLATE})")
-    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
-    p.set_defaults(func=run)

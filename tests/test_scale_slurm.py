@@ -1,0 +1,66 @@
+"""Integration: a scaling study on the real 2-node local Slurm cluster (slurm/testing/cluster.py).
+
+`megasora scale submit` queues one job per node count through `megasora submit`'s path,
+`megasora scale status` follows them through squeue/sacct until both are done, and
+`megasora scale report` writes the csv, the markdown and the plots with both points.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_slurm_cluster import cluster, run, wait_for  # noqa: F401  (cluster: the module-scoped fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+PLOTS = ("throughput", "efficiency", "mfu", "memory", "comm_share", "step_time")
+
+pytestmark = [
+    pytest.mark.slurm, pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the local Slurm cluster runs as root (SlurmUser=root)"),
+]
+
+
+def scale(env: dict[str, str], *args: str, timeout: float = 120):
+    return run([sys.executable, "-m", "megasora", "scale", *args], env, timeout=timeout)
+
+
+def states(env: dict[str, str], out: Path) -> dict[str, str]:
+    proc = scale(env, "status", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return {line.split()[0]: line.split()[3] for line in proc.stdout.splitlines()[1:]}
+
+
+def test_scale_submit_status_report_on_two_nodes(cluster: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "study"
+    proc = scale(cluster, "submit", "--config", str(TINY), "--nodes", "1", "2", "--mode", "weak",
+                 "--steps", "4", "--warmup", "1", "--out", str(out), "--time", "00:30:00",
+                 "--set", "train.ema_decay=0")
+    assert proc.returncode == 0, proc.stderr
+    assert "n1: submitted job" in proc.stderr and "n2: submitted job" in proc.stderr
+
+    seen = set()
+
+    def all_done() -> bool:
+        now = states(cluster, out)
+        seen.update(now.values())
+        assert "failed" not in now.values(), scale(cluster, "status", str(out)).stdout
+        return set(now.values()) == {"done"}
+    wait_for(all_done, 900, "both points of the study", poll=2)
+    assert seen & {"pending", "running"}, seen  # status followed the jobs through the queue
+
+    proc = scale(cluster, "report", str(out))
+    assert proc.returncode == 0, proc.stderr
+    with open(out / "scaling.csv") as f:
+        rows = {r["point"]: r for r in csv.DictReader(f)}
+    assert {k: (r["status"], r["nodes"], r["gpus"], r["global_batch"], r["steps_measured"]) for k, r in rows.items()} \
+        == {"n1": ("done", "1", "1", "2", "3"), "n2": ("done", "2", "2", "4", "3")}
+    assert float(rows["n2"]["samples_per_s"]) > 0 and float(rows["n1"]["efficiency"]) == 1.0
+    md = (out / "scaling.md").read_text()
+    assert "| n1 | 1 |" in md and "| n2 | 2 |" in md
+    for name in PLOTS:
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG" and f"({name}.png)" in md
