@@ -98,6 +98,21 @@ class VAEConfig:
 
 
 @dataclass
+class CondMasksConfig:
+    """Per-sample probabilities of each conditioning mask (megasora/diffusion/masks.py); the rest is `none`."""
+    first_frame: float = _help("Image-to-video: the first token frame is given clean.", default=0.0)
+    last_frame: float = _help("The last token frame is given clean (generate what led to it).", default=0.0)
+    first_last: float = _help("Connect / interpolate / loop: the first and the last token frames are clean.",
+                              default=0.0)
+    head: float = _help("Extend forwards: the first k token frames are clean, k uniform in [1, T'-1].",
+                        default=0.0)
+    tail: float = _help("Extend backwards: the last k token frames are clean, k uniform in [1, T'-1].",
+                        default=0.0)
+    random: float = _help("Each token frame is clean with probability 1/2 (at least one stays noised).",
+                          default=0.0)
+
+
+@dataclass
 class DiffusionConfig:
     logit_mean: float = _help("Mean of the logit-normal timestep distribution.", default=0.0)
     logit_std: float = _help("Std of the logit-normal timestep distribution.", default=1.0)
@@ -106,8 +121,9 @@ class DiffusionConfig:
     max_shift: float = _help("Upper bound of the resolution-dependent timestep shift.", default=6.0)
     caption_dropout: float = _help("Probability a caption is replaced by the learned null embedding "
                                    "(enables classifier-free guidance).", default=0.1)
-    cond_frames_prob: float = _help("Probability the first latent frame is given clean (t=0) as "
-                                    "image-to-video conditioning; it is excluded from the loss.", default=0.0)
+    cond_frames_prob: float = _help("Deprecated alias of diffusion.cond_masks.first_frame (old configs keep "
+                                    "working); set one of the two, not both.", default=0.0)
+    cond_masks: CondMasksConfig = field(default_factory=CondMasksConfig)
 
 
 @dataclass
@@ -147,9 +163,21 @@ class TrainConfig:
                           "multiple of this (1 = every block, 2 = blocks 0, 2, 4, ...).", default=1)
     ema_decay: float = _help("EMA decay of the weights kept for sampling (0 = no EMA).", default=0.999)
     log_every: int = _help("Write metrics every N steps.", default=1)
+    accounting: bool = _help("Per-step accounting in metrics.jsonl: mfu/hfu, comm_bytes/<axis> and comm_s/<axis> "
+                             "(every collective, DeepSpeed's included), time/data_s, fwd_s, bwd_s, opt_s "
+                             "(megasora/train/accounting.py).", default=True)
+    peak_flops: float = _help("Peak FLOP/s of one device for mfu/hfu (0 = the planner's hardware table on a "
+                              "known GPU, else a measured matmul peak).", default=0.0)
     save_every: int = _help("Save a checkpoint every N steps (0 = only at the end).", default=0)
     keep_last: int = _help("Most recent complete checkpoints to keep (the newest is never removed).", default=3)
     keep_every: int = _help("Also keep every checkpoint whose step is a multiple of this (0 = none).", default=0)
+    sample_every: int = _help("Every N steps sample train.sample_prompts with the EMA weights into "
+                              "run/samples/step_N.mp4 and TensorBoard (0 = off; needs train.ema_decay > 0).",
+                              default=0)
+    sample_prompts: list[str] = _help("Fixed captions sampled every train.sample_every steps.",
+                                      default_factory=lambda: ["a red circle moving right",
+                                                               "a blue square moving down"])
+    sample_steps: int = _help("Euler steps of the training-time samples.", default=10)
 
 
 @dataclass
@@ -332,17 +360,37 @@ def validate(cfg: Config) -> None:
     _require(t.activation_checkpointing in AC_MODES,
              f"train.activation_checkpointing={t.activation_checkpointing!r} must be one of: {', '.join(AC_MODES)}")
     _require(t.ac_every >= 1, f"train.ac_every={t.ac_every} must be >= 1 (checkpoint every k-th block)")
+    _require(t.peak_flops >= 0, f"train.peak_flops={t.peak_flops} must be >= 0 (0 = look up or measure the peak)")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _require(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
     _require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+    _require(t.sample_every >= 0 and t.sample_steps >= 1,
+             f"train.sample_every={t.sample_every} must be >= 0 and train.sample_steps={t.sample_steps} >= 1")
+    _require(not t.sample_every or (t.ema_decay > 0 and t.sample_prompts),
+             f"train.sample_every={t.sample_every} samples with the EMA weights from train.sample_prompts; set "
+             f"train.ema_decay > 0 (e.g. 0.999) and at least one prompt, or train.sample_every=0")
     _require(0.0 <= cfg.diffusion.caption_dropout < 1.0, "diffusion.caption_dropout must be in [0, 1)")
     _require(0.0 <= cfg.diffusion.cond_frames_prob <= 1.0, "diffusion.cond_frames_prob must be in [0, 1]")
+    _validate_cond_masks(cfg.diffusion)
     _require(len(t.betas) == 2, f"train.betas={t.betas} must be two numbers")
     for key in ("tp", "ulysses", "ring", "pp"):
         value = getattr(cfg.parallel, key)
         _require(value >= 1, f"parallel.{key}={value} must be >= 1")
     _validate_pipeline(cfg)
+
+
+def _validate_cond_masks(d: DiffusionConfig) -> None:
+    probs = dataclasses.asdict(d.cond_masks)
+    probs["first_frame"] += d.cond_frames_prob  # the deprecated alias (at most one of them is set)
+    for name, p in probs.items():
+        _require(0.0 <= p <= 1.0, f"diffusion.cond_masks.{name}={p} must be a probability in [0, 1]")
+    _require(sum(probs.values()) <= 1.0 + 1e-9,
+             f"diffusion.cond_masks probabilities sum to {sum(probs.values()):.3g} > 1; the remainder is the "
+             f"unconditioned share, so lower them to a total <= 1")
+    _require(d.cond_frames_prob == 0.0 or d.cond_masks.first_frame == 0.0,
+             "diffusion.cond_frames_prob is the old name of diffusion.cond_masks.first_frame; set only "
+             "diffusion.cond_masks.first_frame")
 
 
 def _validate_pipeline(cfg: Config) -> None:
@@ -385,9 +433,19 @@ def render_config_docs() -> str:
     for section in dataclasses.fields(Config):
         cls = _field_types(Config)[section.name]
         lines += [f"## `{section.name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            default = getattr(getattr(defaults, section.name), f.name)
-            lines.append(f"| `{section.name}.{f.name}` | {_type_name(_field_types(cls)[f.name])} | "
-                         f"`{default!r}` | {f.metadata.get('help', '')} |")
+        lines += _doc_rows(section.name, cls, getattr(defaults, section.name))
         lines.append("")
     return "\n".join(lines)
+
+
+def _doc_rows(prefix: str, cls: type, defaults: Any) -> list[str]:
+    """One table row per key; a nested section (e.g. diffusion.cond_masks) lists its keys in place."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        annotation, default = _field_types(cls)[f.name], getattr(defaults, f.name)
+        if dataclasses.is_dataclass(annotation):
+            rows += _doc_rows(f"{prefix}.{f.name}", annotation, default)
+            continue
+        rows.append(f"| `{prefix}.{f.name}` | {_type_name(annotation)} | `{default!r}` | "
+                    f"{f.metadata.get('help', '')} |")
+    return rows

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from megasora.config import DiffusionConfig
+from megasora.diffusion.masks import (draw_frame_mask, latent_frame_mask, mask_probabilities,
+                                      per_token_timesteps)
 
 
 def sample_generator(seed: int, sample_id: int, step: int) -> torch.Generator:
@@ -41,36 +43,36 @@ class NoisedBatch:
 
 def noise_batch(x0: torch.Tensor, ids: torch.Tensor, step: int, seed: int, cfg: DiffusionConfig,
                 patch: tuple[int, int, int]) -> NoisedBatch:
-    """Draw per-sample t, noise, caption dropout and conditioning frames; build x_t and the target."""
+    """Draw per-sample t, noise, caption dropout and conditioning mask; build x_t and the target.
+
+    Conditioning frames (megasora/diffusion/masks.py) are given clean with t = 0 on their
+    tokens and are left out of the loss.
+    """
     b, c, frames, h, w = x0.shape
     pt, ph, pw = patch
     num_tokens = (frames // pt) * (h // ph) * (w // pw)
     shift = resolution_shift(num_tokens, cfg)
+    probs = mask_probabilities(cfg)
     noise = torch.empty_like(x0, dtype=torch.float32)
     t = torch.empty(b)
     drop = torch.zeros(b, dtype=torch.bool)
-    cond = torch.zeros(b, dtype=torch.bool)
+    cond = torch.zeros(b, frames // pt, dtype=torch.bool)  # (B, T') token frames given clean
     for i, sample_id in enumerate(ids.tolist()):
         g = sample_generator(seed, sample_id, step)
         t[i] = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn((), generator=g))
         noise[i] = torch.randn(x0.shape[1:], generator=g)
         uniforms = torch.rand(2, generator=g)
         drop[i] = uniforms[0] < cfg.caption_dropout
-        cond[i] = uniforms[1] < cfg.cond_frames_prob and frames > pt
-    t = shift_timesteps(t, shift).to(x0.device)
-    noise = noise.to(device=x0.device, dtype=x0.dtype)
+        cond[i] = draw_frame_mask(float(uniforms[1]), g, frames // pt, probs)
+    t = shift_timesteps(t, shift)
 
-    t_frames = t[:, None].expand(b, frames).clone()  # (B, T) per latent frame
-    t_frames[cond, :pt] = 0.0  # conditioning frames are given clean
-    t_bcast = t_frames[:, None, :, None, None].to(x0.dtype)  # (B, 1, T, 1, 1)
-    x_t = (1 - t_bcast) * x0 + t_bcast * noise
-    loss_mask = (t_frames > 0).to(x0.dtype)[:, None, :, None, None]
-    if cond.any():
-        per_token_frame = t_frames[:, ::pt]  # (B, T') one timestep per token frame
-        t_model = per_token_frame.repeat_interleave((h // ph) * (w // pw), dim=1)  # (B, N)
-    else:
-        t_model = t
-    return NoisedBatch(x_t, noise - x0, t_model, loss_mask, drop.to(x0.device))
+    t_frames = torch.where(latent_frame_mask(cond, pt), 0.0, t[:, None])  # (B, T) per latent frame
+    t_bcast = t_frames[:, None, :, None, None].to(device=x0.device, dtype=x0.dtype)  # (B, 1, T, 1, 1)
+    x_t = (1 - t_bcast) * x0 + t_bcast * noise.to(device=x0.device, dtype=x0.dtype)
+    loss_mask = (t_bcast > 0).to(x0.dtype)
+    t_model = per_token_timesteps(t, cond, (h // ph) * (w // pw)) if cond.any() else t
+    return NoisedBatch(x_t, noise.to(device=x0.device, dtype=x0.dtype) - x0, t_model.to(x0.device),
+                       loss_mask, drop.to(x0.device))
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
