@@ -54,9 +54,12 @@ class DataParallel:
 
 
 def setup_parallel(cfg: Config, model: torch.nn.Module, world_size: int, rank: int) -> DataParallel:
-    """Mesh + tp/ulysses/ring applied to `model` (megasora/parallel); dp is what remains of the world."""
+    """Mesh + tp/ulysses/ring applied to `model` (megasora/parallel), then activation checkpointing
+    (it wraps the parallel attention); dp is what remains of the world."""
     from megasora.parallel import MeshMPU, init_parallel
+    from megasora.parallel.activation_checkpointing import apply_activation_checkpointing
     mesh = init_parallel(model, cfg.parallel, world_size, cfg.train.zero_stage)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
     return DataParallel(rank=mesh.rank_in("dp"), size=mesh.size("dp"), group=mesh.group("dp"), mpu=MeshMPU(mesh),
                         tp_group=mesh.group("tp"))
 
