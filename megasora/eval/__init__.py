@@ -1,0 +1,1 @@
+"""Automatic evaluation of trained models (prompt following on the synthetic shapes)."""
