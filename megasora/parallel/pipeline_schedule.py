@@ -86,9 +86,18 @@ class StageFunctions:
 
 @dataclass
 class StageTimes:
-    """Seconds of one step on one stage: wall clock, and spent inside forward/backward compute."""
+    """Seconds of one step on one stage: wall clock; inside forward and backward compute; blocked in
+    receives (recv_wait) and in the final wait for this step's sends (send_wait); in after_backward."""
     wall: float = 0.0
-    busy: float = 0.0
+    forward: float = 0.0
+    backward: float = 0.0
+    recv_wait: float = 0.0
+    send_wait: float = 0.0
+    after: float = 0.0
+
+    @property
+    def busy(self) -> float:
+        return self.forward + self.backward
 
 
 def run_schedule(order: list[Action], link: StageLink, fns: StageFunctions, dtype: torch.dtype,
@@ -99,13 +108,15 @@ def run_schedule(order: list[Action], link: StageLink, fns: StageFunctions, dtyp
     received: dict[int, Optional[torch.Tensor]] = {}
     outputs: dict[int, torch.Tensor] = {}
     for kind, i in order:
+        t0 = time.perf_counter()
         if kind == "F":
             inp = None
             if link.prev_rank is not None:
                 inp = link.recv(fns.message_shape(i), dtype, device, link.prev_rank).requires_grad_()
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             out = fns.forward(i, inp)
-            times.busy += time.perf_counter() - t0
+            t2 = time.perf_counter()
+            times.recv_wait, times.forward = times.recv_wait + t1 - t0, times.forward + t2 - t1
             received[i], outputs[i] = inp, out
             if link.next_rank is not None:
                 link.send(out, link.next_rank)
@@ -113,12 +124,16 @@ def run_schedule(order: list[Action], link: StageLink, fns: StageFunctions, dtyp
             grad = None
             if link.next_rank is not None:
                 grad = link.recv(tuple(outputs[i].shape), dtype, device, link.next_rank)
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             grad_in = fns.backward(i, received.pop(i), outputs.pop(i), grad)
-            times.busy += time.perf_counter() - t0
+            t2 = time.perf_counter()
+            times.recv_wait, times.backward = times.recv_wait + t1 - t0, times.backward + t2 - t1
             if link.prev_rank is not None:
                 link.send(grad_in, link.prev_rank)
             fns.after_backward(i)
+            times.after += time.perf_counter() - t2
+    t0 = time.perf_counter()
     link.wait_sends()
+    times.send_wait = time.perf_counter() - t0
     times.wall = time.perf_counter() - start
     return times

@@ -96,32 +96,39 @@ def stage_block_counts(depth: int, stages: int, boundaries: list[int] | None = N
     return [base + (1 if s >= stages - extra else 0) for s in range(stages)]
 
 
-def dit_param_counts(model: Any, text_dim: int, tp: int = 1) -> dict[str, int]:
+def dit_param_counts(model: Any, text_dim: int, tp: int = 1) -> dict[str, dict[str, int]]:
     """Parameters of the DiT's pieces on one tp rank (config.ModelConfig-like `model`).
 
-    Keys: `block` (one block's local parameters), `block_replicated` (those of them every tp
-    rank holds whole: norms, qk-norms, adaLN, row-parallel biases), `embed` (patch, timestep
-    and caption embedding, all replicated), `final` (replicated).
+    {piece: {"matrix": ..., "vector": ..., "replicated": ...}} for piece in block (one block),
+    embed (patch, timestep and caption embedding) and final. `matrix` are the weight matrices
+    (train/engine.py's weight-decay group), `vector` the biases, norms and the null caption
+    (its no-decay group); `replicated` is what every tp rank holds whole (norms, qk-norms,
+    adaLN, row-parallel biases, everything outside the blocks), whose gradients tp sums.
     """
     d, h = model.hidden, model.heads
     mlp = int(d * model.mlp_ratio)
     patch_in = model.in_channels * math.prod(model.patch)
     qk = 2 * (d // h) if model.qk_norm else 0
-    column = 2 * (3 * (d * d + d)) + (d * mlp + mlp)             # q, k, v of both attentions; fc1
-    row_weights = 2 * d * d + mlp * d                          # out of both attentions; fc2
-    replicated = 2 * d + 2 * qk + 2 * d + d + (d * 6 * d + 6 * d)  # cross_norm, qk-norms, out biases, fc2 bias, adaLN
-    embed = (patch_in * d + d) + (TIMESTEP_FREQ_DIM * d + d + d * d + d) + (text_dim * d + d + d * d + d + text_dim)
-    final = (d * 2 * d + 2 * d) + (d * patch_in + patch_in)
-    return {"block": (column + row_weights) // tp + replicated, "block_replicated": replicated,
-            "embed": embed, "final": final}
+    sharded_matrix = 2 * 4 * d * d + 2 * d * mlp            # q, k, v, out of both attentions; fc1, fc2
+    sharded_vector = 2 * 3 * d + mlp                        # column-parallel biases: q, k, v; fc1
+    adaln = d * 6 * d
+    replicated_vector = 2 * d + 2 * qk + 2 * d + d + 6 * d  # cross_norm, qk-norms, out biases, fc2 bias, adaLN bias
+    block = {"matrix": sharded_matrix // tp + adaln, "vector": sharded_vector // tp + replicated_vector,
+             "replicated": adaln + replicated_vector}
+    embed_matrix = patch_in * d + TIMESTEP_FREQ_DIM * d + d * d + text_dim * d + d * d
+    embed_vector = d + 2 * d + 2 * d + text_dim  # biases; null caption embedding
+    final_matrix, final_vector = 2 * d * d + d * patch_in, 2 * d + patch_in
+    return {"block": block,
+            "embed": {"matrix": embed_matrix, "vector": embed_vector, "replicated": embed_matrix + embed_vector},
+            "final": {"matrix": final_matrix, "vector": final_vector, "replicated": final_matrix + final_vector}}
 
 
-def stage_params(cfg: Any, layout: Any, stage: int) -> tuple[int, int]:
-    """(local parameters, tp-replicated parameters) of pipeline stage `stage` on one rank."""
+def stage_params(cfg: Any, layout: Any, stage: int) -> dict[str, int]:
+    """Local parameters of pipeline stage `stage` on one rank: {"matrix", "vector", "replicated"}."""
     counts = dit_param_counts(cfg.model, cfg.text.dim, layout.tp)
     blocks = stage_block_counts(cfg.model.depth, layout.pp, cfg.parallel.pp_boundaries or None)[stage]
-    outer = (counts["embed"] if stage == 0 else 0) + (counts["final"] if stage == layout.pp - 1 else 0)
-    return blocks * counts["block"] + outer, blocks * counts["block_replicated"] + outer
+    pieces = [("block", blocks), ("embed", int(stage == 0)), ("final", int(stage == layout.pp - 1))]
+    return {key: sum(counts[piece][key] * k for piece, k in pieces) for key in ("matrix", "vector", "replicated")}
 
 
 def checkpointed_blocks(cfg: Any, layout: Any, stage: int) -> int:
@@ -181,10 +188,9 @@ def comm_volume(cfg: Any, layout: Any, tokens_per_sample: int, text_tokens: int,
         patch_out = cfg.model.in_channels * math.prod(cfg.model.patch)
         tally.add(("tp", "ulysses", "ring"), "all_gather", micro * b * n * patch_out * act)
 
-    local, replicated = stage_params(cfg, layout, stage)
-    tally.add(("tp",), "all_reduce", micro * replicated * act)  # tp hooks sum replicated grads
-    _gradient_reduction(tally, t.zero_stage, local, act)
-    tally.add(("tp", "pp"), "all_reduce", NORM_BYTES)              # grad-norm over the mp group
+    params = stage_params(cfg, layout, stage)
+    tally.add(("tp",), "all_reduce", micro * params["replicated"] * act)  # tp hooks sum replicated grads
+    _deepspeed_traffic(tally, layout, t.zero_stage, micro, params, act)
     if layout.pp > 1:
         _pipeline_traffic(tally, layout, stage, micro, b, n // shards, 1 if not per_token_timesteps else n // shards,
                           text_tokens, d, act)
@@ -219,15 +225,33 @@ def _block_traffic(layout: Any, b: int, n: int, d: int, act: int) -> dict[tuple[
     return out
 
 
-def _gradient_reduction(tally: _Tally, zero_stage: int, local_params: int, act: int) -> None:
-    """DeepSpeed's gradient averaging over dp x sp (MeshMPU: get_sequence_data_parallel_group)."""
-    axes = ("ulysses", "ring", "dp")
-    grads = local_params * act
-    if zero_stage == 0:
-        tally.add(axes, "all_reduce", grads)
-    else:  # ZeRO 1/2/3: gradients reduced to their owner's partition, updated parameters gathered back
-        tally.add(axes, "reduce_scatter", grads)
-        tally.add(axes, "all_gather", grads)
+def _deepspeed_traffic(tally: _Tally, layout: Any, zero_stage: int, micro: int, params: dict[str, int],
+                       act: int) -> None:
+    """DeepSpeed 0.19's gradient averaging over dp x sp (MeshMPU's sequence-data-parallel group),
+    the parameter gather of ZeRO and the global gradient norm, as its code issues them."""
+    dpsp, mp = ("ulysses", "ring", "dp"), ("tp", "pp")
+    grads = (params["matrix"] + params["vector"]) * act
+    if zero_stage == 0:      # engine.allreduce_gradients at the boundary; utils.clip_grad_norm_
+        tally.add(dpsp, "all_reduce", grads)
+        tally.add(mp, "all_reduce", NORM_BYTES)
+        tally.add(("dp",), "all_reduce", NORM_BYTES)
+        return
+    if zero_stage in (1, 2):
+        # bucketed all-reduce (use_multi_rank_bucket_allreduce): ZeRO-2 on every micro-batch's
+        # backward, ZeRO-1 once at the boundary; then each rank's updated partition all-gathered,
+        # per param group (decay / no-decay), padded to 2 x ranks elements; norm per param group.
+        tally.add(dpsp, "all_reduce", grads * (micro if zero_stage == 2 else 1))
+        ranks = math.prod(getattr(layout, a) for a in dpsp)
+        align = 2 * ranks
+        padded = sum(math.ceil(params[k] / align) * align for k in ("matrix", "vector"))
+        tally.add(dpsp, "all_gather", padded * act)
+        tally.add(dpsp, "all_reduce", 2 * NORM_BYTES)
+        tally.add(mp, "all_reduce", 2 * NORM_BYTES)
+        return
+    # ZeRO-3 (approximate, not held exact by a test): parameters gathered for forward and again
+    # for backward on every micro-batch, gradients reduce-scattered to their owners.
+    tally.add(dpsp, "all_gather", 2 * micro * grads)
+    tally.add(dpsp, "reduce_scatter", micro * grads)
 
 
 def _pipeline_traffic(tally: _Tally, layout: Any, stage: int, micro: int, b: int, n_local: int, cond: int,

@@ -1,27 +1,77 @@
-"""Explicit FLOPs model of the DiT (a multiply-add = 2 FLOPs), for achieved FLOP/s and MFU."""
+"""Explicit FLOPs model of the DiT (a multiply-add = 2 FLOPs), for achieved FLOP/s, MFU and HFU.
+
+Counts the matrix multiplications (linears and the two attention products); norms,
+activations, RoPE and the residual arithmetic are O(N*D) and left out, as in the usual
+6*params*tokens estimate. Timesteps are per sample (cond is one token): adaLN and the
+timestep MLP then run once per sample. tests/test_flops.py checks this against a hand count
+and against torch.utils.flop_counter.FlopCounterMode on the tiny model.
+
+Model FLOPs (MFU) are forward + backward, backward = 2 x forward (grad of input and of
+weight). Hardware FLOPs (HFU) add what activation checkpointing re-runs in backward:
+`full` repeats a checkpointed block's whole forward, `selective` all of it except the
+self-attention products (its output and log-sum-exp are kept).
+"""
 from __future__ import annotations
 
+import math
+
 from megasora.models.dit import DiTArch
+
+TIMESTEP_FREQ_DIM = 256  # models/embeddings.py TimestepEmbedder's sinusoidal width
+
+
+def block_forward_flops(arch: DiTArch, tokens: int, text_tokens: int) -> dict[str, float]:
+    """One block's forward FLOPs for one sample, split into `self_attention` (QK^T and AV of the
+    spacetime attention: what selective checkpointing keeps) and `rest`."""
+    d, n, l = arch.hidden, tokens, text_tokens
+    mlp = int(d * arch.mlp_ratio)
+    self_attention = 2 * 2 * n * n * d      # scores QK^T and weighted sum AV
+    rest = (
+        2 * n * 4 * d * d                   # self-attention q, k, v, out projections
+        + 2 * n * 2 * d * d                 # cross-attention q and out projections on video tokens
+        + 2 * l * 2 * d * d                 # cross-attention k, v projections on text tokens
+        + 2 * 2 * n * l * d                 # cross-attention scores and weighted sum
+        + 2 * n * 2 * d * mlp               # MLP fc1 + fc2
+        + 2 * d * 6 * d                     # adaLN modulation (per-sample conditioning)
+    )
+    return {"self_attention": float(self_attention), "rest": float(rest)}
+
+
+def embed_forward_flops(arch: DiTArch, tokens: int, text_tokens: int) -> float:
+    """Everything outside the blocks: patch embedding, timestep MLP, caption projection, final layer."""
+    d, n, l = arch.hidden, tokens, text_tokens
+    patch_in = arch.in_channels * math.prod(arch.patch)
+    return float(
+        2 * n * patch_in * d                            # patch embedding
+        + 2 * (TIMESTEP_FREQ_DIM * d + d * d)           # timestep MLP (per sample)
+        + 2 * l * (arch.text_dim * d + d * d)           # caption projection
+        + 2 * d * 2 * d                                 # final adaLN (per sample)
+        + 2 * n * d * patch_in                          # final linear
+    )
 
 
 def dit_forward_flops(arch: DiTArch, tokens: int, text_tokens: int) -> float:
     """Forward FLOPs of one sample with `tokens` video tokens and `text_tokens` caption tokens."""
-    d, n, l = arch.hidden, tokens, text_tokens
-    mlp = int(d * arch.mlp_ratio)
-    patch_in = arch.in_channels * arch.patch[0] * arch.patch[1] * arch.patch[2]
-    per_block = (
-        2 * n * 4 * d * d          # self-attention q, k, v, out projections
-        + 2 * 2 * n * n * d        # self-attention scores QK^T and weighted sum AV
-        + 2 * n * 2 * d * d        # cross-attention q and out projections on video tokens
-        + 2 * l * 2 * d * d        # cross-attention k, v projections on text tokens
-        + 2 * 2 * n * l * d        # cross-attention scores and weighted sum
-        + 2 * n * 2 * d * mlp      # MLP fc1 + fc2
-        + 2 * 6 * d * d            # adaLN modulation (per-sample conditioning)
-    )
-    embed = 2 * n * patch_in * d + 2 * n * d * patch_in + 2 * l * (arch.text_dim * d + d * d)
-    return float(arch.depth * per_block + embed)
+    block = sum(block_forward_flops(arch, tokens, text_tokens).values())
+    return arch.depth * block + embed_forward_flops(arch, tokens, text_tokens)
 
 
 def dit_train_flops(arch: DiTArch, tokens: int, text_tokens: int) -> float:
-    """Forward + backward (backward ~ 2x forward)."""
+    """Model FLOPs of one training sample: forward + backward (backward = 2 x forward)."""
     return 3.0 * dit_forward_flops(arch, tokens, text_tokens)
+
+
+def checkpointed_block_count(depth: int, mode: str, every: int) -> int:
+    """Blocks activation checkpointing re-runs (global index a multiple of `every`)."""
+    if mode == "none":
+        return 0
+    return len(range(0, depth, max(1, every)))
+
+
+def dit_recompute_flops(arch: DiTArch, tokens: int, text_tokens: int, mode: str, every: int = 1) -> float:
+    """Forward FLOPs re-run in backward by activation checkpointing, for one sample."""
+    if mode not in ("none", "full", "selective"):
+        raise ValueError(f"activation checkpointing mode {mode!r}; expected none, full or selective")
+    block = block_forward_flops(arch, tokens, text_tokens)
+    per_block = block["rest"] + (block["self_attention"] if mode == "full" else 0.0)
+    return checkpointed_block_count(arch.depth, mode, every) * per_block

@@ -102,6 +102,10 @@ class PipelineTrainingLoop(TrainingLoop):
         losses: list[torch.Tensor] = []
         order = one_f_one_b(self.stage.stage, self.stage.stages, len(micro_batches))
         times = run_schedule(order, self.link, self.stage_functions(inputs, losses), self.dtype, self.device)
+        self.accounting.add("fwd", times.forward)
+        self.accounting.add("bwd", times.backward)
+        self.accounting.add("pp_recv", times.recv_wait)
+        self.accounting.add("pp_send", times.send_wait)
         if self.ema is not None:
             self.ema.update(self.engine.module, step)
         loss_mean = torch.zeros((), dtype=torch.float64)

@@ -26,7 +26,8 @@ from megasora.launcher.env import discover
 from megasora.train.distributed import device_for, init_distributed
 from megasora.train.ema import EMA
 from megasora.train.engine import build_engine
-from megasora.train.flops import dit_train_flops
+from megasora.train.accounting import StepAccounting  # installs the comm counter before DeepSpeed starts
+from megasora.train.flops import dit_recompute_flops, dit_train_flops
 from megasora.train.metrics import MetricsLogger
 from megasora.train.objective import FlowMatchingObjective
 from megasora.train.preemption import PREEMPTED_EXIT_CODE, process_flag
@@ -158,6 +159,7 @@ class TrainingLoop:
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.arch = dit_arch(cfg)
         self.preemption = process_flag()
+        self.accounting = StepAccounting.for_run(cfg, parallel.mpu.mesh.layout, device, self.dtype)
 
     def run(self, step: int, samples: int) -> TrainResult:
         cfg = self.cfg
@@ -167,10 +169,12 @@ class TrainingLoop:
         metrics = MetricsLogger(Path(cfg.run.dir), cfg.train.steps, step, self.is_main)
         self.preemption.install()
         try:
-            for batch in stream.steps(samples):
+            for batch in self.accounting.batches(stream.steps(samples)):
                 if step >= cfg.train.steps:
                     break
-                stats = self.train_step(batch.micro_batches, step)
+                with self.accounting.step():
+                    stats = self.train_step(batch.micro_batches, step)
+                stats.update(self.accounting.metrics(stats))
                 step, samples = step + 1, batch.samples_after
                 result.losses[step], result.final_step, result.samples = stats["loss"], step, samples
                 if hasattr(stream, "stats"):  # shard streams count corrupt / substituted samples
@@ -205,8 +209,10 @@ class TrainingLoop:
         start = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for micro in micro_batches:
-            loss = self.objective(self.engine, micro, step, self.dtype, self.device)
-            self.engine.backward(loss)
+            with self.accounting.phase("fwd"):
+                loss = self.objective(self.engine, micro, step, self.dtype, self.device)
+            with self.accounting.phase("bwd"):
+                self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach().double().cpu()
         if self.ema is not None:
@@ -223,6 +229,9 @@ class TrainingLoop:
                             for m in micro_batches) * self.parallel.size
         text_len = micro_batches[0]["text_emb"].shape[1]
         flops = dit_train_flops(self.arch, global_tokens // global_samples, text_len) * global_samples
+        t = self.cfg.train  # what activation checkpointing re-runs counts for hfu, not mfu
+        recompute = dit_recompute_flops(self.arch, global_tokens // global_samples, text_len,
+                                        t.activation_checkpointing, t.ac_every) * global_samples
         grad_norm = self.engine.get_global_grad_norm()
         return {
             "loss": loss,
@@ -231,6 +240,7 @@ class TrainingLoop:
             "samples_per_s": global_samples / elapsed,
             "tokens_per_s": global_tokens / elapsed,
             "flops_per_s": flops / elapsed,
+            "recompute_flops_per_s": recompute / elapsed,
             "mem_bytes": peak_memory_bytes(self.device),
             "step_time_s": elapsed,
         }

@@ -1,0 +1,213 @@
+"""The one seam where communication is counted: wrappers around torch.distributed's collectives.
+
+Our own helpers (parallel/comm.py, ring.py, tensor.py, the pipeline links) and DeepSpeed
+(deepspeed.comm.TorchBackend forwards every call to torch.distributed.<op>) all end in these
+functions, so wrapping them once counts everything, DeepSpeed's gradient collectives included,
+without a counter anywhere in model or parallel code (DESIGN.md principle 10).
+
+`install()` replaces the functions in the torch.distributed namespace once per process. It
+must run before DeepSpeed's communication backend is created: TorchBackend caches
+all_gather_into_tensor / reduce_scatter_tensor at construction (trainer.py installs it
+first thing). While the counter is off each wrapper costs one attribute check.
+
+A call is recorded as (axis, kind) -> bytes, seconds, calls. Bytes follow the convention of
+megasora/plan/communication.py (full tensor handed to the collective; p2p: bytes sent).
+Seconds are the time this rank was blocked: the whole call for a synchronous collective, the
+issue plus every wait() of the returned handle for an asynchronous one, i.e. the exposed
+communication. The axis is the name of the mesh axes the group spans (`axis_name`); calls on
+a one-rank group move nothing and are not recorded. Nested calls (a collective implemented by
+another, batch_isend_irecv by isend/irecv) are counted once, at the outermost.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+from megasora.plan.communication import axis_name
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _list_bytes(ts: list[torch.Tensor]) -> int:
+    return sum(_nbytes(t) for t in ts)
+
+
+# name -> (kind, bytes of the call from its bound arguments)
+WRAPPED: dict[str, tuple[str, Callable[[dict[str, Any]], int]]] = {
+    "all_reduce": ("all_reduce", lambda a: _nbytes(a["tensor"])),
+    "all_gather_into_tensor": ("all_gather", lambda a: _nbytes(a["output_tensor"])),
+    "all_gather_single": ("all_gather", lambda a: _nbytes(a["output_tensor"])),
+    "_all_gather_base": ("all_gather", lambda a: _nbytes(a["output_tensor"])),
+    "all_gather": ("all_gather", lambda a: _list_bytes(a["tensor_list"])),
+    "reduce_scatter_tensor": ("reduce_scatter", lambda a: _nbytes(a["input"])),
+    "reduce_scatter_single": ("reduce_scatter", lambda a: _nbytes(a["input"])),
+    "_reduce_scatter_base": ("reduce_scatter", lambda a: _nbytes(a["input"])),
+    "reduce_scatter": ("reduce_scatter", lambda a: _list_bytes(a["input_list"])),
+    "all_to_all_single": ("all_to_all", lambda a: _nbytes(a["input"])),
+    "all_to_all": ("all_to_all", lambda a: _list_bytes(a["input_tensor_list"])),
+    "broadcast": ("broadcast", lambda a: _nbytes(a["tensor"])),
+    "reduce": ("reduce", lambda a: _nbytes(a["tensor"])),
+    "send": ("p2p", lambda a: _nbytes(a["tensor"])),
+    "isend": ("p2p", lambda a: _nbytes(a["tensor"])),
+    "recv": ("p2p", lambda a: 0),   # counted at the sender; the wait is this rank's time
+    "irecv": ("p2p", lambda a: 0),
+}
+
+
+@dataclass
+class Tally:
+    bytes: int = 0
+    seconds: float = 0.0
+    calls: int = 0
+
+
+class CommCounter:
+    """Per-step tallies keyed by (axis, kind). Process-global because the seam is."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.tallies: dict[tuple[str, str], Tally] = defaultdict(Tally)
+        self._layout: Any = None
+        self._names: dict[int, Optional[str]] = {}
+        self._local = threading.local()
+
+    def set_layout(self, layout: Any) -> None:
+        """Name groups by the axes of this layout they span (else: 'world' for any multi-rank group)."""
+        self._layout, self._names = layout, {}
+
+    def axis_of(self, group: Any) -> Optional[str]:
+        key = id(group)
+        if key not in self._names:
+            ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+            self._names[key] = self._name(ranks)
+        return self._names[key]
+
+    def _name(self, ranks: list[int]) -> Optional[str]:
+        if len(ranks) <= 1:
+            return None
+        if self._layout is None:
+            return "world"
+        coords = [self._layout.coords(r) for r in ranks]
+        spanned = tuple(a for a in coords[0] if len({c[a] for c in coords}) > 1)
+        return axis_name(spanned, self._layout)
+
+    def add(self, axis: str, kind: str, nbytes: int, seconds: float, calls: int = 1) -> None:
+        tally = self.tallies[(axis, kind)]
+        tally.bytes += nbytes
+        tally.seconds += seconds
+        tally.calls += calls
+
+    def take(self) -> dict[tuple[str, str], Tally]:
+        """This window's tallies; starts a new window."""
+        out, self.tallies = dict(self.tallies), defaultdict(Tally)
+        return out
+
+    @contextmanager
+    def counting(self, enabled: bool = True) -> Iterator["CommCounter"]:
+        """Count the collectives issued inside the block (nothing when not enabled)."""
+        previous, self.active = self.active, enabled
+        try:
+            yield self
+        finally:
+            self.active = previous
+
+    @property
+    def depth(self) -> int:
+        return getattr(self._local, "depth", 0)
+
+    @depth.setter
+    def depth(self, value: int) -> None:
+        self._local.depth = value
+
+
+COUNTER = CommCounter()
+
+
+class _TimedWork:
+    """An async handle whose wait() adds to the call's seconds (everything else is delegated)."""
+
+    def __init__(self, work: Any, axis: str, kind: str) -> None:
+        self._work, self._axis, self._kind = work, axis, kind
+
+    def wait(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self._work.wait(*args, **kwargs)
+        finally:
+            if COUNTER.active:
+                COUNTER.add(self._axis, self._kind, 0, time.perf_counter() - start, calls=0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._work, name)
+
+
+def _counted(original: Callable, kind: str, nbytes: Callable[[dict[str, Any]], int]) -> Callable:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not COUNTER.active or COUNTER.depth:
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs).arguments
+        return _timed_call(lambda: original(*args, **kwargs), bound.get("group"), kind, nbytes(bound))
+
+    return wrapper
+
+
+def _timed_call(call: Callable[[], Any], group: Any, kind: str, nbytes: int) -> Any:
+    axis = COUNTER.axis_of(group)
+    if axis is None:
+        return call()
+    COUNTER.depth += 1
+    start = time.perf_counter()
+    try:
+        result = call()
+    finally:
+        COUNTER.depth -= 1
+    COUNTER.add(axis, kind, nbytes, time.perf_counter() - start)
+    if isinstance(result, list):
+        return [_TimedWork(w, axis, kind) for w in result]
+    return _TimedWork(result, axis, kind) if result is not None and hasattr(result, "wait") else result
+
+
+def _counted_batch(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def wrapper(p2p_op_list: list) -> Any:
+        if not COUNTER.active or COUNTER.depth or not p2p_op_list:
+            return original(p2p_op_list)
+        sent = sum(_nbytes(op.tensor) for op in p2p_op_list if op.op is c10d.isend)
+        return _timed_call(lambda: original(p2p_op_list), p2p_op_list[0].group, "p2p", sent)
+
+    return wrapper
+
+
+ORIGINALS: dict[str, Callable] = {}  # name -> torch's own function, once installed
+
+
+def install() -> None:
+    """Wrap torch.distributed's collectives, in torch.distributed and in distributed_c10d (where
+    P2POp and batch_isend_irecv compare `op is isend`), once per process."""
+    if ORIGINALS:
+        return
+    wrappers = {}
+    for name, (kind, nbytes) in WRAPPED.items():
+        original = getattr(c10d, name, None)
+        if original is not None:
+            ORIGINALS[name], wrappers[name] = original, _counted(original, kind, nbytes)
+    ORIGINALS["batch_isend_irecv"] = c10d.batch_isend_irecv
+    wrappers["batch_isend_irecv"] = _counted_batch(c10d.batch_isend_irecv)
+    for name, wrapper in wrappers.items():
+        setattr(c10d, name, wrapper)
+        setattr(dist, name, wrapper)
