@@ -108,7 +108,7 @@ class CondMasksConfig:
                         default=0.0)
     tail: float = _help("Extend backwards: the last k token frames are clean, k uniform in [1, T'-1].",
                         default=0.0)
-    random: float = _help("Each token frame is clean with probability 1/2 (at least one stays noised).",
+    random: float = _help("Each token frame is clean with probability 1/2 (at least one clean, one noised).",
                           default=0.0)
 
 

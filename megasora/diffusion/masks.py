@@ -70,8 +70,8 @@ def draw_frame_mask(u: float, generator: torch.Generator, token_frames: int,
         return frame_mask(kind, token_frames, k)
     if kind == "random":
         mask = torch.rand(token_frames, generator=generator) < 0.5
-        if mask.all():  # keep one frame to generate
-            mask[int(torch.randint(0, token_frames, (), generator=generator))] = False
+        if mask.all() or not mask.any():  # keep one frame to generate and one given
+            mask[int(torch.randint(0, token_frames, (), generator=generator))] = not mask.all()
         return mask
     return frame_mask(kind, token_frames)
 

@@ -188,6 +188,8 @@ class TrainingLoop:
                     break
                 if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
                     self.save(step, samples)
+                if cfg.train.sample_every and step % cfg.train.sample_every == 0:
+                    self.sample_previews(step, samples)
             if result.final_step > start_step:  # resuming a finished run trains and saves nothing
                 self.save(result.final_step, result.samples)
         finally:
@@ -252,6 +254,13 @@ class TrainingLoop:
         if self.is_main:
             with open(Path(self.cfg.run.dir) / "sample_ids.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "ids": [i for r in per_rank for i in r]}) + "\n")
+
+    def sample_previews(self, step: int, samples: int) -> None:
+        """train.sample_every: global rank 0 samples the EMA (megasora/train/previews.py)."""
+        ema = self.client_state(step, samples)["ema"]  # the whole model's, as a checkpoint holds it (collective)
+        if self.is_main:
+            from megasora.train.previews import preview_writer, write_previews
+            write_previews(self.cfg, ema, step, self.device, preview_writer(Path(self.cfg.run.dir)))
 
     def save(self, step: int, samples: int) -> None:
         self.manager.save(self.engine, step, samples, self.client_state(step, samples))

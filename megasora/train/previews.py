@@ -1,0 +1,88 @@
+"""Samples during training (train.sample_every): the fixed train.sample_prompts, sampled with the
+EMA weights into run/samples/step_N.mp4 and TensorBoard (`samples`, an animated image).
+
+The trainer hands over the whole model's EMA (gathered over tp / pp like a checkpoint's) and
+global rank 0 samples it on a plain single-device DiT, so any parallel layout previews alike.
+The noise seed is fixed, so successive previews show the same clips getting better.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megasora.config import Config
+
+log = logging.getLogger("megasora")
+
+
+@lru_cache(maxsize=2)
+def _text_encoder(path: str, max_length: int):
+    from megasora.models.text import TextEncoder
+    return TextEncoder(path or None, max_length)
+
+
+@torch.no_grad()
+def sample_previews(cfg: Config, weights: dict[str, torch.Tensor], device: torch.device) -> np.ndarray:
+    """uint8 (T, H, B*W, 3): the prompts' clips side by side, at the training clip size."""
+    from megasora.diffusion.modes import Codec
+    from megasora.diffusion.sampler import sample_euler
+    from megasora.models import build_dit
+    model = build_dit(cfg)
+    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    model.to(device).eval()
+    prompts = list(cfg.train.sample_prompts)
+    text, mask = _text_encoder(cfg.text.path, cfg.text.max_length).encode(prompts)
+    shape = (len(prompts), cfg.model.in_channels, cfg.data.frames, cfg.data.height, cfg.data.width)
+    latents = sample_euler(model, shape, text, mask, cfg.diffusion, steps=cfg.train.sample_steps,
+                           patch=tuple(cfg.model.patch), generator=torch.Generator().manual_seed(cfg.train.seed))
+    pixels = Codec(cfg).decode(latents.cpu()) if cfg.vae.path or cfg.model.in_channels == 3 else latents[:, :3]
+    frames = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, T, H, W)
+    return torch.cat(list(frames), dim=-1).permute(1, 2, 3, 0).numpy()  # (T, H, B*W, 3)
+
+
+def write_previews(cfg: Config, weights: dict[str, torch.Tensor], step: int, device: torch.device,
+                   writer=None) -> Path:
+    """Sample and write run/samples/step_N.mp4 (+ TensorBoard through `writer`); returns the mp4 path."""
+    from megasora.data.video_io import write_video
+    frames = sample_previews(cfg, weights, device)
+    zoom = max(1, 64 // frames.shape[1])  # tiny pixel-space clips are unwatchable at 16 px
+    frames = frames.repeat(zoom, axis=1).repeat(zoom, axis=2)
+    path = Path(cfg.run.dir) / "samples" / f"step_{step}.mp4"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_video(path, frames, cfg.data.fps)
+    if writer is not None:
+        add_video(writer, "samples", frames, step, cfg.data.fps)
+    log.info("step %d: wrote samples of %d prompts to %s", step, len(cfg.train.sample_prompts), path)
+    return path
+
+
+def add_video(writer, tag: str, frames: np.ndarray, step: int, fps: float) -> None:
+    """SummaryWriter.add_video, with a Pillow GIF encoder when moviepy (its encoder) is missing."""
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        buffer = io.BytesIO()
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],
+                       duration=int(1000 / max(fps, 1)), loop=0)
+        t, h, w, c = frames.shape
+        image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buffer.getvalue())
+        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        writer.flush()
+        return
+    writer.add_video(tag, torch.from_numpy(frames).permute(0, 3, 1, 2)[None], step, fps=int(fps))  # (1, T, C, H, W)
+    writer.flush()
+
+
+@lru_cache(maxsize=4)
+def preview_writer(run_dir: Path):
+    """A TensorBoard writer for the previews beside the metrics' one (its own event file)."""
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(run_dir / "tensorboard"), filename_suffix=".samples")
