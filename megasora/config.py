@@ -153,6 +153,13 @@ class TrainConfig:
     betas: list[float] = _help("AdamW betas.", default_factory=lambda: [0.9, 0.999])
     grad_clip: float = _help("Clip the global gradient norm to this value (0 = off).", default=1.0)
     zero_stage: int = _help("DeepSpeed ZeRO stage 0, 1, 2 or 3.", default=2)
+    optimizer: str = _help("`adamw` (torch AdamW, fused on CUDA), `fused_adam` (DeepSpeed FusedAdam, CUDA), "
+                           "`apex_adam` (NVIDIA apex FusedAdam, CUDA, only when apex is importable) or "
+                           "`cpu_adam` (DeepSpeed CPUAdam, with train.offload_optimizer=cpu). Same AdamW maths "
+                           "and checkpoint layout for all.", default="adamw")
+    offload_optimizer: str = _help("`none`, or `cpu`: ZeRO-Offload keeps the optimizer state and step on the "
+                                   "host (needs train.optimizer=cpu_adam and train.zero_stage >= 1).",
+                                   default="none")
     activation_checkpointing: str = _help(
         "Recompute activations in backward to save memory: `none`, `full` (keep only each checkpointed "
         "block's input, re-run the whole block, including its ring/Ulysses communication) or `selective` "
@@ -357,6 +364,7 @@ def validate(cfg: Config) -> None:
     _require(d.kind in ("synthetic", "shards", "clips"),
              f"data.kind={d.kind!r} is not one of: synthetic, shards, clips (train-vae pixels)")
     _require(d.kind != "shards" or bool(d.shards), "data.kind=shards needs data.shards (a `megasora preprocess` "
+    _validate_optimizer(cfg)
              "output directory)")
     _require((d.clip_frames - 1) % 4 == 0, f"data.clip_frames={d.clip_frames} must be 1 + 4k (e.g. 17, 33)")
     _require(m.kernels in ("auto", "fused", "torch"), f"model.kernels={m.kernels!r} must be auto, fused or torch")
@@ -393,6 +401,29 @@ def _validate_cond_masks(d: DiffusionConfig) -> None:
         _require(0.0 <= p <= 1.0, f"diffusion.cond_masks.{name}={p} must be a probability in [0, 1]")
     _require(sum(probs.values()) <= 1.0 + 1e-9,
              f"diffusion.cond_masks probabilities sum to {sum(probs.values()):.3g} > 1; the remainder is the "
+OPTIMIZERS = ("adamw", "fused_adam", "apex_adam", "cpu_adam")
+
+
+def _validate_optimizer(cfg: Config) -> None:
+    """Optimizer choices that contradict each other; what this machine can run is checked at train start
+    (megasora/train/engine.py check_optimizer), since a checkpoint's config must still load elsewhere."""
+    t = cfg.train
+    _require(t.optimizer in OPTIMIZERS, f"train.optimizer={t.optimizer!r} is not one of {', '.join(OPTIMIZERS)}; "
+             "pick one of those (adamw is the default)")
+    _require(t.offload_optimizer in ("none", "cpu"),
+             f"train.offload_optimizer={t.offload_optimizer!r} must be none or cpu")
+    if t.offload_optimizer == "cpu":
+        _require(t.optimizer == "cpu_adam", f"train.offload_optimizer=cpu steps the optimizer on the host, which "
+                 f"needs DeepSpeed's CPUAdam, not train.optimizer={t.optimizer}; set train.optimizer=cpu_adam")
+        _require(t.zero_stage >= 1, "train.offload_optimizer=cpu is ZeRO-Offload and needs train.zero_stage 1, "
+                 "2 or 3; set train.zero_stage=2")
+        _require(cfg.parallel.pp == 1, "train.offload_optimizer=cpu is not supported with parallel.pp > 1; "
+                 "set train.offload_optimizer=none or parallel.pp=1")
+    _require(t.optimizer != "cpu_adam" or t.offload_optimizer == "cpu",
+             "train.optimizer=cpu_adam steps on host copies of the parameters, which only ZeRO-Offload keeps; "
+             "set train.offload_optimizer=cpu")
+
+
              f"unconditioned share, so lower them to a total <= 1")
     _require(d.cond_frames_prob == 0.0 or d.cond_masks.first_frame == 0.0,
              "diffusion.cond_frames_prob is the old name of diffusion.cond_masks.first_frame; set only "

@@ -1,17 +1,36 @@
-"""DeepSpeed engine construction: optimizer, LR schedule and the DeepSpeed config from ours."""
+"""DeepSpeed engine construction: optimizer, LR schedule and the DeepSpeed config from ours.
+
+`train.optimizer` picks the implementation of one and the same AdamW update (decoupled weight
+decay, eps 1e-8), so a run can switch between them without changing its checkpoint layout:
+
+- `adamw`: torch.optim.AdamW, the fused multi-tensor kernel on CUDA (default);
+- `fused_adam`: DeepSpeed's FusedAdam (a CUDA op DeepSpeed builds);
+- `apex_adam`: NVIDIA apex's FusedAdam, when apex is already installed (never PyPI's `apex`);
+- `cpu_adam`: DeepSpeed's CPUAdam (a JIT-built C++ op), for `train.offload_optimizer=cpu`,
+  i.e. ZeRO-Offload: optimizer state and step on the host, parameters on the device.
+
+`check_optimizer` tells, before any process group exists, whether this machine can run the
+choice; config.validate() has already rejected contradictory combinations.
+"""
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
 from torch import nn
 
-from megasora.config import Config
+from megasora.config import Config, ConfigError
 from megasora.train.schedule import warmup_cosine
+
+EPS = 1e-8
 
 
 def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) -> dict[str, Any]:
     t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.offload_optimizer == "cpu":  # ZeRO-Offload: fp32 master weights + Adam state live on the host
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         # Resuming under a different layout reads a universal checkpoint (see train/universal.py).
         "checkpoint": {"load_universal": load_universal},
@@ -19,23 +38,79 @@ def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) ->
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch_size * t.grad_accum * dp_size,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
-        # We pass torch's AdamW (identical maths on CPU and GPU); DeepSpeed calls it "untested".
+        # We pass our own optimizer (torch's AdamW by default); DeepSpeed calls that "untested".
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
 
 
-def build_engine(cfg: Config, model: nn.Module, dp_size: int, mpu: Any = None, load_universal: bool = False) -> Any:
-    import deepspeed
+def check_optimizer(cfg: Config) -> None:
+    """Raise a ConfigError naming train.optimizer when this machine cannot run it (no CUDA, no apex,
+    DeepSpeed's op cannot be built). Called at train start, before any process group."""
+    name = cfg.train.optimizer
+    if name in ("fused_adam", "apex_adam") and not torch.cuda.is_available():
+        raise ConfigError(f"train.optimizer={name} is a CUDA kernel but no CUDA device is visible "
+                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use train.optimizer=adamw, "
+                          "or train.optimizer=cpu_adam with train.offload_optimizer=cpu")
+    if name == "apex_adam" and apex_fused_adam() is None:
+        raise ConfigError("train.optimizer=apex_adam needs NVIDIA apex (apex.optimizers.FusedAdam), which is not "
+                          "importable; build it from NVIDIA's apex repository (the PyPI package named apex is "
+                          "unrelated) or use train.optimizer=fused_adam or adamw")
+    if name in ("fused_adam", "cpu_adam"):
+        builder = "FusedAdamBuilder" if name == "fused_adam" else "CPUAdamBuilder"
+        try:
+            load_deepspeed_op(builder)
+        except Exception as err:  # a compiler error, missing headers, incompatible CPU/GPU: say which
+            reason = " ".join(str(err).split())[:300]
+            raise ConfigError(f"train.optimizer={name}: DeepSpeed could not build or load its {builder} op "
+                              f"({type(err).__name__}: {reason}); use train.optimizer=adamw (see "
+                              "`megasora env`)") from err
+
+
+def load_deepspeed_op(builder_name: str) -> Any:
+    """Build (JIT, into TORCH_EXTENSIONS_DIR, cached) and load one of DeepSpeed's ops for this accelerator."""
+    from deepspeed.accelerator import get_accelerator
+    builder = get_accelerator().create_op_builder(builder_name)
+    if builder is None:
+        raise RuntimeError(f"accelerator {get_accelerator().device_name()} has no {builder_name}")
+    return builder.load()
+
+
+def apex_fused_adam() -> type | None:
+    """NVIDIA apex's FusedAdam class when apex is installed, else None (the PyPI `apex` has no optimizers)."""
+    try:
+        return importlib.import_module("apex.optimizers").FusedAdam
+    except Exception:  # ImportError, or an apex built against another torch failing at import
+        return None
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over two groups (no weight decay for biases, norms and the null caption embedding)."""
     t = cfg.train
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "null_embedding" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=1e-8)
+    betas = tuple(t.betas)
+    if t.optimizer == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=betas, eps=EPS, adamw_mode=True)
+    if t.optimizer == "fused_adam":
+        from deepspeed.ops.adam import FusedAdam
+        return FusedAdam(groups, lr=t.lr, betas=betas, eps=EPS, adam_w_mode=True)
+    if t.optimizer == "apex_adam":
+        return apex_fused_adam()(groups, lr=t.lr, betas=betas, eps=EPS, adam_w_mode=True)
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=t.lr, betas=betas, eps=EPS, fused=on_cuda or None)
+
+
+def build_engine(cfg: Config, model: nn.Module, dp_size: int, mpu: Any = None, load_universal: bool = False) -> Any:
+    import deepspeed
+    t = cfg.train
+    optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, t.steps, t.warmup_steps, t.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

@@ -25,7 +25,7 @@ from megasora.train import checkpoint
 from megasora.launcher.env import discover
 from megasora.train.distributed import device_for, init_distributed
 from megasora.train.ema import EMA
-from megasora.train.engine import build_engine
+from megasora.train.engine import build_engine, check_optimizer
 from megasora.train.accounting import StepAccounting  # installs the comm counter before DeepSpeed starts
 from megasora.train.flops import dit_recompute_flops, dit_train_flops
 from megasora.train.metrics import MetricsLogger
@@ -120,6 +120,8 @@ def restore(engine: Any, ema: EMA | None, resume_from: checkpoint.CheckpointInfo
 def train(cfg: Config, resume: str | None = None) -> TrainResult:
     env = discover()
     layout = validate_config_layout(cfg, env.world_size)  # fails here, before any process group exists
+    check_source(cfg)  # so does a data path that holds nothing
+    check_optimizer(cfg)  # and an optimizer this machine cannot run
     env = init_distributed()
     device = device_for(env)
     record = layout_record(cfg, layout, env.world_size)

@@ -23,7 +23,7 @@ from megasora.models.vae import VideoVAE, arch_from_config, kl_divergence, save_
 from megasora.train import checkpoint
 from megasora.train.distributed import device_for, init_distributed
 from megasora.train.ema import EMA, _gathered
-from megasora.train.engine import build_engine
+from megasora.train.engine import build_engine, check_optimizer
 from megasora.parallel.mesh import ParallelLayout
 from megasora.train.trainer import (DataParallel, TrainingLoop, TrainResult, layout_record, open_run,
                                     peak_memory_bytes, restore)
@@ -133,6 +133,7 @@ def train_vae(cfg: Config, resume: str | None = None) -> TrainResult:
         raise ConfigError("train-vae is data parallel only; set parallel.tp/ulysses/ring/pp to 1")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, kind="clips"))
     check_source(cfg)  # before any process group: a wrong path is one line, not one traceback per rank
+    check_optimizer(cfg)
     env = init_distributed()
     device = device_for(env)
     record = layout_record(cfg, ParallelLayout.from_config(cfg.parallel, env.world_size), env.world_size)
