@@ -364,12 +364,12 @@ def validate(cfg: Config) -> None:
     _require(d.kind in ("synthetic", "shards", "clips"),
              f"data.kind={d.kind!r} is not one of: synthetic, shards, clips (train-vae pixels)")
     _require(d.kind != "shards" or bool(d.shards), "data.kind=shards needs data.shards (a `megasora preprocess` "
-    _validate_optimizer(cfg)
              "output directory)")
     _require((d.clip_frames - 1) % 4 == 0, f"data.clip_frames={d.clip_frames} must be 1 + 4k (e.g. 17, 33)")
     _require(m.kernels in ("auto", "fused", "torch"), f"model.kernels={m.kernels!r} must be auto, fused or torch")
     _require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
     _require(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+    _validate_optimizer(cfg)
     _require(t.activation_checkpointing in AC_MODES,
              f"train.activation_checkpointing={t.activation_checkpointing!r} must be one of: {', '.join(AC_MODES)}")
     _require(t.ac_every >= 1, f"train.ac_every={t.ac_every} must be >= 1 (checkpoint every k-th block)")

@@ -125,7 +125,6 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     env = init_distributed()
     device = device_for(env)
     record = layout_record(cfg, layout, env.world_size)
-    check_source(cfg)  # so does a data path that holds nothing
     ckpt_dir, resume_from, reshard = open_run(cfg, env.rank, record, resume)
 
     torch.manual_seed(cfg.train.seed)  # identical init on every rank; parallelize slices it
