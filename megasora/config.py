@@ -401,6 +401,12 @@ def _validate_cond_masks(d: DiffusionConfig) -> None:
         _require(0.0 <= p <= 1.0, f"diffusion.cond_masks.{name}={p} must be a probability in [0, 1]")
     _require(sum(probs.values()) <= 1.0 + 1e-9,
              f"diffusion.cond_masks probabilities sum to {sum(probs.values()):.3g} > 1; the remainder is the "
+             f"unconditioned share, so lower them to a total <= 1")
+    _require(d.cond_frames_prob == 0.0 or d.cond_masks.first_frame == 0.0,
+             "diffusion.cond_frames_prob is the old name of diffusion.cond_masks.first_frame; set only "
+             "diffusion.cond_masks.first_frame")
+
+
 OPTIMIZERS = ("adamw", "fused_adam", "apex_adam", "cpu_adam")
 
 
@@ -422,12 +428,6 @@ def _validate_optimizer(cfg: Config) -> None:
     _require(t.optimizer != "cpu_adam" or t.offload_optimizer == "cpu",
              "train.optimizer=cpu_adam steps on host copies of the parameters, which only ZeRO-Offload keeps; "
              "set train.offload_optimizer=cpu")
-
-
-             f"unconditioned share, so lower them to a total <= 1")
-    _require(d.cond_frames_prob == 0.0 or d.cond_masks.first_frame == 0.0,
-             "diffusion.cond_frames_prob is the old name of diffusion.cond_masks.first_frame; set only "
-             "diffusion.cond_masks.first_frame")
 
 
 def _validate_pipeline(cfg: Config) -> None:
