@@ -62,6 +62,14 @@ def test_per_point_layout_and_slurm_shapes(tmp_path: Path) -> None:
     assert "parallel.tp=2" in n2.overrides and "parallel.tp=2" not in n1.overrides
 
 
+def test_planner_layouts_apply_and_explicit_point_overrides_win(tmp_path: Path) -> None:
+    layouts = {1: ["train.zero_stage=1"], 2: ["parallel.tp=2", "train.zero_stage=1"]}
+    study = plan_study(TINY, [1, 2], 1, "weak", 5, 2, str(tmp_path / "s"), ["2:train.zero_stage=3"], "local",
+                       layouts=layouts)
+    assert [(p.layout["tp"], p.layout["zero_stage"]) for p in study.points] == [(1, 1), (2, 3)]
+    assert study.planned_layouts
+
+
 @pytest.mark.parametrize("sets, match", [
     (["8:parallel.tp=2"], r"names size 8, which is not in the study \[1, 2\]"),
     (["2:parallel.tp=3"], r"point p2 \(world 2\).*parallel.tp"),
@@ -97,6 +105,7 @@ def write_metrics(run_dir: Path, steps: int, step_time: float, samples_per_step:
             f.write(json.dumps({"step": step, "loss": 1.0, "step_time_s": t, "samples_per_s": samples_per_step / t,
                                 "tokens_per_s": 256 * samples_per_step / t, "mem_bytes": 1000 * step,
                                 "mfu": 0.4 if step > 2 else 0.0, **{f"comm_s/{a}": s for a, s in comm.items()},
+                                **{f"comm_s/{a}/all_reduce": s for a, s in comm.items()},  # a part, not more
                                 **{f"comm_bytes/{a}": 1e6 for a in comm}}) + "\n")
 
 
@@ -131,7 +140,11 @@ def test_report_from_metrics_with_a_failed_point(measured_study: Study) -> None:
     assert float(p2["samples_per_s"]) == pytest.approx(3.2) and float(p2["efficiency"]) == pytest.approx(0.8)
     assert float(p2["ideal_samples_per_s"]) == pytest.approx(4.0)
     assert float(p2["comm_share/dp"]) == pytest.approx(0.2) and float(p2["mfu"]) == pytest.approx(0.4)
+    assert float(p2["comm_s/dp/all_reduce"]) == 0.25 and "comm_share/dp/all_reduce" not in p2  # a part of dp's
     assert int(p2["mem_bytes"]) == 5000  # the peak, not the mean
+    # the planner's prediction of the same point, on this CPU's measured figures
+    assert float(p2["predicted_step_time_s"]) > 0 and float(p2["predicted_over_measured"]) == \
+        pytest.approx(float(p2["predicted_step_time_s"]) / 1.25, rel=1e-4)
     assert p4["status"] == "failed" and "out of memory" in p4["reason"] and p4["step_time_s"] == ""
     md = (out / "scaling.md").read_text()
     assert "| p2 | 2 | dp2 z2 | 4 (ga 1) | done | 1.25 |" in md and "dp 20%" in md

@@ -38,9 +38,6 @@ def _study_arguments(p: argparse.ArgumentParser, size_flag: str, size_help: str)
     p.add_argument("--plan", action="store_true",
                    help="take each point's layout (tp, ulysses, ring, pp, ZeRO, checkpointing) from the planner's "
                         "best; N:parallel.* overrides still win")
-    p.add_argument("--gpu", default=None,
-                   help="planner hardware (h100|h200|a100|b200|FILE) for --plan and predictions; default: "
-                        "measured on this machine for CPU runs")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Plan the study and train each process count in turn with torchrun --standalone.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _study_arguments(r, "--procs", "process counts, e.g. --procs 1 2 4")
+    r.add_argument("--gpu", default=None,
+                   help="planner hardware (h100|h200|a100|b200|FILE) for --plan and the predictions; default: "
+                        "this CPU, from measured numbers")
     r.add_argument("--timeout", type=float, default=3600, help="seconds per point before it is stopped "
                    "and reported as a timeout (default 3600)")
     r.set_defaults(func=run_local)
@@ -77,14 +77,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rep.set_defaults(func=run_report)
 
 
-def _plan(args: argparse.Namespace, launcher: str, procs_per_node: int):
+def _plan(args: argparse.Namespace, launcher: str, procs_per_node: int, gpu: str | None):
+    """Plan (or find again) the study; `gpu` None = CPU, predicted from measured numbers."""
     from megasora.scale.predict import planned_layouts
     from megasora.scale.study import Study, StudyError, describe, plan_study
-    layouts = planned_layouts(args.config, args.sizes, procs_per_node, launcher, args.set, args.gpu) \
+    layouts = planned_layouts(args.config, args.sizes, procs_per_node, launcher, args.set, gpu) \
         if args.plan else None
     study = plan_study(args.config, args.sizes, procs_per_node, args.mode, args.steps, args.warmup, args.out,
                        args.set, launcher, args.global_batch, layouts)
-    study.gpu = args.gpu
+    study.gpu = gpu
     if (Path(study.out) / "study.json").is_file():
         old = Study.load(study.out)
         if [p.overrides for p in old.points] != [p.overrides for p in study.points] or old.mode != study.mode:
@@ -98,7 +99,8 @@ def _plan(args: argparse.Namespace, launcher: str, procs_per_node: int):
 def run_submit(args: argparse.Namespace) -> int:
     from megasora.scale.launch import submit_points
     from megasora.scale.study import StudyError
-    study = _plan(args, "slurm", args.tasks_per_node or args.gpus_per_node or 1)
+    study = _plan(args, "slurm", args.tasks_per_node or args.gpus_per_node or 1,
+                  args.gpu if args.gpus_per_node else None)
     if any(p.job_id for p in study.points) and not args.dry_run:
         raise StudyError(f"{study.out} was submitted already (jobs {[p.job_id for p in study.points]}); "
                          f"follow it with `megasora scale status {study.out}` or use another --out")
@@ -114,7 +116,7 @@ def run_submit(args: argparse.Namespace) -> int:
 def run_local(args: argparse.Namespace) -> int:
     from megasora.scale.launch import run_points
     from megasora.scale.status import DONE, point_status
-    study = _plan(args, "local", 1)
+    study = _plan(args, "local", 1, args.gpu)
     study.save()
     todo = [p for p in study.points if point_status(study, p).state != DONE]
     if len(todo) < len(study.points):

@@ -1,26 +1,69 @@
-"""The planner's word on a point (megasora.plan): its predicted step time, and with --plan its layout.
+"""The planner's word on a point (megasora/plan): its predicted step time, and with --plan its layout.
 
-Kept in one place so that the rest of the study code does not depend on the planner's
-internals, and so that a study still reports (with the prediction left empty) where no
-prediction can be made.
+Hardware: GPU studies name it (`--gpu h100|h200|a100|b200|FILE`, the planner's table). CPU
+studies (local runs, CPU Slurm jobs) are predicted from measured numbers: the matmul peak
+the run itself logged (`peak_flops` in metrics.jsonl, the figure its MFU divides by) and
+the planner's measured memory-copy bandwidth of this machine for both links (gloo over
+shared memory). A study whose prediction cannot be made still reports, with it left empty.
 """
 from __future__ import annotations
 
-from megasora.scale.study import Point, Study
+import dataclasses
+import functools
+import statistics
+from pathlib import Path
+from typing import Any
+
+from megasora.config import load_config
+from megasora.scale.study import Point, Study, StudyError, point_config, point_shape, split_overrides
+
+# The layout keys --plan takes from the planner. Not micro_batch_size / grad_accum: the
+# study's weak/strong arithmetic owns the batch.
+PLANNED_KEYS = ("parallel.tp", "parallel.ulysses", "parallel.ring", "parallel.pp", "train.zero_stage",
+                "train.activation_checkpointing", "train.ac_every")
 
 
-def predicted_step_time(study: Study, point: Point) -> float | None:
+@functools.lru_cache(maxsize=None)
+def _hardware(name: str) -> Any:
+    from megasora.plan.hardware import load_hardware
+    return load_hardware(name)  # "cpu" measures this machine once per process
+
+
+def point_hardware(study: Study, records: list[dict[str, Any]]) -> Any:
+    """The planner Hardware a point ran on (see the module docstring)."""
+    if study.gpu and study.gpu != "cpu":
+        return _hardware(study.gpu)
+    hw = _hardware("cpu")
+    peaks = [r["peak_flops"] for r in records if r.get("peak_flops")]
+    return dataclasses.replace(hw, peak_flops=statistics.median(peaks)) if peaks else hw
+
+
+def predicted_step_time(study: Study, point: Point, records: list[dict[str, Any]]) -> float | None:
     """Seconds per optimizer step the planner predicts for this point, or None if it can't say."""
     try:
-        from megasora.plan import predict_step_time  # noqa: F401  (issue 11's planner)
+        from megasora.plan.predict import predict
+        from megasora.plan.workload import layout_from_config, workload_from_config
     except ImportError:
         return None
-    return None
+    cfg = point_config(study, point)
+    _, micro = workload_from_config(cfg)
+    layout = layout_from_config(cfg, point.world_size, micro)
+    return predict(cfg, layout, point_hardware(study, records), point.procs_per_node).time.total_s
 
 
 def planned_layouts(config: str, sizes: list[int], procs_per_node: int, launcher: str, overrides: list[str],
                     gpu: str | None) -> dict[int, list[str]]:
-    """Per size, the `parallel.*` / `train.*` overrides of the planner's best layout."""
-    from megasora.scale.study import StudyError
-    raise StudyError("--plan needs the layout search of megasora.plan, which this install does not have",
-                     "set each point's layout with --set N:parallel.KEY=VALUE instead")
+    """Per size, the overrides of the planner's fastest layout that fits (PLANNED_KEYS only)."""
+    from megasora.plan.search import best_layout
+    common, _ = split_overrides(overrides, sorted(sizes))
+    cfg = load_config(config, common)
+    hardware = _hardware(gpu or "cpu")
+    layouts = {}
+    for size in sizes:
+        nodes, procs = point_shape(launcher, size, procs_per_node)
+        best = best_layout(cfg, nodes, procs, hardware)
+        if best is None:
+            raise StudyError(f"--plan: no layout of {Path(config).name} fits {nodes} node(s) x {procs} "
+                             f"{hardware.name}", "see `megasora plan` for the smallest node count that fits")
+        layouts[size] = [o for o in best.layout.as_overrides() if o.split("=")[0] in PLANNED_KEYS]
+    return layouts

@@ -77,7 +77,7 @@ def point_row(study: Study, point: Point) -> dict[str, Any]:
     if not records:
         return {**row, "status": "failed", "reason": f"no steps after the {study.warmup} warm-up steps"}
     row.update(summarize_records(records))
-    predicted = predicted_step_time(study, point)
+    predicted = predicted_step_time(study, point, records)
     if predicted is not None:
         row["predicted_step_time_s"] = predicted
         row["predicted_over_measured"] = predicted / row["step_time_s"]
@@ -97,7 +97,8 @@ def add_scaling(rows: list[dict[str, Any]]) -> None:
 
 
 def comm_axes(rows: list[dict[str, Any]]) -> list[str]:
-    return sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("comm_s/")})
+    """Axes with a `comm_s/<axis>` total (not the `comm_s/<axis>/<kind>` parts of it)."""
+    return sorted({k.split("/")[1] for r in rows for k in r if k.startswith("comm_s/") and k.count("/") == 1})
 
 
 def collect(study: Study) -> list[dict[str, Any]]:

@@ -97,6 +97,11 @@ def split_overrides(overrides: list[str], counts: list[int]) -> tuple[list[str],
     return common, per_point
 
 
+def point_shape(launcher: str, count: int, procs_per_node: int) -> tuple[int, int]:
+    """(nodes, processes per node): Slurm sizes count nodes, local sizes count processes on one node."""
+    return (count, procs_per_node) if launcher == "slurm" else (1, count)
+
+
 def solve_grad_accum(global_batch: int, micro_batch_size: int, dp: int) -> int | None:
     """grad_accum with micro_batch_size x grad_accum x dp == global_batch, or None if none is whole."""
     per_step = micro_batch_size * dp
@@ -168,8 +173,7 @@ def plan_study(config: str, counts: list[int], procs_per_node: int, mode: str, s
     counts = sorted(counts)
     common, per_point = split_overrides(overrides, counts)
     prefix = "n" if launcher == "slurm" else "p"
-    # Slurm sizes are node counts of procs_per_node ranks each; local sizes are processes on one node.
-    shapes = [(c, procs_per_node) if launcher == "slurm" else (1, c) for c in counts]
+    shapes = [point_shape(launcher, c, procs_per_node) for c in counts]
     worlds = [nodes * procs for nodes, procs in shapes]
 
     staged = []  # (count, world, overrides, cfg, layout) before the batch is known
