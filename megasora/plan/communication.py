@@ -87,13 +87,18 @@ def axis_name(axes: tuple[str, ...] | list[str], layout: Any) -> str | None:
 
 
 def stage_block_counts(depth: int, stages: int, boundaries: list[int] | None = None) -> list[int]:
-    """Blocks per pipeline stage: explicit boundaries, or the equal-cost split of
-    parallel/pipeline.py's balanced_boundaries (the later stages take the remainder)."""
+    """Blocks per pipeline stage: explicit boundaries, or what parallel/pipeline.py's
+    balanced_boundaries gives equal-cost blocks: at most ceil(depth/stages) per stage, filled
+    from the last stage backwards, so the early stages (most micro-batches in flight) get fewer."""
     if boundaries:
         edges = [0] + list(boundaries) + [depth]
         return [b - a for a, b in zip(edges[:-1], edges[1:])]
-    base, extra = divmod(depth, stages)
-    return [base + (1 if s >= stages - extra else 0) for s in range(stages)]
+    cap, end, counts = math.ceil(depth / stages), depth, [0] * stages
+    for stage in range(stages - 1, 0, -1):
+        counts[stage] = min(cap, end - stage)  # leave one block for each earlier stage
+        end -= counts[stage]
+    counts[0] = end
+    return counts
 
 
 def dit_param_counts(model: Any, text_dim: int, tp: int = 1) -> dict[str, dict[str, int]]:

@@ -5,8 +5,8 @@ adds its `metrics()` to each metrics.jsonl record (and so to TensorBoard):
 
     mfu, hfu                 model / hardware FLOP/s per device over the device peak; hfu also
                              counts what activation checkpointing recomputes (train/flops.py)
-    peak_flops               the peak used: train.peak_flops, else the hardware table, else a
-                             measured matmul peak of this device (CPU)
+    peak_flops               the peak used: train.peak_flops, else the planner's hardware table
+                             (bf16 dense peak of a known GPU; on CPU its measured matmul peak)
     comm_bytes/<axis>        bytes handed to collectives on that mesh axis during the step
     comm_s/<axis>            seconds this rank was blocked in them (exposed communication)
     comm_bytes/<axis>/<kind>, comm_s/<axis>/<kind>, comm_calls/<axis>/<kind>   per kind
@@ -34,44 +34,27 @@ from megasora.parallel.comm_counter import COUNTER, Tally, install
 
 install()  # before DeepSpeed creates its communication backend (see comm_counter.py)
 
-_MEASURED_PEAK: dict[tuple[str, torch.dtype], float] = {}
+_PEAK_CACHE: dict[str, float] = {}
 
 
-def measured_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 512,
-                         seconds: float = 0.3) -> float:
-    """Best FLOP/s of a square matmul on `device` over ~`seconds` (cached per process)."""
-    key = (str(device), dtype)
-    if key not in _MEASURED_PEAK:
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        b = torch.randn(size, size, device=device, dtype=dtype)
-        best, deadline = 0.0, time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = max(best, 2.0 * size ** 3 / (time.perf_counter() - start))
-        _MEASURED_PEAK[key] = best
-    return _MEASURED_PEAK[key]
+def device_peak(device: torch.device) -> float:
+    """Peak FLOP/s of this device from the planner's hardware table (megasora/plan/hardware.py):
+    its dense bf16 figure for a GPU it names, else its measured fp32 matmul peak of this machine
+    (cached per process). NaN if neither is available (mfu is then NaN, nothing fails)."""
+    key = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if key not in _PEAK_CACHE:
+        try:
+            from megasora.plan import hardware
+        except ImportError:
+            return float("nan")
+        known = [hw for name, hw in hardware.GPUS.items() if name.upper() in key.upper()]
+        _PEAK_CACHE[key] = known[0].peak_flops if known else hardware.measure_cpu().peak_flops
+    return _PEAK_CACHE[key]
 
 
-def table_peak(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Dense peak of this GPU from the planner's hardware table, if it knows the device."""
-    if device.type != "cuda":
-        return None
-    try:
-        from megasora.plan import hardware
-    except ImportError:
-        return None
-    lookup = getattr(hardware, "peak_flops_for_device", None)
-    return lookup(torch.cuda.get_device_name(device), dtype) if lookup else None
-
-
-def peak_flops(configured: float, device: torch.device, dtype: torch.dtype) -> float:
-    """train.peak_flops if set (> 0), else the hardware table, else a measured matmul peak."""
-    if configured > 0:
-        return configured
-    return table_peak(device, dtype) or measured_matmul_peak(device, dtype)
+def peak_flops(configured: float, device: torch.device) -> float:
+    """train.peak_flops if set (> 0), else `device_peak`."""
+    return configured if configured > 0 else device_peak(device)
 
 
 def comm_metrics(tallies: dict[tuple[str, str], Tally]) -> dict[str, float]:
@@ -102,9 +85,9 @@ class StepAccounting:
         COUNTER.set_layout(layout)
 
     @classmethod
-    def for_run(cls, cfg: Any, layout: Any, device: torch.device, dtype: torch.dtype) -> "StepAccounting":
+    def for_run(cls, cfg: Any, layout: Any, device: torch.device) -> "StepAccounting":
         enabled = getattr(cfg.train, "accounting", True)
-        peak = peak_flops(getattr(cfg.train, "peak_flops", 0.0), device, dtype) if enabled else 0.0
+        peak = peak_flops(getattr(cfg.train, "peak_flops", 0.0), device) if enabled else 0.0
         return cls(enabled, layout, peak)
 
     def batches(self, stream: Iterable[Any]) -> Iterator[Any]:

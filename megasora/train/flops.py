@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from megasora.models.dit import DiTArch
+from megasora.parallel.activation_checkpointing import checkpointed_blocks
 
 TIMESTEP_FREQ_DIM = 256  # models/embeddings.py TimestepEmbedder's sinusoidal width
 
@@ -61,17 +62,8 @@ def dit_train_flops(arch: DiTArch, tokens: int, text_tokens: int) -> float:
     return 3.0 * dit_forward_flops(arch, tokens, text_tokens)
 
 
-def checkpointed_block_count(depth: int, mode: str, every: int) -> int:
-    """Blocks activation checkpointing re-runs (global index a multiple of `every`)."""
-    if mode == "none":
-        return 0
-    return len(range(0, depth, max(1, every)))
-
-
 def dit_recompute_flops(arch: DiTArch, tokens: int, text_tokens: int, mode: str, every: int = 1) -> float:
     """Forward FLOPs re-run in backward by activation checkpointing, for one sample."""
-    if mode not in ("none", "full", "selective"):
-        raise ValueError(f"activation checkpointing mode {mode!r}; expected none, full or selective")
+    blocks = len(checkpointed_blocks(arch.depth, mode, every))
     block = block_forward_flops(arch, tokens, text_tokens)
-    per_block = block["rest"] + (block["self_attention"] if mode == "full" else 0.0)
-    return checkpointed_block_count(arch.depth, mode, every) * per_block
+    return blocks * (block["rest"] + (block["self_attention"] if mode == "full" else 0.0))

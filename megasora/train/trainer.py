@@ -160,7 +160,7 @@ class TrainingLoop:
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.arch = dit_arch(cfg)
         self.preemption = process_flag()
-        self.accounting = StepAccounting.for_run(cfg, parallel.mpu.mesh.layout, device, self.dtype)
+        self.accounting = StepAccounting.for_run(cfg, parallel.mpu.mesh.layout, device)
 
     def run(self, step: int, samples: int) -> TrainResult:
         cfg = self.cfg
