@@ -156,6 +156,19 @@ def test_report_from_metrics_with_a_failed_point(measured_study: Study) -> None:
 
 # --- a real local study ------------------------------------------------------------------------
 
+def test_a_point_past_its_timeout_is_stopped_and_reported(tmp_path: Path) -> None:
+    from megasora.scale.launch import TIMEOUT_RC, run_point
+    study = plan(tmp_path, [1], "weak")
+    point = study.points[0]
+    assert run_point(study, point, timeout_s=1, poll_s=0.5) == TIMEOUT_RC  # torchrun is still importing
+    pid = json.loads((Path(point.run_dir) / "launch.json").read_text())["pid"]
+    with pytest.raises(ProcessLookupError):  # its whole process group is gone
+        import os
+        os.killpg(pid, 0)
+    status = point_status(study, point)
+    assert status.state == "failed" and status.reason.startswith("timeout (--timeout reached) after 0/5 steps")
+
+
 @pytest.mark.slow
 def test_scale_run_one_and_two_processes(tmp_path: Path) -> None:
     import subprocess

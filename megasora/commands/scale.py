@@ -100,7 +100,7 @@ def run_submit(args: argparse.Namespace) -> int:
     from megasora.scale.launch import submit_points
     from megasora.scale.study import StudyError
     study = _plan(args, "slurm", args.tasks_per_node or args.gpus_per_node or 1,
-                  args.gpu if args.gpus_per_node else None)
+                  getattr(args, "gpu", None) if args.gpus_per_node else None)
     if any(p.job_id for p in study.points) and not args.dry_run:
         raise StudyError(f"{study.out} was submitted already (jobs {[p.job_id for p in study.points]}); "
                          f"follow it with `megasora scale status {study.out}` or use another --out")

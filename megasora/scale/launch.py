@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ log = logging.getLogger("megasora")
 LAUNCH_FILE = "launch.json"
 EXIT_FILE = "exit.json"
 LOCAL_LOG = "train.log"
+TIMEOUT_RC = 124  # a point stopped at --timeout reports what coreutils' timeout returns
 
 
 # --- Slurm ----------------------------------------------------------------------------------
@@ -70,8 +72,9 @@ def run_point(study: Study, point: Point, timeout_s: float, poll_s: float = 10.0
     """Train one point to completion (or timeout); returns its exit code. Logs progress every poll."""
     run_dir = Path(point.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (EXIT_FILE, "metrics.jsonl"):  # a rerun measures afresh
+    for stale in (EXIT_FILE, "metrics.jsonl"):  # a rerun measures afresh, from step 0
         (run_dir / stale).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     cmd = torchrun_command(study, point)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     start = time.monotonic()
@@ -82,9 +85,6 @@ def run_point(study: Study, point: Point, timeout_s: float, poll_s: float = 10.0
     _write_json(run_dir / EXIT_FILE, {"rc": rc, "elapsed_s": round(time.monotonic() - start, 1),
                                       "timed_out": rc == TIMEOUT_RC})
     return rc
-
-
-TIMEOUT_RC = 124  # what coreutils' timeout returns
 
 
 def _wait(proc: subprocess.Popen, run_dir: Path, steps: int, name: str, deadline: float, poll_s: float) -> int:

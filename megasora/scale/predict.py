@@ -54,7 +54,11 @@ def predicted_step_time(study: Study, point: Point, records: list[dict[str, Any]
 def planned_layouts(config: str, sizes: list[int], procs_per_node: int, launcher: str, overrides: list[str],
                     gpu: str | None) -> dict[int, list[str]]:
     """Per size, the overrides of the planner's fastest layout that fits (PLANNED_KEYS only)."""
-    from megasora.plan.search import best_layout
+    try:
+        from megasora.plan.search import best_layout
+    except ImportError as err:
+        raise StudyError(f"--plan needs the planner's layout search (megasora.plan.search): {err}",
+                         "set each point's layout with --set N:parallel.KEY=VALUE instead") from err
     common, _ = split_overrides(overrides, sorted(sizes))
     cfg = load_config(config, common)
     hardware = _hardware(gpu or "cpu")
