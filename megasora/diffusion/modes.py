@@ -234,12 +234,13 @@ def extend(s: ModeSampler, video: torch.Tensor, new_frames: int, window: int, co
     while added < new_frames:
         ctx = min(context, out.shape[2])
         n = min(window - ctx, new_frames - added)
+        # The context frames come back from the window (held exactly), so the output shows it.
         if backward:
             x = s.window_with({"tail": out[:, :, :ctx]}, ctx + n)
-            out = torch.cat([x[:, :, :n], out], dim=2)
+            out = torch.cat([x, out[:, :, ctx:]], dim=2)
         else:
             x = s.window_with({"head": out[:, :, -ctx:]}, ctx + n)
-            out = torch.cat([out, x[:, :, ctx:]], dim=2)
+            out = torch.cat([out[:, :, :out.shape[2] - ctx], x], dim=2)
         added += n
     return out
 
@@ -253,14 +254,15 @@ def loop_window(s: ModeSampler, video: torch.Tensor, window: int, context: int) 
 def loop(s: ModeSampler, video: torch.Tensor, window: int, context: int) -> torch.Tensor:
     """The video followed by a transition that leads back into its first frame (play it on repeat)."""
     x = loop_window(s, video, window, context)
-    return torch.cat([video.expand(s.batch, -1, -1, -1, -1), x[:, :, context:window - context]], dim=2)
+    v = video.expand(s.batch, -1, -1, -1, -1)
+    return torch.cat([v[:, :, :v.shape[2] - context], x[:, :, :window - context]], dim=2)
 
 
 def connect(s: ModeSampler, first: torch.Tensor, second: torch.Tensor, window: int, context: int) -> torch.Tensor:
     """first, a generated transition, second (both (1, C, T, h, w) at one size)."""
     a, b = first.expand(s.batch, -1, -1, -1, -1), second.expand(s.batch, -1, -1, -1, -1)
     x = s.window_with({"head": a[:, :, -context:], "tail": b[:, :, :context]}, window)
-    return torch.cat([a, x[:, :, context:window - context], b], dim=2)
+    return torch.cat([a[:, :, :a.shape[2] - context], x, b[:, :, context:]], dim=2)
 
 
 def edit(s: ModeSampler, video: torch.Tensor, strength: float) -> torch.Tensor:
