@@ -35,6 +35,9 @@ def _study_arguments(p: argparse.ArgumentParser, size_flag: str, size_help: str)
                         "the config's micro_batch_size x grad_accum x dp at the smallest point)")
     p.add_argument("--set", action="append", default=[], metavar="[N:]KEY=VALUE",
                    help="config override for every point, or with N: for the point of size N (repeatable)")
+    p.add_argument("--gpu", default=None,
+                   help="planner hardware (h100|h200|a100|b200|FILE) for --plan, the predictions and submit's fit "
+                        "check; default: h100 for GPU jobs, this CPU (measured) for CPU jobs and local runs")
     p.add_argument("--plan", action="store_true",
                    help="take each point's layout (tp, ulysses, ring, pp, ZeRO, checkpointing) from the planner's "
                         "best; N:parallel.* overrides still win")
@@ -58,9 +61,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Plan the study and train each process count in turn with torchrun --standalone.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _study_arguments(r, "--procs", "process counts, e.g. --procs 1 2 4")
-    r.add_argument("--gpu", default=None,
-                   help="planner hardware (h100|h200|a100|b200|FILE) for --plan and the predictions; default: "
-                        "this CPU, from measured numbers")
     r.add_argument("--timeout", type=float, default=3600, help="seconds per point before it is stopped "
                    "and reported as a timeout (default 3600)")
     r.set_defaults(func=run_local)
@@ -100,7 +100,7 @@ def run_submit(args: argparse.Namespace) -> int:
     from megasora.scale.launch import submit_points
     from megasora.scale.study import StudyError
     study = _plan(args, "slurm", args.tasks_per_node or args.gpus_per_node or 1,
-                  getattr(args, "gpu", None) if args.gpus_per_node else None)
+                  (args.gpu or "h100") if args.gpus_per_node else None)
     if any(p.job_id for p in study.points) and not args.dry_run:
         raise StudyError(f"{study.out} was submitted already (jobs {[p.job_id for p in study.points]}); "
                          f"follow it with `megasora scale status {study.out}` or use another --out")
