@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from test_slurm_cluster import cluster, run, wait_for  # noqa: F401  (cluster: the module-scoped fixture)
+from test_slurm_cluster import cluster, job_info, run, wait_for  # noqa: F401  (cluster: the module-scoped fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -52,6 +53,8 @@ def test_scale_submit_status_report_on_two_nodes(cluster: dict[str, str], tmp_pa
         return set(now.values()) == {"done"}
     wait_for(all_done, 900, "both points of the study", poll=2)
     assert seen & {"pending", "running"}, seen  # status followed the jobs through the queue
+    jobs = {p["name"]: p["job_id"] for p in json.loads((out / "study.json").read_text())["points"]}
+    assert {name: job_info(job, cluster)["NumNodes"] for name, job in jobs.items()} == {"n1": "1", "n2": "2"}
 
     proc = scale(cluster, "report", str(out))
     assert proc.returncode == 0, proc.stderr
