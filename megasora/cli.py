@@ -16,10 +16,12 @@ COMMAND_MODULES = [
     "megasora.commands.sample",
     "megasora.commands.ckpt",
     "megasora.commands.config_docs",
+    "megasora.commands.env",
     "megasora.data.preprocess",
     "megasora.commands.train_vae",
     "megasora.launcher.submit",
     "megasora.commands.scale",
+    "megasora.commands.plan",
 ]
 
 

@@ -227,21 +227,21 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key `{key}` must be a list, got {value!r}")
+            raise ConfigError(f"config key `{key}` must be a list, got {value!r}; write it as [a, b, ...]")
         (item_type,) = typing.get_args(annotation)[:1]
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"config key `{key}` must be true or false, got {value!r}")
+        raise ConfigError(f"config key `{key}` must be true or false, got {value!r}; use true or false")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"config key `{key}` must be an integer, got {value!r}")
+        raise ConfigError(f"config key `{key}` must be an integer, got {value!r}; give a whole number")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"config key `{key}` must be a number, got {value!r}")
+        raise ConfigError(f"config key `{key}` must be a number, got {value!r}; give a number such as 1e-4")
     if annotation is str:
         return "" if value is None else str(value)
     raise ConfigError(f"config key `{key}`: unsupported type {annotation}")
@@ -276,15 +276,18 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (presets live in configs/, e.g. configs/tiny.yaml)")
+        raise ConfigError(f"config file not found: {path}; pass --config an existing YAML file (presets live in "
+                          "configs/, e.g. configs/tiny.yaml)")
     if path.resolve() in seen:
         raise ConfigError(f"config `inherit` cycle through {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        raise ConfigError(f"config file {path} is not valid YAML: {err}; fix the syntax where the parser "
+                          "points") from err
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections")
+        raise ConfigError(f"config file {path} must hold a mapping of sections; write `section:` blocks of "
+                          "`key: value` lines, as in configs/tiny.yaml")
     parent = data.pop("inherit", None)
     if parent:
         data = _deep_merge(_read_yaml(path.parent / parent, seen + (path.resolve(),)), data)
@@ -362,11 +365,12 @@ def validate(cfg: Config) -> None:
                  f"data.{name}={size} is not divisible by the patch size {p} (model.patch={m.patch}); "
                  f"pick a latent {name} that is a multiple of {p}")
     _require(d.kind in ("synthetic", "shards", "clips"),
-             f"data.kind={d.kind!r} is not one of: synthetic, shards, clips (train-vae pixels)")
+             f"data.kind={d.kind!r} is not one of: synthetic, shards, clips (train-vae pixels); set one of those")
     _require(d.kind != "shards" or bool(d.shards), "data.kind=shards needs data.shards (a `megasora preprocess` "
              "output directory)")
     _require((d.clip_frames - 1) % 4 == 0, f"data.clip_frames={d.clip_frames} must be 1 + 4k (e.g. 17, 33)")
-    _require(m.kernels in ("auto", "fused", "torch"), f"model.kernels={m.kernels!r} must be auto, fused or torch")
+    _require(m.kernels in ("auto", "fused", "torch"),
+             f"model.kernels={m.kernels!r} must be auto, fused or torch; set one of those")
     _require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
     _require(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     _validate_optimizer(cfg)

@@ -195,7 +195,7 @@ def prepare_job(args: argparse.Namespace) -> tuple[JobSpec, str, list[str]]:
     cfg = load_config(args.config, list(args.set))
     spec = spec_from_args(args, cfg)
     check_spec(spec)
-    notes = check_layout(spec, cfg)
+    notes = check_layout(spec, cfg) + fit_notes(spec, cfg, getattr(args, "gpu", None) or "h100")
     template = Path(args.template or DEFAULT_TEMPLATE)
     try:
         text = template.read_text()
@@ -203,6 +203,16 @@ def prepare_job(args: argparse.Namespace) -> tuple[JobSpec, str, list[str]]:
         raise SubmitError(f"cannot read the sbatch template: {err}", "pass --template PATH to an existing "
                           "file") from err
     return spec, render(spec, text), notes
+
+
+def fit_notes(spec: JobSpec, cfg: Config, gpu: str) -> list[str]:
+    """The planner's memory check (megasora/plan) of a GPU job's layout: a warning if it won't fit."""
+    if not spec.gpus_per_node:
+        return []
+    from megasora.plan.hardware import load_hardware
+    from megasora.plan.predict import fit_warning
+    warning = fit_warning(cfg, spec.nodes, spec.gpus_per_node, load_hardware(gpu))
+    return [f"warning: {warning}"] if warning else []
 
 
 def submit_script(spec: JobSpec, script: str) -> tuple[str, Path]:
@@ -220,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         print(err.line(), file=sys.stderr)
         return 2
     for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(note if note.startswith("warning:") else f"note: {note}", file=sys.stderr)
     if args.dry_run:
         print(script, end="")
         return 0
@@ -243,6 +253,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, passed to every rank (repeatable)")
     add_slurm_arguments(p)
+    p.add_argument("--gpu", default="h100", help="GPU model for the planner's fit check of GPU jobs: h100 | h200 "
+                   "| a100 | b200 | a cluster YAML file (megasora/plan/hardware.py)")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     p.set_defaults(func=run)
 

@@ -1,0 +1,153 @@
+"""The planner's memory model (megasora/plan/memory.py) against exact live-tensor measurement.
+
+    python bench/bench_memory_model.py            # every case of CASES, prints the markdown table
+    python bench/bench_memory_model.py --case 0   # one case
+
+Each case runs the real trainer (DeepSpeed engine, EMA, the real data stream) for 2 steps in
+1 or 2 gloo processes under megasora.train.memory_probe.LiveTensorBytes, which counts every
+tensor storage ATen creates while it is alive. Measured, per rank:
+
+- peak:   the largest live bytes during step 2 (optimizer state exists by then),
+- data:   live bytes the data stream holds (the synthetic clips and their caption embeddings:
+          not training state, so not in the model and subtracted),
+- static: live bytes at the start of step 2 (weights, grads, optimizer, EMA; minus data).
+
+Predicted: memory_breakdown(..., allowance=False).live_bytes (no allowance: that covers
+the CUDA allocator and workspaces, which a tensor count does not see). The table shows the
+worst rank. tests/test_plan_memory.py asserts |predicted / measured - 1| <= 10% on each case.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+# Synthetic data at the quickstart model's latent size (3 x 12 x 20 latents -> 180 tokens, MiniLM text):
+# the quickstart itself reads shards, which need the VAE; the DiT is the same but for 3 input channels.
+QUICKSTART = ["data.kind=synthetic", "data.frames=3", "data.height=12", "data.width=20", "data.num_samples=16",
+              "model.in_channels=3", "vae.latent_channels=3"]  # the synthetic clips are RGB
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    config: str
+    world: int
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+
+CASES = [
+    Case("tiny single, ZeRO-2, none", "configs/tiny.yaml", 1),
+    Case("tiny single, full AC", "configs/tiny.yaml", 1, ("train.activation_checkpointing=full",)),
+    Case("tiny single, selective AC", "configs/tiny.yaml", 1, ("train.activation_checkpointing=selective",)),
+    Case("tiny tp2, none", "configs/tiny.yaml", 2, ("parallel.tp=2",)),
+    Case("tiny ulysses2, selective", "configs/tiny.yaml", 2,
+         ("parallel.ulysses=2", "train.activation_checkpointing=selective")),
+    Case("tiny ring2, full, ZeRO-1", "configs/tiny.yaml", 2,
+         ("parallel.ring=2", "train.activation_checkpointing=full", "train.zero_stage=1")),
+    Case("tiny dp2, ZeRO-2, none, mbs 4", "configs/tiny.yaml", 2, ("train.micro_batch_size=4",)),
+    Case("quickstart single, none", "configs/quickstart.yaml", 1, QUICKSTART),
+    Case("quickstart tp2, full every 2nd", "configs/quickstart.yaml", 2,
+         QUICKSTART + ["parallel.tp=2", "train.activation_checkpointing=full", "train.ac_every=2"]),
+]
+
+
+def _worker(rank: int, world: int, config: str, overrides: list[str], run_dir: str) -> dict[str, int]:
+    """One rank: 2 training steps under the live-tensor probe; returns its measured bytes."""
+    from megasora.config import load_config
+    from megasora.train import trainer
+    from megasora.train.memory_probe import LiveTensorBytes
+
+    cfg = load_config(config, list(overrides) + [f"run.dir={run_dir}", "train.steps=2", "train.save_every=0"])
+    probe = LiveTensorBytes(device="cpu")
+    measured: dict[str, int] = {}
+    build_stream, train_step = trainer.build_stream, trainer.TrainingLoop.train_step
+
+    def counted_stream(*args, **kwargs):
+        before = probe.current_bytes
+        stream = build_stream(*args, **kwargs)
+        measured["data"] = probe.current_bytes - before
+        return stream
+
+    def probed_step(self, micro_batches, step):
+        if step == 1:
+            measured["static"] = probe.current_bytes
+            probe.reset_peak()
+            backward = self.engine.backward
+
+            def probed_backward(loss, *args, **kwargs):  # end of forward: activations saved
+                measured.setdefault("forward_end", probe.current_bytes)
+                return backward(loss, *args, **kwargs)
+            self.engine.backward = probed_backward
+        out = train_step(self, micro_batches, step)
+        if step == 1:
+            measured["peak"] = probe.peak_bytes
+        return out
+
+    trainer.build_stream, trainer.TrainingLoop.train_step = counted_stream, probed_step
+    trainer.TrainingLoop.save = lambda self, step, samples: None  # checkpoints are not the step's memory
+    with probe:
+        trainer.train(cfg)
+    return measured
+
+
+def measure(case: Case) -> list[dict[str, int]]:
+    """Per-rank measured bytes of one case (spawns case.world processes)."""
+    from parallel_utils import run_launched
+    with tempfile.TemporaryDirectory() as run_dir:
+        return run_launched(_worker, case.world, case.config, list(case.overrides), run_dir)
+
+
+def predict(case: Case):
+    from megasora.config import load_config
+    from megasora.plan.memory import memory_breakdown
+    from megasora.plan.workload import layout_from_config, workload_from_config
+    cfg = load_config(case.config, list(case.overrides))
+    work, micro = workload_from_config(cfg)
+    return memory_breakdown(work, layout_from_config(cfg, case.world, micro), allowance=False)
+
+
+def compare(case: Case) -> dict[str, float]:
+    ranks = measure(case)
+    worst = max(ranks, key=lambda r: r["peak"] - r["data"])
+    pred = predict(case)
+    measured = worst["peak"] - worst["data"]
+    return {"measured": measured, "predicted": pred.live_bytes, "ratio": pred.live_bytes / measured,
+            "static_measured": worst["static"] - worst["data"],
+            "dynamic_measured": worst["peak"] - worst["static"],
+            "dynamic_predicted": pred.live_bytes - pred.weights - pred.grads - pred.optimizer - pred.ema,
+            "zero_buffers": pred.zero_buffers}
+
+
+MIB = 1024 ** 2
+HEADER = ["| case | procs | measured peak (MiB) | predicted (MiB) | pred/meas | without the reduce bucket: "
+          "meas / pred (MiB) | ratio |", "|---|---|---|---|---|---|---|"]
+
+
+def row(case: Case, r: dict[str, float]) -> str:
+    bucket = r["zero_buffers"]
+    rest_m, rest_p = r["measured"] - bucket, r["predicted"] - bucket
+    return (f"| {case.name} | {case.world} | {r['measured'] / MIB:.2f} | {r['predicted'] / MIB:.2f} | "
+            f"{r['ratio']:.3f} | {rest_m / MIB:.2f} / {rest_p / MIB:.2f} | {rest_p / rest_m:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", type=int, action="append", help="index into CASES (repeatable); default all")
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    chosen = [CASES[i] for i in args.case] if args.case else CASES
+    print("\n".join(HEADER), flush=True)
+    for i, case in enumerate(chosen):
+        print(f"[{i + 1}/{len(chosen)}] {case.name} ...", file=sys.stderr, flush=True)
+        print(row(case, compare(case)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

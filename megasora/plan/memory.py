@@ -1,0 +1,294 @@
+"""Per-GPU memory of one training step: plain functions of (Workload, Layout), in bytes.
+
+Every term is counted from what our code actually keeps alive (tensors saved for backward,
+DeepSpeed's buffers), so `MemoryBreakdown.live_bytes` is what an exact live-tensor count
+measures at the step's peak (tests/test_plan_memory.py compares the two). On a GPU the
+caching allocator, CUDA context, NCCL and cuBLAS add what no tensor count sees; that is the
+stated `allowance` (fragmentation share + fixed workspace), added on top for `fits`.
+
+Notation: b micro-batch, N video tokens per sample, L text tokens, D hidden, M = mlp_ratio*D,
+H heads; t = tp, s = ulysses*ring (sp). A rank holds r = b*N/(t*s) tokens of the residual
+stream and a = b*N/s tokens inside tensor-parallel regions (tp all-gathers its chunks),
+with D/t and M/t of the widths there (docs/planning.md explains each term).
+
+Model state (Psi = parameters on the rank: tp shards q/k/v/out and fc1/fc2, adaLN, norms,
+row biases and embeddings are replicated; pp keeps one stage's blocks), ZeRO partitions over
+Z = dp*sp ranks (DeepSpeed reduces gradients over dp x sp; mesh.py `dpsp`):
+
+    fp32 run:   weights 4Psi; grads 4Psi (ZeRO 0/1: full .grad) or 4Psi/Z (ZeRO 2/3) — at ZeRO 1/2
+                they go through the reduce bucket first, so a rank with Psi <= 5e8 stores none
+                at the peak (the start of backward);
+                master copy 4Psi/Z (ZeRO 1-3: DeepSpeed clones the partition); Adam m, v 8Psi/Z
+                (8Psi at ZeRO 0); ZeRO 3 also divides the weights by Z.
+    bf16 run:   weights 2Psi; grads in fp32 4Psi (ZeRO 0/1, BF16 optimizer accumulation) or 4Psi/Z;
+                master 4Psi/Z; Adam 8Psi/Z.
+    ZeRO 1/2:   one gradient reduce bucket of 5e8 elements (DeepSpeed's reduce_bucket_size),
+                in the gradient dtype; ZeRO 3: two (overlap_comm) plus the gathered weights of
+                the block in use and the one prefetched.
+    EMA:        an fp32 copy of the rank's parameters (ema.py gathers ZeRO-3 params: full Psi).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from megasora.parallel.activation_checkpointing import checkpointed_blocks
+from megasora.plan.communication import dit_param_counts
+from megasora.plan.communication import stage_block_counts as _stage_block_counts
+from megasora.plan.workload import Layout, Workload
+
+FP32 = 4
+REDUCE_BUCKET_ELEMENTS = 5e8       # DeepSpeed zero_optimization.reduce_bucket_size default
+ALLOWANCE_FRACTION = 0.10          # caching-allocator fragmentation, share of live bytes
+ALLOWANCE_FIXED_BYTES = 2 * 1024 ** 3  # CUDA context ~0.5 GiB + NCCL buffers ~1 GiB + cuBLAS/flash workspaces
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per GPU at the step's peak (the largest pipeline stage)."""
+    weights: float
+    grads: float
+    optimizer: float          # fp32 master partition + Adam moments
+    ema: float
+    zero_buffers: float       # DeepSpeed reduce buckets (+ ZeRO-3 gathered weights)
+    activations: float        # saved for backward, all in-flight micro-batches, all blocks
+    transient: float          # the peak's working set: one block's recompute / backward grads / sp buffers
+    allowance: float          # stated: fragmentation share + fixed workspaces (0 on CPU)
+
+    @property
+    def live_bytes(self) -> float:
+        """What an exact live-tensor count sees at the peak."""
+        return (self.weights + self.grads + self.optimizer + self.ema + self.zero_buffers
+                + self.activations + self.transient)
+
+    @property
+    def total_bytes(self) -> float:
+        return self.live_bytes + self.allowance
+
+    def terms(self) -> dict[str, float]:
+        return asdict(self)
+
+    def largest_term(self) -> tuple[str, float]:
+        return max(self.terms().items(), key=lambda kv: kv[1])
+
+
+# ------------------------------------------------------------------ parameters
+
+
+@lru_cache(maxsize=4096)
+def stage_block_counts(depth: int, pp: int) -> tuple[int, ...]:
+    """Blocks per pipeline stage (communication.py's rule, cached: the search asks it often)."""
+    return tuple(_stage_block_counts(depth, pp))
+
+
+@lru_cache(maxsize=4096)
+def _cached_param_counts(arch, tp: int) -> tuple[tuple[str, int], ...]:
+    counts = dit_param_counts(arch, arch.text_dim, tp)
+    return tuple((piece, c["matrix"] + c["vector"]) for piece, c in counts.items())
+
+
+def _param_counts(work: Workload, tp: int) -> dict[str, int]:
+    """{block, embed, final}: parameters of each piece on one tp rank (communication.py counts them)."""
+    return dict(_cached_param_counts(work.arch, tp))
+
+
+def block_params(work: Workload, tp: int = 1) -> int:
+    """Parameters of one DiT block on one tp rank (parallel/tensor.py TP_PLAN)."""
+    return _param_counts(work, tp)["block"]
+
+
+def total_params(work: Workload) -> int:
+    """Parameters of the whole single-device model (tests check this against the real DiT)."""
+    counts = _param_counts(work, 1)
+    return work.arch.depth * counts["block"] + counts["embed"] + counts["final"]
+
+
+def stage_params(work: Workload, layout: Layout, stage: int) -> int:
+    """Parameters pipeline stage `stage` holds on one tp rank (embeddings on 0, final layer on the last)."""
+    counts = _param_counts(work, layout.tp)
+    params = stage_block_counts(work.arch.depth, layout.pp)[stage] * counts["block"]
+    if stage == 0:
+        params += counts["embed"]
+    if stage == layout.pp - 1:
+        params += counts["final"]
+    return params
+
+
+# ------------------------------------------------------------------ model state
+
+
+def model_state(work: Workload, layout: Layout, params: int) -> dict[str, float]:
+    """weights / grads / optimizer / ema / zero_buffers for `params` parameters on this rank."""
+    z, stage = layout.dp * layout.sp, layout.zero_stage
+    w = 2 if work.bf16 else FP32
+    weights = params * w / (z if stage == 3 else 1)
+    grads = params * FP32 / (z if stage >= 2 else 1)
+    if stage in (1, 2) and not (work.bf16 and stage == 1) and params <= REDUCE_BUCKET_ELEMENTS:
+        grads = 0.0  # every gradient fits the reduce bucket: none is stored apart until after the peak
+    master = params * FP32 / z if (stage >= 1 or work.bf16) else 0.0
+    adam = 2 * params * FP32 / (z if stage >= 1 else 1)
+    ema = params * FP32 if work.ema else 0.0
+    buffers = 0.0
+    if stage in (1, 2) and not (work.bf16 and stage == 1):   # bf16 ZeRO-1 uses DeepSpeed's BF16_Optimizer
+        buffers = REDUCE_BUCKET_ELEMENTS * (w if stage == 2 else FP32)
+    elif stage == 3:
+        gathered = 2 * block_params(work, layout.tp) * w
+        buffers = 2 * REDUCE_BUCKET_ELEMENTS * w + gathered
+    return {"weights": weights, "grads": grads, "optimizer": master + adam, "ema": ema, "zero_buffers": buffers}
+
+
+# ------------------------------------------------------------------ activations
+
+
+def _regions(work: Workload, layout: Layout) -> tuple[float, float, float]:
+    """(r, a, lt): residual-stream tokens, tensor-parallel-region tokens, text tokens per rank."""
+    b = layout.micro_batch_size
+    r = b * work.tokens / (layout.tp * layout.sp)
+    a = b * work.tokens / layout.sp
+    return r, a, b * work.text_tokens
+
+
+def block_activation_bytes(work: Workload, layout: Layout) -> float:
+    """Saved-for-backward bytes of one block, no checkpointing (counted tensor by tensor from the
+    fused-kernel path of models/dit.py; docs/planning.md lists them).
+
+    residual stream (r x D): block input, residual after cross-attention, residual after
+      self-attention, attention projection output, MLP output                        5 r D
+    gathered inputs (a x D): cross q input, self q/k/v input, fc1 input             3 a D
+    head-sharded (a x D/t): cross q, normed q, out; self q, k (norm inputs), q, k, v for
+      the attention kernel, out; +1 with sp: the out after the all-to-all/ring copy  9(+1) a D/t
+    MLP (a x M/t): fc1 output, GELU output                                           2 a M/t
+    text (b L x D/t): cross k, normed k, v                                            3 b L D/t
+    fp32 statistics: 3 norms' mean/rstd (6 r), q/k RMS (6 a H/t), 2 log-sum-exps (2 a H/t),
+      text k RMS (2 b L H/t)
+    """
+    d, m, h, t = work.arch.hidden, work.mlp_hidden, work.arch.heads, layout.tp
+    r, a, lt = _regions(work, layout)
+    head_sharded = 9 + (1 if layout.sp > 1 else 0)
+    elements = 5 * r * d + 3 * a * d + head_sharded * a * d / t + 2 * a * m / t + 3 * lt * d / t
+    elements += 8 * layout.micro_batch_size * d   # adaLN input, SiLU, 6-way modulation (per sample)
+    stats = 6 * r + 8 * a * h / t + 2 * lt * h / t
+    return elements * work.act_bytes + stats * FP32
+
+
+def retained_block_bytes(work: Workload, layout: Layout) -> float:
+    """What a checkpointed block keeps until its backward (parallel/activation_checkpointing.py).
+
+    full: its input (r x D). selective: also what the kept self-attention call saved — q, k, v
+    and its output (4 a x D/t; +1 with sp: the output after the all-to-all back / the ring's
+    returned copy) and the log-sum-exp (fp32) — so attention and its communication are not re-run.
+    """
+    d, h, t = work.arch.hidden, work.arch.heads, layout.tp
+    r, a, _ = _regions(work, layout)
+    mode = layout.activation_checkpointing
+    if mode == "none":
+        return block_activation_bytes(work, layout)
+    kept = r * d * work.act_bytes
+    if mode == "selective":
+        kept += (4 + (1 if layout.sp > 1 else 0)) * a * d / t * work.act_bytes + a * h / t * FP32
+    return kept
+
+
+def stage_checkpointed_blocks(work: Workload, layout: Layout, stage: int) -> int:
+    """Checkpointed blocks of pipeline stage `stage` (the rule of parallel/activation_checkpointing.py)."""
+    counts = stage_block_counts(work.arch.depth, layout.pp)
+    first = sum(counts[:stage])
+    chosen = checkpointed_blocks(work.arch.depth, layout.activation_checkpointing, layout.ac_every)
+    return sum(1 for i in chosen if first <= i < first + counts[stage])
+
+
+def io_activation_bytes(work: Workload, layout: Layout, first: bool, last: bool) -> float:
+    """Outside the blocks. Stage 0: patchified latents (b N x C*p), the embedded sequence
+    (b N x D: the rank's chunk is a view of it, so all of it stays alive when t*s > 1),
+    caption MLP (b L x (Dtext + 3D)). Last stage: final layer input and modulated norm (2 r D),
+    and the loss on the gathered sequence: prediction, target, noise, difference (4 b N x C*p)."""
+    b, n, d = layout.micro_batch_size, work.tokens, work.arch.hidden
+    r, _, lt = _regions(work, layout)
+    pvol = work.arch.in_channels * work.patch_volume
+    elements = 0.0
+    if first:
+        elements += b * n * pvol + lt * (work.arch.text_dim + 3 * d)
+        if layout.tp * layout.sp > 1:
+            elements += b * n * d
+    if last:
+        elements += 2 * r * d + 4 * b * n * pvol
+    return elements * work.act_bytes
+
+
+def block_transient_bytes(work: Workload, layout: Layout) -> float:
+    """Working set on top of what is saved, at the peak inside one block's backward: a gradient
+    as wide as the MLP (a x M/t; the saved tensor it replaces is freed as its node finishes) and
+    one of the residual stream gathered over tp (a x D), or the sequence-parallel buffers of the
+    attention call if those are larger."""
+    d, m, t = work.arch.hidden, work.mlp_hidden, layout.tp
+    _, a, _ = _regions(work, layout)
+    grads = (a * m / t + a * d) * work.act_bytes
+    return max(grads, sp_buffer_bytes(work, layout))
+
+
+def sp_buffer_bytes(work: Workload, layout: Layout) -> float:
+    """Ulysses/ring buffers alive during one attention call (forward or backward)."""
+    d, t = work.arch.hidden, layout.tp
+    _, a, _ = _regions(work, layout)
+    local = a * d / t
+    out = 0.0
+    if layout.ulysses > 1:
+        out += 2 * 3 * local * work.act_bytes           # stacked q/k/v and its all-to-all output
+    if layout.ring > 1:
+        out += 2 * local * work.act_bytes + 5 * local * FP32   # incoming K/V; dq, dk, dv acc, incoming dk/dv
+    return out
+
+
+def inflight_microbatches(layout: Layout, stage: int) -> int:
+    """1F1B: stage s keeps pp - s micro-batches' activations (at most all of them)."""
+    return max(1, min(layout.pp - stage, layout.grad_accum)) if layout.pp > 1 else 1
+
+
+def stage_activation_bytes(work: Workload, layout: Layout, stage: int) -> tuple[float, float]:
+    """(saved activations of all in-flight micro-batches, transient peak) for one pipeline stage."""
+    return _StageTerms(work, layout).activations(stage)
+
+
+class _StageTerms:
+    """The per-layout quantities every stage shares, computed once (the search evaluates thousands)."""
+
+    def __init__(self, work: Workload, layout: Layout) -> None:
+        self.work, self.layout = work, layout
+        self.counts = stage_block_counts(work.arch.depth, layout.pp)
+        self.full = block_activation_bytes(work, layout)
+        self.retained = retained_block_bytes(work, layout)
+        self.transient = block_transient_bytes(work, layout)
+        self.chosen = checkpointed_blocks(work.arch.depth, layout.activation_checkpointing, layout.ac_every)
+
+    def activations(self, stage: int) -> tuple[float, float]:
+        layout, blocks = self.layout, self.counts[stage]
+        first = sum(self.counts[:stage])
+        ckpt = sum(1 for i in self.chosen if first <= i < first + blocks)
+        per_micro = ckpt * self.retained + (blocks - ckpt) * self.full
+        per_micro += io_activation_bytes(self.work, layout, stage == 0, stage == layout.pp - 1)
+        transient = self.transient + (self.full - self.retained if ckpt else 0.0)
+        return per_micro * inflight_microbatches(layout, stage), transient
+
+
+def peak_candidate_stages(counts: tuple[int, ...]) -> list[int]:
+    """Stages that can hold the peak: in-flight micro-batches fall with the stage index, so among
+    stages of equal block count the first two (ac_every parity) dominate; plus the first and last."""
+    pp = len(counts)
+    firsts = {counts.index(c) for c in set(counts)}
+    return sorted({0, pp - 1} | firsts | {min(s + 1, pp - 1) for s in firsts})
+
+
+def memory_breakdown(work: Workload, layout: Layout, allowance: bool = True) -> MemoryBreakdown:
+    """Peak bytes per GPU; with pp > 1 the stage with the largest total."""
+    terms = _StageTerms(work, layout)
+    best = None
+    for stage in peak_candidate_stages(terms.counts):
+        state = model_state(work, layout, stage_params(work, layout, stage))
+        act, transient = terms.activations(stage)
+        live = sum(state.values()) + act + transient
+        extra = ALLOWANCE_FRACTION * live + ALLOWANCE_FIXED_BYTES if allowance else 0.0
+        candidate = MemoryBreakdown(activations=act, transient=transient, allowance=extra, **state)
+        if best is None or candidate.total_bytes > best.total_bytes:
+            best = candidate
+    assert best is not None
+    return best

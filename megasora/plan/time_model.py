@@ -1,0 +1,119 @@
+"""Step time of one layout: compute / (peak x efficiency) + the communication each axis exposes
++ the pipeline bubble. Plain functions; communication bytes come from plan/communication.py.
+
+Per pipeline stage and micro-batch (b samples of N tokens, the rank's share 1/(tp*sp)):
+
+    compute   = 3 x forward FLOPs (train/flops.py) / (peak x efficiency)
+    recompute = what activation checkpointing re-runs (full: the whole block forward,
+                selective: all but the self-attention products) / (peak x efficiency)
+
+Communication per step and axis = sum over kinds of bus_factor x bytes / (link x link_efficiency)
+(communication.py's convention), on the link the axis runs on: an axis group is inside a node
+when the product of the sizes of every axis up to and including it in the rank order
+tp -> ulysses -> ring -> dp -> pp is <= GPUs per node, otherwise on the network. What is exposed:
+
+    tp, ulysses   all of it: the all-gathers / reduce-scatters / all-to-alls sit between matmuls
+    ring          what the attention of the other ring blocks does not hide: max(0, ring - attention)
+    dp (+sp)      all of it: our DeepSpeed config reduces in the backward hooks (overlap_comm off
+                  at ZeRO 1/2) and gathers updated weights after the step
+    pp            the 1F1B point-to-point sends, blocking
+
+Pipeline: step = (grad_accum + pp - 1) x per-micro-batch stage time, the bubble being the
+(pp - 1) extra slots.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from megasora.plan.communication import AXES, bus_factor, comm_volume
+from megasora.plan.hardware import Hardware
+from megasora.plan.memory import stage_block_counts, stage_checkpointed_blocks
+from megasora.plan.workload import Layout, Workload
+from megasora.train.flops import block_forward_flops, dit_train_flops, embed_forward_flops
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one optimizer step on the slowest pipeline stage."""
+    compute_s: float                 # model FLOPs, all micro-batches
+    recompute_s: float               # activation-checkpointing re-runs
+    comm_s: dict[str, float] = field(default_factory=dict)  # exposed seconds per axis name
+    bubble_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.recompute_s + sum(self.comm_s.values()) + self.bubble_s
+
+
+def axis_link(axis: str, layout: Layout, gpus_per_node: int, hw: Hardware) -> float:
+    """Bytes/s per GPU of the link a group spanning `axis` ("tp", "ulysses+dp", ...) runs on."""
+    outermost = max(AXES.index(a) for a in axis.split("+"))
+    span = 1
+    for a in AXES[:outermost + 1]:
+        span *= getattr(layout, a)
+    raw = hw.intra_bytes_per_s if span <= gpus_per_node else hw.inter_bytes_per_s
+    return raw * hw.link_efficiency
+
+
+def comm_config(cfg: Any, layout: Layout) -> Any:
+    """A config view with the candidate's train.* values, as communication.comm_volume reads them."""
+    t = cfg.train
+    train = SimpleNamespace(precision=t.precision, grad_accum=layout.grad_accum,
+                            micro_batch_size=layout.micro_batch_size, zero_stage=layout.zero_stage,
+                            activation_checkpointing=layout.activation_checkpointing, ac_every=layout.ac_every)
+    return SimpleNamespace(model=cfg.model, text=cfg.text, parallel=SimpleNamespace(pp_boundaries=[]), train=train)
+
+
+def comm_seconds(cfg: Any, work: Workload, layout: Layout, stage: int, gpus_per_node: int,
+                 hw: Hardware) -> dict[str, float]:
+    """Unhidden-by-default seconds per axis of one step for `stage` (bandwidth-bound, ring factors)."""
+    volume = comm_volume(comm_config(cfg, layout), layout, work.tokens, work.text_tokens, stage=stage)
+    out = {}
+    for axis, kinds in volume.items():
+        group = 1
+        for a in axis.split("+"):
+            group *= getattr(layout, a)
+        bw = axis_link(axis, layout, gpus_per_node, hw)
+        out[axis] = sum(bus_factor(kind, group) * nbytes / bw for kind, nbytes in kinds.items())
+    return out
+
+
+def stage_flops(work: Workload, layout: Layout, stage: int) -> tuple[float, float, float]:
+    """(model FLOPs, recompute FLOPs, self-attention FLOPs) of one micro-batch on one rank of `stage`."""
+    n, l, b = work.tokens, work.text_tokens, layout.micro_batch_size
+    share = b / (layout.tp * layout.sp)
+    block = block_forward_flops(work.arch, n, l)
+    blocks = stage_block_counts(work.arch.depth, layout.pp)[stage]
+    forward = blocks * (block["self_attention"] + block["rest"])
+    if stage in (0, layout.pp - 1):
+        forward += embed_forward_flops(work.arch, n, l) / (2 if layout.pp > 1 else 1)
+    ckpt = stage_checkpointed_blocks(work, layout, stage)
+    recompute = ckpt * (block["rest"] + (block["self_attention"] if layout.activation_checkpointing == "full" else 0))
+    return 3 * forward * share, recompute * share, 3 * blocks * block["self_attention"] * share
+
+
+def stage_time(cfg: Any, work: Workload, layout: Layout, hw: Hardware, gpus_per_node: int, stage: int) -> StepTime:
+    rate = hw.peak_flops * hw.efficiency
+    flops, recompute, attention = stage_flops(work, layout, stage)
+    m = layout.grad_accum
+    comm = comm_seconds(cfg, work, layout, stage, gpus_per_node, hw)
+    if "ring" in comm:  # K/V hops overlap the attention of the blocks already received
+        hidden = m * attention / rate * (layout.ring - 1) / layout.ring
+        comm["ring"] = max(0.0, comm["ring"] - hidden)
+    per_micro = (flops + recompute) / rate + sum(v for k, v in comm.items() if k in ("tp", "ulysses", "ring")) / m
+    bubble = (layout.pp - 1) * per_micro if layout.pp > 1 else 0.0
+    return StepTime(compute_s=m * flops / rate, recompute_s=m * recompute / rate, comm_s=comm, bubble_s=bubble)
+
+
+def step_time(cfg: Any, work: Workload, layout: Layout, hw: Hardware, gpus_per_node: int) -> StepTime:
+    """The slowest pipeline stage's step (all stages when pp > 1)."""
+    times = [stage_time(cfg, work, layout, hw, gpus_per_node, s) for s in range(layout.pp)]
+    return max(times, key=lambda t: t.total_s)
+
+
+def model_flops_per_step(work: Workload, layout: Layout) -> float:
+    """Model FLOPs (no recompute) of the whole cluster's step: MFU's numerator."""
+    samples = layout.micro_batch_size * layout.grad_accum * layout.dp
+    return dit_train_flops(work.arch, work.tokens, work.text_tokens) * samples

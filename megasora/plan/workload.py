@@ -1,0 +1,119 @@
+"""What the planner models: the work of one step (`Workload`) and how it is laid out (`Layout`).
+
+Both are plain frozen dataclasses built from a Config, so the memory and time models are
+pure functions of (workload, layout, hardware) and run in microseconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from megasora.models import dit_arch
+from megasora.models.dit import DiTArch
+
+AC_MODES = ("none", "full", "selective")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One candidate: parallel degrees, ZeRO stage, activation checkpointing, micro-batch."""
+    tp: int = 1
+    ulysses: int = 1
+    ring: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero_stage: int = 2
+    activation_checkpointing: str = "none"
+    ac_every: int = 1
+    micro_batch_size: int = 1
+    grad_accum: int = 1      # micro-batches per step (pipeline micro-batches when pp > 1)
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.ulysses * self.ring * self.pp * self.dp
+
+    def as_overrides(self) -> list[str]:
+        """The `--set` overrides that make a config run this layout."""
+        return [f"parallel.tp={self.tp}", f"parallel.ulysses={self.ulysses}", f"parallel.ring={self.ring}",
+                f"parallel.pp={self.pp}", f"train.zero_stage={self.zero_stage}",
+                f"train.activation_checkpointing={self.activation_checkpointing}",
+                f"train.ac_every={self.ac_every}", f"train.micro_batch_size={self.micro_batch_size}",
+                f"train.grad_accum={self.grad_accum}"]
+
+    def describe(self) -> str:
+        ac = self.activation_checkpointing + (f"/{self.ac_every}" if self.ac_every > 1 else "")
+        return (f"tp{self.tp} ulysses{self.ulysses} ring{self.ring} pp{self.pp} dp{self.dp} "
+                f"zero{self.zero_stage} ac={ac} mbs{self.micro_batch_size} ga{self.grad_accum}")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One micro-batch of the model: architecture, tokens, dtype and the training extras."""
+    arch: DiTArch
+    tokens: int              # video tokens per sample (N)
+    text_tokens: int         # caption tokens per sample (L)
+    bf16: bool
+    ema: bool
+    samples_per_rank: int    # samples per dp rank per optimizer step (micro_batch x grad_accum)
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes of an activation element (the model's compute dtype)."""
+        return 2 if self.bf16 else 4
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.arch.hidden * self.arch.mlp_ratio)
+
+    @property
+    def patch_volume(self) -> int:
+        p = self.arch.patch
+        return p[0] * p[1] * p[2]
+
+
+def config_tokens(cfg: Any) -> tuple[int, int]:
+    """(video tokens per sample, samples per micro-batch) the config trains on.
+
+    Synthetic data: the fixed latent grid. Shards with data.tokens_per_microbatch: the longest
+    clip the micro-batch budget admits (one sample filling it), the memory worst case.
+    """
+    m, d = cfg.model, cfg.data
+    grid = (d.frames // m.patch[0]) * (d.height // m.patch[1]) * (d.width // m.patch[2])
+    if d.kind == "shards" and d.tokens_per_microbatch > 0:
+        return d.tokens_per_microbatch, 1
+    return grid, cfg.train.micro_batch_size
+
+
+def workload_from_config(cfg: Any, tokens: int | None = None) -> tuple[Workload, int]:
+    """The config's workload and its micro-batch size; `tokens` overrides tokens per sample
+    (the micro-batch then follows data.tokens_per_microbatch when that is set)."""
+    n, micro = config_tokens(cfg)
+    if tokens is not None:
+        n = tokens
+        budget = cfg.data.tokens_per_microbatch if cfg.data.kind == "shards" else 0
+        micro = max(1, budget // tokens) if budget else cfg.train.micro_batch_size
+        if budget and cfg.data.max_micro_batch:
+            micro = min(micro, cfg.data.max_micro_batch)
+    work = Workload(arch=dit_arch(cfg), tokens=n, text_tokens=cfg.text.max_length,
+                    bf16=cfg.train.precision == "bf16", ema=cfg.train.ema_decay > 0,
+                    samples_per_rank=micro * cfg.train.grad_accum)
+    return work, micro
+
+
+def layout_from_config(cfg: Any, world_size: int, micro_batch_size: int | None = None) -> Layout:
+    """The layout a config would run at `world_size` (dp derived as in parallel/mesh.py)."""
+    p, t = cfg.parallel, cfg.train
+    mp = p.tp * p.ulysses * p.ring * p.pp
+    return Layout(tp=p.tp, ulysses=p.ulysses, ring=p.ring, pp=p.pp, dp=max(1, world_size // mp),
+                  zero_stage=t.zero_stage, activation_checkpointing=getattr(t, "activation_checkpointing", "none"),
+                  ac_every=getattr(t, "ac_every", 1),
+                  micro_batch_size=micro_batch_size or t.micro_batch_size, grad_accum=t.grad_accum)
+
+
+def with_layout(layout: Layout, **changes: Any) -> Layout:
+    return dataclasses.replace(layout, **changes)
