@@ -12,7 +12,9 @@ Anything else is a programming error and keeps its traceback.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import time
 from collections.abc import Mapping
 
 USER_ERROR_EXIT_CODE = 2
@@ -68,8 +70,17 @@ def launcher_rank(environ: Mapping[str, str] | None = None) -> int:
     return 0
 
 
-def report(err: UserError, environ: Mapping[str, str] | None = None) -> int:
-    """Print `err` as one line on global rank 0 (other ranks stay quiet); returns the exit status."""
+def report(err: UserError, environ: Mapping[str, str] | None = None, grace_s: float = 3.0) -> int:
+    """Print `err` as one line on global rank 0 (other ranks stay quiet); returns the exit status.
+
+    Every rank checks the same config, so all of them raise the same error. A launcher tears the
+    job down when its first rank exits; if that were rank 1, rank 0 could be killed before it
+    printed. So the other ranks first give rank 0 `grace_s` seconds (a SIGTERM from the launcher
+    ends the wait: the default handler replaces the preemption flag's).
+    """
     if launcher_rank(environ) == 0:
         print(err.line(), file=sys.stderr, flush=True)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(grace_s)
     return USER_ERROR_EXIT_CODE

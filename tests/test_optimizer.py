@@ -10,6 +10,7 @@ import torch
 
 from megasora.config import ConfigError, load_config
 from megasora.train.engine import apex_fused_adam, check_optimizer
+
 from parallel_utils import run_launched
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def checkpoints_root(path: Path) -> tuple[Path, str | None]:
-    from megasora.train.checkpoint import TAG_RE
+    """(checkpoints directory, tag or None) of a run dir, its checkpoints/ dir or one step_X dir."""
+    from megasora.train.checkpoint import TAG_RE, CheckpointError
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist", "pass a run directory (run.dir), its checkpoints/ "
+                              "directory or one step_XXXXXXXX directory")
     if TAG_RE.match(path.name):
         return path.parent, path.name
     if (path / "checkpoints").is_dir():
@@ -52,8 +56,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
     tags = list_tags(root)
     if not tags:
-        print(f"{root}: no checkpoints")
-        return 1
+        raise CheckpointError(f"{root} holds no checkpoint (no step_XXXXXXXX directory)",
+                              "pass a run directory that `megasora train` saved into, or its checkpoints/")
     print(f"{root}  (latest -> {latest})")
     for tag in tags:
         try:
@@ -75,7 +79,9 @@ def run_export(args: argparse.Namespace) -> int:
     root, tag = checkpoints_root(Path(args.dir))
     weights, cfg, used_ema = read_model_weights(root, args.tag or tag, ema=args.ema)
     if args.ema and not used_ema:
-        raise SystemExit("megasora ckpt export --ema: this checkpoint has no EMA weights (train.ema_decay=0)")
+        from megasora.train.checkpoint import CheckpointError
+        raise CheckpointError("ckpt export --ema: this checkpoint has no EMA weights (it was trained with "
+                              "train.ema_decay=0)", "drop --ema to export the raw weights")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out))
@@ -85,13 +91,14 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from megasora.train.checkpoint import CheckpointInfo, find_resumable, verify
+    from megasora.train.checkpoint import CheckpointError, CheckpointInfo, find_resumable, verify
     from megasora.train.universal import convert_to_universal
     root, tag = checkpoints_root(Path(args.dir))
     tag = args.tag or tag
     info = CheckpointInfo(root, tag, verify(root / tag)) if tag else find_resumable(root)
     if info is None:
-        raise SystemExit(f"{root}: no complete checkpoint to convert")
+        raise CheckpointError(f"{root}: no complete checkpoint to convert",
+                              "pass a run directory with a complete checkpoint (`megasora ckpt inspect DIR`)")
     out = root / f"{info.tag}.universal"
     if out.is_dir():
         print(f"{out} already exists")

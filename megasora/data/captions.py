@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+from megasora.errors import DataError, MissingPathError
+
 _PATH_KEYS = ("path", "video", "file", "image", "filename")
 _CAPTION_KEYS = ("caption", "text", "prompt")
 
@@ -14,19 +16,24 @@ def _pick(row: dict, keys: tuple[str, ...], where: str) -> str:
     for key in keys:
         if row.get(key):
             return str(row[key])
-    raise ValueError(f"{where}: no column among {keys} in {sorted(row)}")
+    raise DataError(f"{where}: no column among {keys} in {sorted(row)}", "name the columns path and caption")
 
 
 def load_captions(path: str | Path) -> dict[str, str]:
     """Read `path` -> caption. Relative media paths are resolved against the caption file's folder."""
     path = Path(path)
+    if not path.is_file():
+        raise MissingPathError(f"caption file {path} does not exist", "fix data.captions / --captions")
     if path.suffix.lower() in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise DataError(f"caption file {path} is not JSON lines ({err})", "write one JSON object per line") from err
     elif path.suffix.lower() in (".csv", ".tsv"):
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
     else:
-        raise ValueError(f"caption file {path} must be .jsonl or .csv/.tsv")
+        raise DataError(f"caption file {path} is neither .jsonl nor .csv/.tsv", "convert it to one of those")
     table = {}
     for i, row in enumerate(rows):
         where = f"{path}:{i + 1}"

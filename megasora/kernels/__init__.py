@@ -2,8 +2,11 @@
 `set_backend` ("auto" | "fused" | "torch"), so swapping never changes parameters.
 
 - "torch": the pure-PyTorch twins in `reference.py` (they define the semantics).
-- "fused": the csrc/ ops (`fused.py`); raises if the compiled extension is missing.
-- "auto" (default): fused when the extension imports, else the reference, with one warning.
+- "fused": the csrc/ ops (`fused.py`); a one-line error if the compiled extension is missing.
+- "auto" (default): fused when the extension loads, else the reference, saying so once at start.
+
+A missing prebuilt extension is JIT-built on first use into TORCH_EXTENSIONS_DIR
+(`extension.py`), so fused kernels never vanish silently; `megasora env` shows what runs.
 
 Under "fused"/"auto", inputs the fused kernels do not cover (fp64, other broadcast shapes,
 mixed dtypes, learnable RoPE angles) take the reference path; see docs/kernels.md.
@@ -15,6 +18,7 @@ import logging
 
 import torch
 
+from megasora.errors import EnvironmentProblem, launcher_rank
 from megasora.kernels import fused, reference
 
 __all__ = [
@@ -33,36 +37,61 @@ logger = logging.getLogger(__name__)
 
 _requested = "auto"
 _warned: set[str] = set()
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (details: `megasora env`)"
 
 
-def _warn_once(key: str, message: str) -> None:
+class KernelsUnavailable(EnvironmentProblem, RuntimeError):
+    """model.kernels=fused, but the compiled ops can neither be imported nor JIT-built."""
+
+    kind = "kernels"
+
+
+def _warn_once(key: str, message: str, level: int = logging.WARNING) -> None:
+    """Once per process, and on global rank 0 only: every rank would say the same."""
     if key not in _warned:
         _warned.add(key)
-        logger.warning(message)
+        if launcher_rank() == 0:
+            logger.log(level, message)
 
 
 def set_backend(name: str) -> None:
-    """Select "auto", "fused" or "torch" for every op in this package."""
+    """Select "auto", "fused" or "torch" for every op in this package (JIT-building csrc/ if needed)."""
     global _requested
     if name not in BACKENDS:
         raise ValueError(f"kernels backend must be one of {BACKENDS}, got {name!r}")
+    if name != "torch":
+        fused.ensure_loaded()
     if name == "fused" and not fused.AVAILABLE:
-        raise RuntimeError(
-            "kernels backend 'fused' requested but the csrc extension megasora._C is not importable "
-            f"({fused.LOAD_ERROR}). Build it with `pip install --no-build-isolation -e .`, "
-            "or use backend 'auto' or 'torch'.")
+        raise KernelsUnavailable(f"model.kernels=fused but the csrc ops are unavailable ({fused.LOAD_ERROR})",
+                                 f"{BUILD_HINT}, or set model.kernels=auto or torch")
     _requested = name
+    describe_once()
+
+
+def describe() -> str:
+    """Which implementation runs and why, in one line (the start-up log line and `megasora env`)."""
+    if _requested == "torch":
+        return "PyTorch reference ops (model.kernels=torch)"
+    if not fused.AVAILABLE:
+        return f"PyTorch reference ops: {fused.LOAD_ERROR}"
+    cuda = fused.CUDA_HOW if fused.CUDA_AVAILABLE else f"reference ops on CUDA ({fused.CUDA_LOAD_ERROR})"
+    return f"fused csrc ops on CPU ({fused.HOW}); CUDA: {cuda}"
+
+
+def describe_once() -> None:
+    if backend() == "fused":
+        _warn_once("describe", f"megasora.kernels: {describe()}", logging.INFO)
 
 
 def backend() -> str:
     """The backend in effect: "fused" or "torch"."""
     if _requested == "torch":
         return "torch"
+    fused.ensure_loaded()
     if fused.AVAILABLE:
         return "fused"
-    _warn_once("missing", "megasora.kernels: compiled extension megasora._C not found "
-               f"({fused.LOAD_ERROR}); using the pure-PyTorch reference ops. "
-               "Build it with `pip install --no-build-isolation -e .`.")
+    _warn_once("missing", f"megasora.kernels: model.kernels=auto is using the pure-PyTorch reference ops "
+               f"({fused.LOAD_ERROR}); {BUILD_HINT}")
     return "torch"
 
 
@@ -72,8 +101,9 @@ def _fused(*tensors: torch.Tensor) -> bool:
         return False
     if tensors[0].device.type == "cuda" and not fused.CUDA_AVAILABLE:
         if _requested == "fused":
-            raise RuntimeError("kernels backend 'fused' requested for CUDA tensors but megasora._C_cuda "
-                               f"is not importable ({fused.CUDA_LOAD_ERROR}); rebuild with MEGASORA_CUDA=1.")
+            raise KernelsUnavailable(f"model.kernels=fused on CUDA tensors but the CUDA ops are unavailable "
+                                     f"({fused.CUDA_LOAD_ERROR})", "rebuild with MEGASORA_CUDA=1 pip install "
+                                     "--no-build-isolation -e ., or set model.kernels=auto")
         _warn_once("cuda", "megasora.kernels: CUDA extension megasora._C_cuda not found "
                    f"({fused.CUDA_LOAD_ERROR}); CUDA tensors use the pure-PyTorch reference ops.")
         return False

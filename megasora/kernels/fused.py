@@ -12,25 +12,31 @@ from __future__ import annotations
 
 import torch
 
-AVAILABLE = False
-CUDA_AVAILABLE = False
-LOAD_ERROR: str | None = None
-CUDA_LOAD_ERROR: str | None = None
+from megasora.kernels import extension
 
-try:
-    import megasora._C  # noqa: F401  (registers torch.ops.megasora.*)
+# The prebuilt extensions (setup.py) register torch.ops.megasora.* on import; a missing one is
+# JIT-built on first use by ensure_loaded(), called when a backend is chosen (kernels/__init__.py).
+_cpu = extension.import_prebuilt("megasora._C")
+_cuda = extension.import_prebuilt("megasora._C_cuda") if _cpu.available else extension.Extension()
+AVAILABLE, LOAD_ERROR, HOW = _cpu.available, _cpu.error or None, _cpu.how
+CUDA_AVAILABLE, CUDA_LOAD_ERROR, CUDA_HOW = _cuda.available, _cuda.error or None, _cuda.how
+_tried_jit = False
 
-    AVAILABLE = True
-except ImportError as e:  # not built, or built against another torch
-    LOAD_ERROR = f"{type(e).__name__}: {e}"
 
-if AVAILABLE:
-    try:
-        import megasora._C_cuda  # noqa: F401
-
-        CUDA_AVAILABLE = True
-    except ImportError as e:
-        CUDA_LOAD_ERROR = f"{type(e).__name__}: {e}"
+def ensure_loaded() -> None:
+    """JIT-build whatever prebuilt extension is missing, once per process (extension.py)."""
+    global AVAILABLE, LOAD_ERROR, HOW, CUDA_AVAILABLE, CUDA_LOAD_ERROR, CUDA_HOW, _tried_jit
+    if _tried_jit:
+        return
+    _tried_jit = True
+    if not AVAILABLE:
+        cpu = extension.load_cpu()
+        AVAILABLE, LOAD_ERROR, HOW = cpu.available, cpu.error or None, cpu.how
+        if AVAILABLE:
+            _register()
+    if AVAILABLE and not CUDA_AVAILABLE:
+        cuda = extension.load_cuda()
+        CUDA_AVAILABLE, CUDA_LOAD_ERROR, CUDA_HOW = cuda.available, cuda.error or None, cuda.how
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_MAX_NORM_DIM = 6080  # the CUDA norms cache rows in shared memory (csrc/cuda/launch.h)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -232,7 +231,7 @@ def load_model_states(tag_dir: Path) -> dict[str, Any]:
                               PICK_ANOTHER)
     try:
         return torch.load(states[0], map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # what torch.load raises on garbage
+    except Exception as err:  # torch.load raises RuntimeError, UnpicklingError, KeyError, EOFError... on garbage
         raise CheckpointError(f"{states[0]} is unreadable ({type(err).__name__}: {err})", PICK_ANOTHER) from err
 
 

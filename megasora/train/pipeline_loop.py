@@ -31,7 +31,7 @@ from megasora.models.dit import DiT
 from megasora.parallel.mesh import Mesh
 from megasora.parallel.pipeline import DiTStage, build_stage
 from megasora.parallel.pipeline_schedule import StageFunctions, StageLink, one_f_one_b, run_schedule
-from megasora.train.trainer import TrainingLoop
+from megasora.train.loop import TrainingLoop
 
 
 def pipeline_stage(cfg: Config, model: DiT, mesh: Mesh) -> DiTStage:

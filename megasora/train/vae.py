@@ -20,13 +20,13 @@ from torch import nn
 from megasora.config import Config, ConfigError
 from megasora.data.sources import check_source
 from megasora.models.vae import VideoVAE, arch_from_config, kl_divergence, save_vae
+from megasora.parallel.mesh import ParallelLayout
 from megasora.train import checkpoint
 from megasora.train.distributed import device_for, init_distributed
 from megasora.train.ema import EMA, _gathered
 from megasora.train.engine import build_engine, check_optimizer
-from megasora.parallel.mesh import ParallelLayout
-from megasora.train.trainer import (DataParallel, TrainingLoop, TrainResult, layout_record, open_run,
-                                    peak_memory_bytes, restore)
+from megasora.train.loop import DataParallel, TrainingLoop, TrainResult, peak_memory_bytes
+from megasora.train.trainer import layout_record, open_run, restore
 
 log = logging.getLogger("megasora")
 

@@ -1,0 +1,208 @@
+"""Every user mistake is one line `megasora: <kind> error: <what>; <fix>`, exit status 2, no traceback.
+
+A table of bad inputs drives every command through the real CLI (one cheap subprocess each,
+two at a time), then a few of them again under a 2-rank torchrun, where only rank 0 may print.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from megasora.errors import UserError, launcher_rank, report
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "configs/tiny.yaml"
+LINE = re.compile(r"^megasora: (?P<kind>[a-z ]+) error: (?P<what>.+?); (?P<fix>.+)$")
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MEGASORA_LAUNCHER")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+
+
+@dataclass
+class Case:
+    name: str
+    args: list[str]
+    kind: str
+    says: str  # a piece of the message
+    env: dict[str, str] | None = None
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Bad inputs on disk, plus one real checkpoint (1 tiny step, no EMA) and broken copies of it."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    (root / "empty").mkdir()
+    (root / "bad.yaml").write_text("model: {hidden: 64\n  heads: [\n")
+    (root / "list.yaml").write_text("- model\n- train\n")
+    (root / "captions.txt").write_text("clip.mp4 a caption\n")
+    (root / "captions.jsonl").write_text("{not json}\n")
+    run = root / "run"
+    proc = subprocess.run([sys.executable, "-m", "megasora", "train", "--config", TINY, "--set", "train.steps=1",
+                           "--set", "train.ema_decay=0", "--set", f"run.dir={run}"],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = run / "checkpoints" / "step_00000001"
+    truncated = root / "truncated" / "checkpoints" / "step_00000001"
+    shutil.copytree(ckpt, truncated)
+    states = next(truncated.glob("mp_rank_*_model_states.pt"))
+    states.write_bytes(states.read_bytes()[:100])
+    garbage = root / "garbage" / "checkpoints" / "step_00000001"
+    shutil.copytree(ckpt, garbage)
+    states = next(garbage.glob("mp_rank_*_model_states.pt"))
+    states.write_bytes(b"\0" * states.stat().st_size)  # same size: passes the manifest, fails to unpickle
+    return {"root": root, "empty": root / "empty", "run": run, "ckpt": ckpt, "truncated": truncated,
+            "garbage": garbage.parent.parent}
+
+
+def cases(f: dict[str, Path]) -> list[Case]:
+    train = ["train", "--config", TINY]
+    out = str(f["root"] / "out")
+    return [
+        Case("missing config", ["train", "--config", "configs/nope.yaml"], "config", "config file not found"),
+        Case("corrupt YAML", ["train", "--config", str(f["root"] / "bad.yaml")], "config", "not valid YAML"),
+        Case("YAML of the wrong shape", ["train", "--config", str(f["root"] / "list.yaml")], "config",
+             "must hold a mapping"),
+        Case("unknown key", [*train, "--set", "train.stepz=3"], "config", "unknown config key `train.stepz`"),
+        Case("wrong type", [*train, "--set", "train.steps=many"], "config", "must be an integer"),
+        Case("override without =", [*train, "--set", "train.steps"], "config", "must look like key.sub=value"),
+        Case("heads not dividing hidden", [*train, "--set", "model.heads=5"], "config", "not divisible"),
+        Case("impossible layout", [*train, "--set", "parallel.tp=3"], "parallel layout",
+             "not divisible by parallel.tp=3"),
+        Case("unknown data mode", [*train, "--set", "data.kind=videos"], "config", "data.kind='videos'"),
+        Case("unknown kernels mode", [*train, "--set", "model.kernels=turbo"], "config", "model.kernels='turbo'"),
+        Case("empty shards dir", [*train, "--set", "data.kind=shards", "--set", f"data.shards={f['empty']}"],
+             "data", "holds no finished shard"),
+        Case("missing shards dir", [*train, "--set", "data.kind=shards", "--set", "data.shards=/nonexistent/x"],
+             "data", "is not a directory"),
+        Case("unknown optimizer", [*train, "--set", "train.optimizer=lion"], "config", "train.optimizer='lion'"),
+        Case("GPU optimizer on CPU", [*train, "--set", "train.optimizer=fused_adam"], "config",
+             "no CUDA device"),
+        Case("cpu_adam without offload", [*train, "--set", "train.optimizer=cpu_adam"], "config",
+             "train.offload_optimizer=cpu"),
+        Case("resume from nowhere", [*train, "--set", f"run.dir={out}", "--resume", "/nonexistent/ckpt"],
+             "checkpoint", "no complete checkpoint there"),
+        Case("resume a truncated checkpoint", [*train, "--set", f"run.dir={out}", "--resume", str(f["truncated"])],
+             "checkpoint", "truncated or altered"),
+        Case("resume another model's checkpoint",
+             [*train, "--set", "model.hidden=32", "--set", f"run.dir={out}", "--resume", str(f["ckpt"])],
+             "checkpoint", "holds a different model"),
+        Case("unknown launcher", train, "launcher", "MEGASORA_LAUNCHER='bogus'",
+             env={"MEGASORA_LAUNCHER": "bogus"}),
+        Case("half a torchrun environment", train, "launcher", "MASTER_ADDR", env={"RANK": "0", "WORLD_SIZE": "1"}),
+        Case("train-vae without inputs", ["train-vae", "--config", TINY], "config", "needs data.inputs"),
+        Case("train-vae missing input", ["train-vae", "--config", TINY, "--set", "data.inputs=[/nonexistent.mp4]"],
+             "data", "does not exist"),
+        Case("train-vae empty input dir", ["train-vae", "--config", TINY, "--set", f"data.inputs=[{f['empty']}]"],
+             "data", "holds no video or image file"),
+        Case("sample from a dir without checkpoint", ["sample", "--run", str(f["empty"]), "--prompt", "x"],
+             "checkpoint", "no complete checkpoint"),
+        Case("sample from a missing dir", ["sample", "--run", "/nonexistent/run", "--prompt", "x"],
+             "checkpoint", "does not exist"),
+        Case("sample an unknown tag", ["sample", "--run", str(f["run"]), "--tag", "step_99999999", "--prompt", "x"],
+             "checkpoint", "does not exist"),
+        Case("sample a corrupt checkpoint", ["sample", "--run", str(f["garbage"]), "--prompt", "x"],
+             "checkpoint", "is unreadable"),
+        Case("sample missing weights", ["sample", "--weights", "/nonexistent.safetensors", "--prompt", "x"],
+             "input", "does not exist"),
+        Case("preprocess a missing input", ["preprocess", "/nonexistent.mp4", "--config", TINY, "--out", out],
+             "data", "does not exist"),
+        Case("preprocess a caption file of unknown format",
+             ["preprocess", str(f["empty"]), "--config", TINY, "--captions", str(f["root"] / "captions.txt"),
+              "--out", out], "data", "neither .jsonl nor .csv"),
+        Case("preprocess corrupt captions",
+             ["preprocess", str(f["empty"]), "--config", TINY, "--captions", str(f["root"] / "captions.jsonl"),
+              "--out", out], "data", "is not JSON lines"),
+        Case("inspect an empty dir", ["ckpt", "inspect", str(f["empty"])], "checkpoint", "holds no checkpoint"),
+        Case("export from an empty dir", ["ckpt", "export", str(f["empty"]), "--out", f"{out}/w.safetensors"],
+             "checkpoint", "no complete checkpoint"),
+        Case("export EMA that was never kept", ["ckpt", "export", str(f["run"]), "--ema", "--out",
+                                                f"{out}/w.safetensors"], "checkpoint", "no EMA weights"),
+        Case("convert an empty dir", ["ckpt", "convert", str(f["empty"])], "checkpoint", "no complete checkpoint"),
+        Case("submit an impossible world", ["submit", "--config", TINY, "--nodes", "3", "--tasks-per-node", "1",
+                                            "--set", "parallel.tp=2", "--dry-run"], "submit", "multiple of 2 nodes"),
+        Case("submit a missing config", ["submit", "--config", "configs/nope.yaml", "--nodes", "1", "--dry-run"],
+             "config", "config file not found"),
+        Case("plan a missing config", ["plan", "--config", "configs/nope.yaml", "--nodes", "1",
+                                       "--gpus-per-node", "8"], "config", "config file not found"),
+    ]
+
+
+def run_cli(case: Case) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megasora", *case.args], cwd=REPO, env=clean_env(**(case.env or {})),
+                          capture_output=True, text=True, timeout=300)
+
+
+def check_one_line(case: Case, proc: subprocess.CompletedProcess) -> str | None:
+    """None if `proc` reported `case` as exactly one well-formed user-error line, else what is wrong."""
+    output = proc.stdout + proc.stderr
+    lines = [ln for ln in output.splitlines() if ln.startswith("megasora:")]
+    problems = []
+    if proc.returncode != 2:
+        problems.append(f"exit status {proc.returncode}")
+    if "Traceback" in output:
+        problems.append("a traceback")
+    if len(lines) != 1:
+        problems.append(f"{len(lines)} megasora: lines")
+    else:
+        match = LINE.match(lines[0])
+        if not match or match["kind"] != case.kind or case.says not in lines[0]:
+            problems.append(f"line {lines[0]!r} is not `megasora: {case.kind} error: ...{case.says}...; fix`")
+    if not problems:
+        return None
+    return f"{case.name}: {', '.join(problems)}\n{output[-1500:]}"
+
+
+@pytest.mark.slow
+def test_every_command_reports_bad_input_in_one_line(files: dict[str, Path]) -> None:
+    table = cases(files)
+    assert len(table) >= 25
+    assert {c.args[0] for c in table} >= {"train", "train-vae", "sample", "preprocess", "ckpt", "submit", "plan"}
+    with ThreadPoolExecutor(2) as pool:
+        failures = [msg for case, proc in zip(table, pool.map(run_cli, table)) if (msg := check_one_line(case, proc))]
+    assert not failures, "\n\n".join(failures)
+
+
+TORCHRUN_CASES = ["heads not dividing hidden", "impossible layout", "empty shards dir", "resume from nowhere"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHRUN_CASES)
+def test_two_rank_torchrun_prints_the_line_once(files: dict[str, Path], name: str) -> None:
+    """Both ranks hit the error (the last case after their process group exists); one line in total.
+    torchrun's own ChildFailedError summary follows it, but no rank prints a traceback."""
+    case = next(c for c in cases(files) if c.name == name)
+    if name == "impossible layout":  # 2 ranks: a world of 2 is not divisible by tp=3 either
+        case = Case(case.name, case.args, case.kind, "world size 2 is not divisible")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "megasora", *case.args], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=300)
+    output = proc.stdout + proc.stderr
+    lines = [ln for ln in output.splitlines() if ln.startswith("megasora:")]
+    assert proc.returncode != 0
+    assert len(lines) == 1, output[-3000:]
+    assert LINE.match(lines[0]) and case.says in lines[0], lines[0]
+    assert "exitcode  : 2" in output  # every rank exited with the user-error status
+    assert not re.search(r'File ".*megasora/', output), output[-3000:]  # no rank's traceback
+
+
+def test_line_format_and_rank_detection(capsys: pytest.CaptureFixture) -> None:
+    err = UserError("the thing is\nbroken", "fix it", kind="data")
+    assert err.line() == "megasora: data error: the thing is broken; fix it"
+    assert launcher_rank({}) == 0 and launcher_rank({"RANK": "3"}) == 3
+    assert launcher_rank({"OMPI_COMM_WORLD_RANK": "1"}) == 1
+    assert launcher_rank({"SLURM_PROCID": "2"}) == 0  # an sbatch shell is not rank 2 of a step
+    assert launcher_rank({"SLURM_PROCID": "2", "SLURM_STEP_ID": "0"}) == 2
+    assert report(err, {"RANK": "0"}) == 2 and capsys.readouterr().err == err.line() + "\n"
+    assert report(err, {"RANK": "1"}, grace_s=0) == 2 and capsys.readouterr().err == ""
