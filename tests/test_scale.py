@@ -51,6 +51,11 @@ def test_strong_scaling_that_cannot_keep_the_batch_names_the_fix(tmp_path: Path)
     assert batches(plan(tmp_path, [1, 2, 4], "strong", global_batch=8))[-1] == (4, 8, 1)
 
 
+def test_weak_scaling_that_cannot_grow_the_batch_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(StudyError, match=r"global batch 3 at 2 GPUs gives 4.5 samples at 3 GPUs; use --global-batch 6"):
+        plan(tmp_path, [2, 3], "weak", global_batch=3)
+
+
 def test_per_point_layout_and_slurm_shapes(tmp_path: Path) -> None:
     # 2 nodes x 2 ranks; tp 2 only at 2 nodes: dp 2 there, and the weak batch (2 per GPU) needs
     # grad_accum 8 / (2 x dp 2) = 2

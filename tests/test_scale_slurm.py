@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_slurm_cluster import cluster, job_info, run, wait_for  # noqa: F401  (cluster: the module-scoped fixture)
 
 REPO = Path(__file__).resolve().parents[1]

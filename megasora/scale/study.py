@@ -17,6 +17,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 from megasora.config import Config, ConfigError, load_config
 from megasora.errors import UserError
 
@@ -137,8 +138,9 @@ def target_batches(mode: str, worlds: list[int], base_global: int, global_batch:
     for world in worlds:
         if (start * world) % worlds[0]:
             raise StudyError(f"weak scaling from global batch {start} at {worlds[0]} GPUs gives "
-                             f"{start * world / worlds[0]:g} samples at {world} GPUs; start from a global "
-                             f"batch that is a multiple of {worlds[0] // math.gcd(start, worlds[0]) * start}")
+                             f"{start * world / worlds[0]:g} samples at {world} GPUs",
+                             f"use --global-batch {math.lcm(start, worlds[0])} (a multiple of {worlds[0]}, the "
+                             "smallest point's GPUs, always works)")
         targets.append(start * world // worlds[0])
     return targets
 
@@ -188,7 +190,7 @@ def plan_study(config: str, counts: list[int], procs_per_node: int, mode: str, s
     study = Study(config=str(Path(config).resolve()), mode=mode, launcher=launcher, steps=steps,
                   warmup=warmup, out=str(Path(out).resolve()), overrides=list(overrides),
                   planned_layouts=bool(layouts))
-    for (count, world, point_sets, cfg, layout), target, (nodes, procs) in zip(staged, targets, shapes):
+    for (count, _, point_sets, cfg, layout), target, (nodes, procs) in zip(staged, targets, shapes):
         name, mbs = f"{prefix}{count}", cfg.train.micro_batch_size
         grad_accum = solve_grad_accum(target, mbs, layout["dp"])
         if grad_accum is None:
