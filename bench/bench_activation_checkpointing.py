@@ -8,8 +8,11 @@ model, and measures one training step (forward, backward, AdamW step) per mode:
             torch.cuda.max_memory_allocated on GPU), weights + grads + optimizer state included
   saved     bytes still alive at the end of the forward minus before it: the activations kept
             for backward (what checkpointing trades for recompute)
-  step      median step time over --steps timed steps, modes interleaved step by step so load
-            drift on a shared machine hits every mode alike; probe off while timing
+  step      median wall-clock step time over --steps timed steps, modes interleaved step by step
+            so load drift on a shared machine hits every mode alike; probe off while timing
+  cpu       median CPU time of this process per step (CPU runs only, 1 intra-op thread): what the
+            step costs in compute, unaffected by other jobs time-sharing the cores (a wall-clock
+            ratio on a loaded machine is mostly noise); it excludes time spent waiting for peers
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/bench_activation_checkpointing.py            # 1 process
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/bench_activation_checkpointing.py --world 2 --ulysses 2
@@ -98,16 +101,17 @@ def measure_memory(run: ModeRun, inputs: tuple[torch.Tensor, ...], device: torch
     return {"peak": probe.peak_bytes, "saved": stats["saved"]}
 
 
-def timed_step(run: ModeRun, inputs: tuple[torch.Tensor, ...], device: torch.device) -> float:
+def timed_step(run: ModeRun, inputs: tuple[torch.Tensor, ...], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one step."""
     if dist.is_initialized():
         dist.barrier()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     run.step(inputs)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
@@ -124,7 +128,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: 
     inputs = make_inputs(cfg, args.batch, device)
     runs = [ModeRun(cfg, mesh, mode, device) for mode in MODES]
     memory = {run.mode: measure_memory(run, inputs, device) for run in runs}
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
     for i in range(args.warmup + args.steps):
         for run in runs:  # interleaved: every mode sees the same machine load
             elapsed = timed_step(run, inputs, device)
@@ -132,7 +136,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: 
                 times[run.mode].append(elapsed)
         if rank == 0:
             print(f"step {i + 1}/{args.warmup + args.steps}", flush=True)
-    result = {mode: {**memory[mode], "step_s": statistics.median(times[mode])} for mode in MODES}
+    result = {mode: {**memory[mode], "step_s": statistics.median(w for w, _ in times[mode]),
+                     "cpu_s": statistics.median(c for _, c in times[mode])} for mode in MODES}
     gathered: list = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0:
@@ -156,14 +161,15 @@ def report(per_rank: list[dict], args: argparse.Namespace) -> str:
              f"# DiT hidden={args.hidden} heads={args.heads} depth={args.depth}, {tokens} tokens x batch "
              f"{args.batch}, world {args.world} (tp={args.tp} ulysses={args.ulysses} ring={args.ring}), fp32",
              "| mode | rank | peak (MiB) | peak / none | saved activations (MiB) | saved / none | step (ms) | "
-             "step / none |", "|---|---|---|---|---|---|---|---|"]
+             "step / none | cpu (ms) | cpu / none |", "|---|---|---|---|---|---|---|---|---|---|"]
     for rank, result in enumerate(per_rank):
         ref = result["none"]
         for mode in MODES:
             r = result[mode]
             lines.append(f"| {mode} | {rank} | {r['peak'] / 2**20:.2f} | {r['peak'] / ref['peak']:.3f} | "
                          f"{r['saved'] / 2**20:.2f} | {r['saved'] / ref['saved']:.3f} | {1000 * r['step_s']:.1f} | "
-                         f"{r['step_s'] / ref['step_s']:.3f} |")
+                         f"{r['step_s'] / ref['step_s']:.3f} | {1000 * r['cpu_s']:.1f} | "
+                         f"{r['cpu_s'] / ref['cpu_s']:.3f} |")
     return "\n".join(lines)
 
 
@@ -180,7 +186,7 @@ def main() -> None:
     parser.add_argument("--ulysses", type=int, default=1)
     parser.add_argument("--ring", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
     parser.add_argument("--json", type=str, default="", help="also write the per-rank results here")

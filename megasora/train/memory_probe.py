@@ -28,6 +28,7 @@ autograd engine's CPU backward runs on the calling thread with the mode active.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, Iterable
 
@@ -45,7 +46,8 @@ class LiveTensorBytes(TorchDispatchMode):
         self.current_bytes = 0
         self.peak_bytes = 0
         self.marks: dict[str, int] = {}
-        self._live: dict[int, int] = {}  # id(storage) -> nbytes
+        self._live: dict[weakref.ref, int] = {}  # storage -> nbytes when last seen
+        self._lock = threading.Lock()
 
     def track(self, tensors: Iterable[torch.Tensor | None]) -> None:
         """Count tensors created before the probe (parameters, optimizer state, inputs)."""
@@ -77,12 +79,18 @@ class LiveTensorBytes(TorchDispatchMode):
         if tensor.is_sparse or tensor.device.type == "meta":
             return
         storage = tensor.untyped_storage()
-        key, nbytes = id(storage), storage.nbytes()
-        if key not in self._live:
-            weakref.finalize(storage, self._release, key)
-        # Seen again (an in-place op's output): re-read its size, which resize_ may have changed.
-        self.current_bytes += nbytes - self._live.get(key, 0)
-        self._live[key] = nbytes
+        nbytes = storage.nbytes()
+        # Keyed by weak reference, not id(): a dead storage's entry never matches a new storage
+        # that reuses its address (its finalizer may run late, on the thread that freed it).
+        lookup = weakref.ref(storage)
+        with self._lock:
+            if lookup in self._live:  # seen again (an in-place op's output): resize_ may have changed it
+                self.current_bytes += nbytes - self._live[lookup]
+                self._live[lookup] = nbytes
+            else:
+                self._live[weakref.ref(storage, self._release)] = nbytes
+                self.current_bytes += nbytes
 
-    def _release(self, key: int) -> None:
-        self.current_bytes -= self._live.pop(key, 0)
+    def _release(self, ref: weakref.ref) -> None:
+        with self._lock:
+            self.current_bytes -= self._live.pop(ref, 0)
