@@ -5,16 +5,26 @@ and real point-to-point messages. Per step and stage, `busy` is the time spent i
 forward/backward compute and `wall` the step time (slowest stage); the measured bubble is 1 - mean(busy over stages)/wall,
 reported as the median over the measured steps (the median resists preemption by other load).
 
+Where the rest of the wall time goes, per stage (run_schedule's StageTimes): `recv` = blocked
+waiting for an activation / gradient, `send` = waiting for the step's sends at its end. The
+one-hop latency of a real-size message is measured in the same run (ping-pong between stage 0
+and 1), and `sim` is the bubble an event model of the executor (blocking receives, async
+sends, measured per-stage forward/backward times) predicts with that latency on every hop.
+`--prefetch on off` runs the executor with and without early-posted receives.
+
 Two kinds of compute:
   model  a tiny DiT cut into p stages (megasora/parallel/pipeline.py), plain autograd, fp32;
   sleep  forward sleeps --sleep-ms, backward twice that, with real-size messages: isolates the
          schedule from the CPU, which matters when p exceeds the number of cores.
 
     OMP_NUM_THREADS=1 python bench/bench_pipeline.py --stages 2 4 --micro 1 2 4 8 16 --compute model sleep
+    OMP_NUM_THREADS=1 python bench/bench_pipeline.py --stages 4 --micro 4 16 --compute sleep --sleep-ms 20 \
+        --prefetch on off
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -64,6 +74,49 @@ def sleep_functions(stage_index: int, stages: int, shape: tuple[int, ...], secon
     return StageFunctions(forward, backward, lambda i: shape)
 
 
+def hop_latency(rank: int, shape: tuple[int, ...], repeats: int = 20) -> float:
+    """Median one-way time of one message between ranks 0 and 1 (half a ping-pong)."""
+    x = torch.zeros(shape)
+    rounds = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        if rank == 0:
+            dist.send(x, 1)
+            dist.recv(x, 1)
+        elif rank == 1:
+            dist.recv(x, 0)
+            dist.send(x, 0)
+        rounds.append(time.perf_counter() - start)
+    return statistics.median(rounds) / 2
+
+
+def simulate_bubble(forward: list[float], backward: list[float], m: int, hop: float) -> float:
+    """Bubble of run_schedule's 1F1B under an event model: stage s computes forward[s] / backward[s]
+    per micro-batch, receives block, sends are asynchronous, every message takes `hop` seconds."""
+    p = len(forward)
+    orders = [one_f_one_b(s, p, m) for s in range(p)]
+    pos, clock, arrival = [0] * p, [0.0] * p, {}
+    progressed = True
+    while progressed:
+        progressed = False
+        for s in range(p):
+            while pos[s] < len(orders[s]):
+                kind, i = orders[s][pos[s]]
+                needs = (s, kind, i) if (kind == "F" and s > 0) or (kind == "B" and s < p - 1) else None
+                if needs is not None and needs not in arrival:
+                    break
+                clock[s] = max(clock[s], arrival.get(needs, 0.0)) + (forward[s] if kind == "F" else backward[s])
+                if kind == "F" and s < p - 1:
+                    arrival[(s + 1, "F", i)] = clock[s] + hop
+                if kind == "B" and s > 0:
+                    arrival[(s - 1, "B", i)] = clock[s] + hop
+                pos[s] += 1
+                progressed = True
+    busy = sum(m * (f + b) for f, b in zip(forward, backward)) / p
+    return 1 - busy / max(clock)
+
+
 def stage_worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -75,21 +128,23 @@ def stage_worker(rank: int, world: int, port: int, args: argparse.Namespace, out
     inputs = (torch.randn(LATENTS), torch.rand(LATENTS[0]), torch.randn(LATENTS[0], text_len, cfg.text.dim),
               torch.ones(LATENTS[0], text_len, dtype=torch.bool))
     link = StageLink.from_ranks(None, list(range(world)), rank)
+    hop = hop_latency(rank, stage.message_shape(*inputs[:3]))
     results = []
-    for compute in args.compute:
+    for compute, prefetch in itertools.product(args.compute, args.prefetch):
         fns = model_functions(stage, inputs, text_len) if compute == "model" else \
             sleep_functions(rank, world, stage.message_shape(*inputs[:3]), args.sleep_ms / 1000)
         for m in args.micro:
             order = one_f_one_b(rank, world, m)
-            busy, wall = [], []
+            steps = []
             for step in range(args.warmup + args.steps):
                 dist.barrier()
-                times = run_schedule(order, link, fns, torch.float32, torch.device("cpu"))
+                times = run_schedule(order, link, fns, torch.float32, torch.device("cpu"), prefetch == "on")
                 stage.zero_grad(set_to_none=True)
                 if step >= args.warmup:
-                    busy.append(times.busy)
-                    wall.append(times.wall)
-            results.append({"compute": compute, "m": m, "busy": busy, "wall": wall})
+                    steps.append(times)
+            results.append({"compute": compute, "prefetch": prefetch, "m": m, "hop": hop,
+                            **{key: [getattr(t, key) for t in steps]
+                               for key in ("busy", "wall", "forward", "backward", "recv_wait", "send_wait")}})
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
@@ -118,8 +173,16 @@ def measure(stages: int, args: argparse.Namespace) -> list[dict]:
             bubbles.append(1 - busy / wall)
             walls.append(wall)
         m = first["m"]
-        rows.append({"compute": first["compute"], "p": stages, "m": m, "step_ms": 1000 * statistics.median(walls),
-                     "bubble": statistics.median(bubbles), "theory": (stages - 1) / (m + stages - 1)})
+        med = lambda key, stage: statistics.median(stage[k][key])  # noqa: E731
+        forward = [med("forward", stage) / m for stage in per_stage]
+        backward = [med("backward", stage) / m for stage in per_stage]
+        hop = statistics.median(stage[k]["hop"] for stage in per_stage[:2])
+        rows.append({"compute": first["compute"], "prefetch": first["prefetch"], "p": stages, "m": m,
+                     "step_ms": 1000 * statistics.median(walls), "bubble": statistics.median(bubbles),
+                     "theory": (stages - 1) / (m + stages - 1), "hop_ms": 1000 * hop,
+                     "sim": simulate_bubble(forward, backward, m, hop),
+                     "recv_ms": [1000 * med("recv_wait", stage) for stage in per_stage],
+                     "send_ms": [1000 * med("send_wait", stage) for stage in per_stage]})
     return rows
 
 
@@ -131,15 +194,21 @@ def main() -> None:
     parser.add_argument("--sleep-ms", type=float, default=5.0)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=9)
+    parser.add_argument("--prefetch", nargs="+", choices=["on", "off"], default=["on"],
+                        help="post the next receive before computing (run_schedule's default: on)")
     parser.add_argument("--json", type=str, default="")
     args = parser.parse_args()
     rows = [row for p in args.stages for row in measure(p, args)]
     print(f"# {platform.node()} | {os.cpu_count()} CPUs | torch {torch.__version__} | gloo | "
           f"{time.strftime('%Y-%m-%d')} | load average {os.getloadavg()[0]:.1f}")
-    print("| compute | p | m | step (ms) | bubble measured | (p-1)/(m+p-1) |")
-    print("|---|---|---|---|---|---|")
+    print("| compute | prefetch | p | m | step (ms) | bubble measured | (p-1)/(m+p-1) | hop (ms) | sim | "
+          "recv wait per stage (ms) | send wait per stage (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['compute']} | {r['p']} | {r['m']} | {r['step_ms']:.1f} | {r['bubble']:.3f} | {r['theory']:.3f} |")
+        recv = " / ".join(f"{x:.0f}" for x in r["recv_ms"])
+        send = " / ".join(f"{x:.1f}" for x in r["send_ms"])
+        print(f"| {r['compute']} | {r['prefetch']} | {r['p']} | {r['m']} | {r['step_ms']:.1f} | {r['bubble']:.3f} | "
+              f"{r['theory']:.3f} | {r['hop_ms']:.2f} | {r['sim']:.3f} | {recv} | {send} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -11,9 +11,12 @@ so stage s never holds more than stages - s micro-batches of activations, and th
 time per stage is (stages - 1) forward+backward slots out of (m + stages - 1): the bubble
 (p-1)/(m+p-1).
 
-`run_schedule` executes such an order. Receives block; sends are asynchronous (isend) and
-waited for at the end of the step. With non-blocking sends any order consistent with the
-data dependencies is deadlock-free, and 1F1B is. The callables do the compute, so the same
+`run_schedule` executes such an order. Sends are asynchronous (isend) and waited for at the
+end of the step; the receive of the next action's input is posted before the current action
+computes (prefetch) and waited for when it is needed. With non-blocking sends any order
+consistent with the data dependencies is deadlock-free, and 1F1B is; a link carries one kind
+of message per direction (activations forward, gradients back), in order, so the early
+receives match their messages. The callables do the compute, so the same
 executor drives the DeepSpeed trainer (megasora/train/pipeline_loop.py) and the benchmark.
 """
 from __future__ import annotations
@@ -61,6 +64,12 @@ class StageLink:
         dist.recv(buffer, src, group=self.group)
         return buffer
 
+    def post_recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int
+                  ) -> tuple[torch.Tensor, "dist.Work"]:
+        """Start receiving into a new buffer; wait() on the handle before reading it."""
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        return buffer, dist.irecv(buffer, src, group=self.group)
+
     def wait_sends(self) -> None:
         for work, _ in self.pending:
             work.wait()
@@ -100,34 +109,52 @@ class StageTimes:
         return self.forward + self.backward
 
 
+def _input_source(action: Action, link: StageLink, fns: StageFunctions, outputs: dict[int, torch.Tensor]
+                  ) -> Optional[tuple[int, tuple[int, ...]]]:
+    """(source rank, shape) of what `action` receives, None if it receives nothing (or the
+    shape is not known yet: a backward's gradient has its forward output's shape)."""
+    kind, i = action
+    if kind == "F":
+        return None if link.prev_rank is None else (link.prev_rank, tuple(fns.message_shape(i)))
+    if link.next_rank is None or i not in outputs:
+        return None
+    return link.next_rank, tuple(outputs[i].shape)
+
+
 def run_schedule(order: list[Action], link: StageLink, fns: StageFunctions, dtype: torch.dtype,
-                 device: torch.device) -> StageTimes:
-    """Execute `order` (e.g. one_f_one_b(...)) for one optimizer step on this stage."""
+                 device: torch.device, prefetch: bool = True) -> StageTimes:
+    """Execute `order` (e.g. one_f_one_b(...)) for one optimizer step on this stage.
+
+    With `prefetch`, the receive of the next action's input is posted (irecv) before this
+    action computes, so the message lands while we compute instead of after we ask for it:
+    gloo (and NCCL) move a message only once the receive is posted, and 1F1B's steady state
+    has no slack to hide that hand-shake (docs/benchmarks.md, pipeline bubble).
+    """
     times = StageTimes()
     start = time.perf_counter()
     received: dict[int, Optional[torch.Tensor]] = {}
     outputs: dict[int, torch.Tensor] = {}
-    for kind, i in order:
+    posted: dict[Action, tuple[torch.Tensor, "dist.Work"]] = {}
+    for step, action in enumerate(order):
         t0 = time.perf_counter()
+        inp = _receive(action, link, fns, outputs, posted, dtype, device)
+        if prefetch and step + 1 < len(order):
+            _post(order[step + 1], link, fns, outputs, posted, dtype, device)
+        t1 = time.perf_counter()
+        times.recv_wait += t1 - t0
+        kind, i = action
         if kind == "F":
-            inp = None
-            if link.prev_rank is not None:
-                inp = link.recv(fns.message_shape(i), dtype, device, link.prev_rank).requires_grad_()
-            t1 = time.perf_counter()
+            if inp is not None:
+                inp.requires_grad_()
             out = fns.forward(i, inp)
-            t2 = time.perf_counter()
-            times.recv_wait, times.forward = times.recv_wait + t1 - t0, times.forward + t2 - t1
+            times.forward += time.perf_counter() - t1
             received[i], outputs[i] = inp, out
             if link.next_rank is not None:
                 link.send(out, link.next_rank)
         else:
-            grad = None
-            if link.next_rank is not None:
-                grad = link.recv(tuple(outputs[i].shape), dtype, device, link.next_rank)
-            t1 = time.perf_counter()
-            grad_in = fns.backward(i, received.pop(i), outputs.pop(i), grad)
+            grad_in = fns.backward(i, received.pop(i), outputs.pop(i), inp)
             t2 = time.perf_counter()
-            times.recv_wait, times.backward = times.recv_wait + t1 - t0, times.backward + t2 - t1
+            times.backward += t2 - t1
             if link.prev_rank is not None:
                 link.send(grad_in, link.prev_rank)
             fns.after_backward(i)
@@ -137,3 +164,21 @@ def run_schedule(order: list[Action], link: StageLink, fns: StageFunctions, dtyp
     times.send_wait = time.perf_counter() - t0
     times.wall = time.perf_counter() - start
     return times
+
+
+def _post(action: Action, link: StageLink, fns: StageFunctions, outputs: dict[int, torch.Tensor],
+          posted: dict, dtype: torch.dtype, device: torch.device) -> None:
+    source = _input_source(action, link, fns, outputs)
+    if source is not None and action not in posted:
+        posted[action] = link.post_recv(source[1], dtype, device, source[0])
+
+
+def _receive(action: Action, link: StageLink, fns: StageFunctions, outputs: dict[int, torch.Tensor],
+             posted: dict, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+    """This action's input: the prefetched message (waited for), else a blocking receive."""
+    if action in posted:
+        buffer, work = posted.pop(action)
+        work.wait()
+        return buffer
+    source = _input_source(action, link, fns, outputs)
+    return None if source is None else link.recv(source[1], dtype, device, source[0])
