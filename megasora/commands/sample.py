@@ -30,7 +30,7 @@ EPILOG = """modes (sizes are latent frames / height / width; default: the traini
   connect  a transition from one video to another  megasora sample --run R --mode connect --video a.mp4 --video2 b.mp4
   edit     SDEdit under a new prompt               megasora sample --run R --mode edit --video a.mp4 --strength 0.6
 sequence parallel (one clip's tokens sharded; same result as one process):
-  torchrun --standalone --nproc_per_node 2 -m megasora sample --run R --prompt "..." --set parallel.ulysses=2"""
+  torchrun --standalone --nproc_per_node 2 -m megasora sample --run-dir R --prompt "..." --set parallel.ulysses=2"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sample", help="sample videos/images from a checkpoint: t2v, t2i, i2v, extend, loop, connect, edit",
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="run directory (newest complete checkpoint) or a checkpoints dir")
+    source.add_argument("--run", "--run-dir", dest="run",
+                        help="run directory (newest complete checkpoint) or a checkpoints dir; under torchrun "
+                             "spell it --run-dir (torchrun reads --run as its own --run-path)")
     source.add_argument("--weights", help="a .safetensors file from `megasora ckpt export` (config in the .json beside it)")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00000050 (default: latest)")
     p.add_argument("--mode", default="t2v", choices=("t2v", "t2i", "i2v", "extend", "loop", "connect", "edit"),
