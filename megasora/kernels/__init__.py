@@ -74,13 +74,18 @@ def describe() -> str:
         return "PyTorch reference ops (model.kernels=torch)"
     if not fused.AVAILABLE:
         return f"PyTorch reference ops: {fused.LOAD_ERROR}"
-    cuda = fused.CUDA_HOW if fused.CUDA_AVAILABLE else f"reference ops on CUDA ({fused.CUDA_LOAD_ERROR})"
+    if fused.CUDA_AVAILABLE:
+        cuda = fused.CUDA_HOW
+    elif not torch.cuda.is_available():
+        cuda = "no CUDA device"
+    else:
+        cuda = f"reference ops on CUDA tensors ({fused.CUDA_LOAD_ERROR})"
     return f"fused csrc ops on CPU ({fused.HOW}); CUDA: {cuda}"
 
 
 def describe_once() -> None:
     if backend() == "fused":
-        _warn_once("describe", f"megasora.kernels: {describe()}", logging.INFO)
+        _warn_once("describe", describe(), logging.INFO)  # logger name: megasora.kernels
 
 
 def backend() -> str:

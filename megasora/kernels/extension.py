@@ -61,8 +61,11 @@ def jit_build(name: str, sources: list[str], cuda: bool, prebuilt: Extension) ->
         return Extension(False, error=f"{prebuilt.error}; cannot JIT-build: {CSRC / missing[0]} not found "
                                       "(csrc/ ships with a checkout, not with a wheel)")
     from torch.utils import cpp_extension
-    log.warning("megasora.kernels: %s; JIT-building %s from csrc/ into %s (once per checkout, "
-                "minutes)", prebuilt.error, name, build_dir())
+
+    from megasora.errors import launcher_rank
+    if launcher_rank() == 0:  # every rank builds or waits for the build (a file lock); one says so
+        log.warning("megasora.kernels: %s; JIT-building %s from csrc/ into %s (once per checkout, "
+                    "minutes)", prebuilt.error, name, build_dir())
     flags = ["-O3", "-fopenmp"] if not cuda else ["-O3"]
     try:
         cpp_extension.load(name=name, sources=[str(CSRC / s) for s in sources], extra_include_paths=[str(CSRC)],
