@@ -61,13 +61,13 @@ CASES = [
 def _worker(rank: int, world: int, config: str, overrides: list[str], run_dir: str) -> dict[str, int]:
     """One rank: 2 training steps under the live-tensor probe; returns its measured bytes."""
     from megasora.config import load_config
-    from megasora.train import trainer
+    from megasora.train import loop, trainer
     from megasora.train.memory_probe import LiveTensorBytes
 
     cfg = load_config(config, list(overrides) + [f"run.dir={run_dir}", "train.steps=2", "train.save_every=0"])
     probe = LiveTensorBytes(device="cpu")
     measured: dict[str, int] = {}
-    build_stream, train_step = trainer.build_stream, trainer.TrainingLoop.train_step
+    build_stream, train_step = loop.build_stream, loop.TrainingLoop.train_step
 
     def counted_stream(*args, **kwargs):
         before = probe.current_bytes
@@ -90,8 +90,8 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], run_dir: s
             measured["peak"] = probe.peak_bytes
         return out
 
-    trainer.build_stream, trainer.TrainingLoop.train_step = counted_stream, probed_step
-    trainer.TrainingLoop.save = lambda self, step, samples: None  # checkpoints are not the step's memory
+    loop.build_stream, loop.TrainingLoop.train_step = counted_stream, probed_step
+    loop.TrainingLoop.save = lambda self, step, samples: None  # checkpoints are not the step's memory
     with probe:
         trainer.train(cfg)
     return measured

@@ -2,7 +2,9 @@
 search against the trainer's validator, the `megasora plan` CLI and `megasora submit`'s fit warning."""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import json
 import time
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from megasora.cli import main
-from megasora.config import ConfigError, load_config
+from megasora.config import ConfigError, load_config, validate
 from megasora.models import build_dit
 from megasora.parallel.mesh import LayoutError, validate_config_layout
 from megasora.plan import GPUS, Hardware, Layout, load_hardware, predict, search
@@ -173,25 +175,26 @@ def test_pipeline_bubble_is_pp_minus_one_micro_batches():
 
 
 def test_search_agrees_with_the_validator():
-    """The enumerated (tp, ulysses, ring, pp, zero) are exactly those the trainer's checks accept."""
+    """The enumerated (tp, ulysses, ring, pp, zero) are exactly those the trainer's checks accept
+    (config.validate, then mesh.validate_config_layout, as load_config + train() apply them)."""
     world = 8
-    cfg = load_config(TINY, ["train.grad_accum=8"])
-    enumerated = set(parallel_degrees(cfg, world))
+    base = load_config(TINY, ["train.grad_accum=8"])
+    enumerated = set(parallel_degrees(base, world))
     accepted = set()
-    for tp in divisors(world):
-        for ulysses in divisors(world):
-            for ring in divisors(world):
-                for pp in divisors(world):
-                    for zero in ZERO_STAGES:
-                        sets = [f"parallel.tp={tp}", f"parallel.ulysses={ulysses}", f"parallel.ring={ring}",
-                                f"parallel.pp={pp}", f"train.zero_stage={zero}", "train.grad_accum=8"]
-                        try:
-                            validate_config_layout(load_config(TINY, sets), world)
-                        except (ConfigError, LayoutError):
-                            continue
-                        accepted.add((tp, ulysses, ring, pp, zero))
+    for tp, ulysses, ring, pp in itertools.product(divisors(world), repeat=4):
+        for zero in ZERO_STAGES:
+            cfg = copy.deepcopy(base)
+            cfg.parallel.tp, cfg.parallel.ulysses, cfg.parallel.ring, cfg.parallel.pp = tp, ulysses, ring, pp
+            cfg.train.zero_stage = zero
+            try:
+                validate(cfg)
+                validate_config_layout(cfg, world)
+            except (ConfigError, LayoutError):
+                continue
+            accepted.add((tp, ulysses, ring, pp, zero))
     assert enumerated == accepted
     assert (2, 2, 2, 1, 2) in enumerated and (1, 2, 2, 1, 3) not in enumerated  # ZeRO-3 x sp refused
+    assert (1, 1, 1, 8, 3) not in enumerated and (1, 1, 1, 2, 1) in enumerated   # pp needs ZeRO 1/2
 
 
 def test_search_keeps_only_fitting_layouts_fastest_first():

@@ -24,8 +24,8 @@ def _gib(x: float) -> str:
 
 def _header(hardware, nodes: int, gpus: int, work) -> str:
     return (f"{nodes} nodes x {gpus} {hardware.name} ({_gib(hardware.memory_bytes)} GiB, "
-            f"{hardware.peak_flops / 1e12:.0f} TFLOP/s x efficiency {hardware.efficiency}, NVLink "
-            f"{hardware.intra_bytes_per_s / 1e9:.0f} GB/s, network {hardware.inter_bytes_per_s / 1e9:.0f} GB/s per GPU "
+            f"{hardware.peak_flops / 1e12:.3g} TFLOP/s x efficiency {hardware.efficiency}, intra-node "
+            f"{hardware.intra_bytes_per_s / 1e9:.3g} GB/s, network {hardware.inter_bytes_per_s / 1e9:.3g} GB/s per GPU "
             f"x link efficiency {hardware.link_efficiency}); {work.tokens} tokens/sample, "
             f"{work.samples_per_rank} samples per dp rank per step")
 

@@ -67,8 +67,8 @@ def comm_config(cfg: Any, layout: Layout) -> Any:
 
 
 def comm_seconds(cfg: Any, work: Workload, layout: Layout, stage: int, gpus_per_node: int,
-                 hw: Hardware) -> dict[str, float]:
-    """Unhidden-by-default seconds per axis of one step for `stage` (bandwidth-bound, ring factors)."""
+                 hw: Hardware) -> dict[tuple[str, str], float]:
+    """Bandwidth-bound seconds of one step for `stage`, per (axis, kind), ring factors applied."""
     volume = comm_volume(comm_config(cfg, layout), layout, work.tokens, work.text_tokens, stage=stage)
     out = {}
     for axis, kinds in volume.items():
@@ -76,7 +76,8 @@ def comm_seconds(cfg: Any, work: Workload, layout: Layout, stage: int, gpus_per_
         for a in axis.split("+"):
             group *= getattr(layout, a)
         bw = axis_link(axis, layout, gpus_per_node, hw)
-        out[axis] = sum(bus_factor(kind, group) * nbytes / bw for kind, nbytes in kinds.items())
+        for kind, nbytes in kinds.items():
+            out[(axis, kind)] = bus_factor(kind, group) * nbytes / bw
     return out
 
 
@@ -98,11 +99,16 @@ def stage_time(cfg: Any, work: Workload, layout: Layout, hw: Hardware, gpus_per_
     rate = hw.peak_flops * hw.efficiency
     flops, recompute, attention = stage_flops(work, layout, stage)
     m = layout.grad_accum
-    comm = comm_seconds(cfg, work, layout, stage, gpus_per_node, hw)
-    if "ring" in comm:  # K/V hops overlap the attention of the blocks already received
+    seconds = comm_seconds(cfg, work, layout, stage, gpus_per_node, hw)
+    if ("ring", "p2p") in seconds:  # K/V hops overlap the attention of the blocks already received
         hidden = m * attention / rate * (layout.ring - 1) / layout.ring
-        comm["ring"] = max(0.0, comm["ring"] - hidden)
-    per_micro = (flops + recompute) / rate + sum(v for k, v in comm.items() if k in ("tp", "ulysses", "ring")) / m
+        seconds[("ring", "p2p")] = max(0.0, seconds[("ring", "p2p")] - hidden)
+    comm: dict[str, float] = {}
+    for (axis, _), value in seconds.items():
+        comm[axis] = comm.get(axis, 0.0) + value
+    in_block = sum(v for (axis, kind), v in seconds.items()
+                   if axis in ("tp", "ulysses") or (axis == "ring" and kind == "p2p"))
+    per_micro = (flops + recompute) / rate + in_block / m
     bubble = (layout.pp - 1) * per_micro if layout.pp > 1 else 0.0
     return StepTime(compute_s=m * flops / rate, recompute_s=m * recompute / rate, comm_s=comm, bubble_s=bubble)
 
