@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megasora.config import ConfigError, DiffusionConfig, load_config
-from megasora.config import CondMasksConfig
+from megasora.config import CondMasksConfig, ConfigError, DiffusionConfig, load_config
 from megasora.diffusion.flow import noise_batch, sample_generator
 from megasora.diffusion.masks import MASK_KINDS, draw_frame_mask, frame_mask, mask_probabilities
+
 from parallel_utils import run_launched
 
 REPO = Path(__file__).resolve().parents[1]

@@ -108,10 +108,11 @@ def test_loop_leads_back_into_the_first_frame(run_dir, tmp_path, media) -> None:
     video, latents = out["inputs"]["video"], out["latents"]
     assert latents.shape == (1, 3, 6, 8, 8) and torch.equal(latents[:, :, :4], video)
     # The window the loop was cut from: [video end | generated | video start], held exactly.
+    import argparse
+
     from megasora.commands.sample import load_sampling_model
     from megasora.diffusion.modes import ModeSampler, loop_window
     from megasora.models.text import TextEncoder
-    import argparse
     model, cfg, _ = load_sampling_model(argparse.Namespace(weights=None, run=str(run_dir), tag=None, no_ema=False))
     text, mask = TextEncoder(None, cfg.text.max_length).encode(["a red circle moving left"])
     window = loop_window(ModeSampler(model, cfg, text, mask, steps=2), video, 4, 1)
@@ -183,7 +184,9 @@ def test_latent_runs_encode_inputs_with_their_vae(tmp_path, media) -> None:
     """A VAE run (4 latent channels): i2v and extend encode the inputs with the run's VAE, hold the
     encoded frames exactly and decode the result to pixels at 8x the latent size."""
     import json
+
     from safetensors.torch import save_file
+
     from megasora.config import load_config
     from megasora.models import build_dit
     from megasora.models.vae import VAEArch, VideoVAE, save_vae
@@ -213,3 +216,25 @@ def test_latent_runs_encode_inputs_with_their_vae(tmp_path, media) -> None:
         from megasora.data.video_io import iter_video_clips
         decoded = next(iter_video_clips(tmp_path / f"{mode}.mp4", 8.0, 64, 1 << 30, 1, 1))
         assert decoded.frames.shape[1:3] == (32, 32)  # through the VAE decoder, no zoom
+
+
+def _preview_worker(rank: int, world: int, root: str):
+    import torch.distributed as dist
+
+    from megasora.config import load_config
+    from megasora.train.trainer import train
+    for name, parallel in (("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2", "train.grad_accum=2",
+                                                                 "train.micro_batch_size=1", "train.zero_stage=1"])):
+        overrides = [o for o in TRAIN if not o.startswith("train.zero_stage")] + ["train.zero_stage=2"]
+        cfg = load_config(REPO / "configs" / "tiny.yaml", overrides + parallel + [f"run.dir={root}/{name}",
+                                                                                    "train.steps=2"])
+        train(cfg)
+        dist.barrier()
+
+
+def test_previews_under_tensor_and_pipeline_parallel(tmp_path) -> None:
+    """tp shards the EMA, pp splits it over stages: global rank 0 still samples the whole model."""
+    from parallel_utils import run_launched
+    run_launched(_preview_worker, 2, str(tmp_path))
+    for name in ("tp2", "pp2"):
+        assert (tmp_path / name / "samples" / "step_2.mp4").stat().st_size > 0, name

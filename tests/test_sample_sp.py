@@ -1,6 +1,6 @@
-"""Sampling under sequence parallelism equals one process (fp32, <= 1e-5): ulysses2, ring2 and
-ulysses2 x ring2 shard one clip's 27 tokens (so every layout pads) through the real `megasora
-sample` command, launched the way torchrun launches it.
+"""Sampling under sequence parallelism equals one process (fp32, <= 1e-5): ulysses2, ring2,
+ulysses2 x ring2 (and tp2) shard one clip's 27 tokens (so every layout pads) through the real
+`megasora sample` command, launched the way torchrun launches it.
 
 The tiny checkpoint is trained once, then every weight gets N(0, 0.05) added: a few steps of
 training leave the adaLN-Zero gates nearly closed, and attention must matter for the comparison
@@ -39,6 +39,7 @@ def weights(tmp_path_factory) -> Path:
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import save_file
+
     from megasora.train.checkpoint import read_model_weights
     state, cfg, _ = read_model_weights(run / "checkpoints")
     g = torch.Generator().manual_seed(0)
@@ -84,18 +85,20 @@ def sampled(weights, tmp_path_factory) -> dict:
         _sample(weights, root / f"single_{mode}.pt", mode, [])
         results[("single", mode)] = torch.load(root / f"single_{mode}.pt")["latents"]
     results.update(run_launched(_sp_worker, 2, weights, [("ulysses2", ["parallel.ulysses=2"]),
-                                                          ("ring2", ["parallel.ring=2"])], str(root))[0])
+                                                          ("ring2", ["parallel.ring=2"]),
+                                                          ("tp2", ["parallel.tp=2"])], str(root))[0])
     results.update(run_launched(_sp_worker, 4, weights, [("ulysses2xring2", ["parallel.ulysses=2",
                                                                              "parallel.ring=2"])], str(root))[0])
     return results
 
 
-@pytest.mark.parametrize("layout", ["ulysses2", "ring2", "ulysses2xring2"])
+@pytest.mark.parametrize("layout", ["ulysses2", "ring2", "ulysses2xring2", "tp2"])
 @pytest.mark.parametrize("mode", ["t2v", "i2v"])
 def test_sequence_parallel_sampling_equals_one_process(sampled, layout, mode) -> None:
     ref, got = sampled[("single", mode)], sampled[(layout, mode)]
     assert ref.shape == got.shape == (2, 3, 3, 6, 6)
     err = (got - ref).abs().max().item()
+    print(f"{layout} {mode}: max |sp - single| = {err:.2e} (|single| up to {ref.abs().max():.2f})")
     assert err <= TOLERANCE, f"{layout} {mode}: max |sp - single| = {err:.2e}"
 
 
@@ -114,6 +117,7 @@ def test_attention_matters_in_the_compared_model(weights) -> None:
     """Mean attention over the keys instead of real attention changes the velocity: the SP comparison
     exercises the sharded attention, not only the per-token layers."""
     from safetensors.torch import load_file
+
     from megasora.config import config_from_dict
     from megasora.models import build_dit
     model = build_dit(config_from_dict(json.loads(weights.with_suffix(".json").read_text())))

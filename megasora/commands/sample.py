@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -212,8 +210,7 @@ def encode_inputs(args: argparse.Namespace, cfg: Config) -> dict[str, torch.Tens
 def start_sequence_parallel(model: torch.nn.Module, cfg: Config, world: int) -> int:
     """Process group + mesh; the model's sequence is sharded over tp x ulysses x ring. Returns the rank."""
     from megasora.parallel import init_parallel
-    from megasora.train.distributed import init_distributed
-    from megasora.train.distributed import device_for
+    from megasora.train.distributed import device_for, init_distributed
     env = init_distributed()
     init_parallel(model, cfg.parallel, world)
     model.to(device_for(env))

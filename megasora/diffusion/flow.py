@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from megasora.config import DiffusionConfig
-from megasora.diffusion.masks import (draw_frame_mask, latent_frame_mask, mask_probabilities,
-                                      per_token_timesteps)
+from megasora.diffusion.masks import draw_frame_mask, latent_frame_mask, mask_probabilities, per_token_timesteps
 
 
 def sample_generator(seed: int, sample_id: int, step: int) -> torch.Generator:

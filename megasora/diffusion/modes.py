@@ -120,7 +120,7 @@ def decode_frames(path: str, flag: str, max_frames: int, fps: float) -> np.ndarr
                                      max_clips=1), None)
     except Exception as err:  # PyAV / Pillow raise many types for a broken file
         raise InputError(f"{flag} {path} could not be decoded ({type(err).__name__}: {err})",
-                         f"pass a readable video (mp4, webm, ...) or image (png, jpg, ...)") from None
+                         "pass a readable video (mp4, webm, ...) or image (png, jpg, ...)") from None
     if clip is None or len(clip.frames) == 0:
         raise InputError(f"{flag} {path} holds no video frames", "pass a video with at least one frame")
     return clip.frames
