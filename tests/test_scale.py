@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from megasora.cli import main
-from megasora.scale.launch import EXIT_FILE, LOCAL_LOG
 from megasora.scale.report import report
 from megasora.scale.status import point_status
-from megasora.scale.study import Study, StudyError, plan_study, solve_grad_accum
+from megasora.scale.study import EXIT_FILE, LOCAL_LOG, Study, StudyError, plan_study, solve_grad_accum
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")  # micro_batch_size 2, grad_accum 1
@@ -162,7 +161,8 @@ def test_report_from_metrics_with_a_failed_point(measured_study: Study) -> None:
 # --- a real local study ------------------------------------------------------------------------
 
 def test_a_point_past_its_timeout_is_stopped_and_reported(tmp_path: Path) -> None:
-    from megasora.scale.launch import TIMEOUT_RC, run_point
+    from megasora.scale.launch import run_point
+    from megasora.scale.study import TIMEOUT_RC
     study = plan(tmp_path, [1], "weak")
     point = study.points[0]
     assert run_point(study, point, timeout_s=1, poll_s=0.5) == TIMEOUT_RC  # torchrun is still importing

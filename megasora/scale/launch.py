@@ -17,14 +17,9 @@ import time
 from pathlib import Path
 
 from megasora.scale.status import last_step
-from megasora.scale.study import Point, Study
+from megasora.scale.study import EXIT_FILE, LAUNCH_FILE, LOCAL_LOG, TIMEOUT_RC, Point, Study
 
 log = logging.getLogger("megasora")
-
-LAUNCH_FILE = "launch.json"
-EXIT_FILE = "exit.json"
-LOCAL_LOG = "train.log"
-TIMEOUT_RC = 124  # a point stopped at --timeout reports what coreutils' timeout returns
 
 
 # --- Slurm ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from megasora.scale.study import Point, Study
+from megasora.scale.study import EXIT_FILE, LAUNCH_FILE, LOCAL_LOG, TIMEOUT_RC, Point, Study
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 SLURM_ACTIVE = {"RUNNING": RUNNING, "COMPLETING": RUNNING, "CONFIGURING": RUNNING, "STAGE_OUT": RUNNING,
@@ -70,7 +70,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _local_status(point: Point) -> PointStatus:
-    from megasora.scale.launch import EXIT_FILE, LAUNCH_FILE, TIMEOUT_RC
     run_dir = Path(point.run_dir)
     if (run_dir / EXIT_FILE).is_file():
         rc = json.loads((run_dir / EXIT_FILE).read_text())["rc"]
@@ -137,7 +136,6 @@ def _slurm_status(point: Point) -> PointStatus:
 # --- the logs' word on a failure --------------------------------------------------------------
 
 def _point_logs(point: Point) -> list[Path]:
-    from megasora.scale.launch import LOCAL_LOG
     run_dir = Path(point.run_dir)
     return [p for p in [run_dir / LOCAL_LOG, *sorted(run_dir.glob("slurm/**/*.out")),
                         *sorted(run_dir.glob("slurm/**/rank-*.log"))] if p.is_file()]

@@ -23,6 +23,11 @@ from megasora.errors import UserError
 
 MODES = ("weak", "strong")
 STUDY_FILE = "study.json"
+# A local point's run directory also holds (megasora/scale/launch.py writes, status.py reads):
+LAUNCH_FILE = "launch.json"  # pid + command, while it runs
+EXIT_FILE = "exit.json"      # return code + seconds, once it ended
+LOCAL_LOG = "train.log"      # torchrun's output
+TIMEOUT_RC = 124             # a point stopped at --timeout reports what coreutils' timeout returns
 POINT_OVERRIDE = re.compile(r"^(\d+):(.+)$")  # "4:parallel.tp=2": only at the point of size 4
 
 
