@@ -23,7 +23,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 
 from megasora.config import Config
 from megasora.diffusion.masks import frame_mask, latent_frame_mask
-from megasora.diffusion.sampler import FrameCondition, sample_euler
+from megasora.diffusion.sampler import FrameCondition, Progress, sample_euler
 from megasora.errors import UserError
 
 log = logging.getLogger("megasora")
@@ -177,7 +177,7 @@ class ModeSampler:
     steps: int = 30
     guidance: float = 4.0
     seed: int = 0
-    progress: Optional[object] = None  # Progress callback factory: called with the window index
+    progress: Optional[Callable[[int], Progress]] = None  # window index -> that window's step callback
     windows_done: int = 0
 
     @property
@@ -286,7 +286,7 @@ class StepProgress:
     def __init__(self, enabled: bool, windows: int) -> None:
         self.enabled, self.windows, self._bar = enabled, windows, None
 
-    def __call__(self, window: int):
+    def __call__(self, window: int) -> Progress:
         def update(done: int, total: int) -> None:
             if not self.enabled:
                 return
