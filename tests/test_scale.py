@@ -149,6 +149,8 @@ def test_report_from_metrics_with_a_failed_point(measured_study: Study) -> None:
     # the planner's prediction of the same point, on this CPU's measured figures
     assert float(p2["predicted_step_time_s"]) > 0 and float(p2["predicted_over_measured"]) == \
         pytest.approx(float(p2["predicted_step_time_s"]) / 1.25, rel=1e-4)
+    parts = [float(v) for k, v in p2.items() if k.startswith("predicted/") and v]
+    assert "predicted/comm_s/dp" in p2 and sum(parts) == pytest.approx(float(p2["predicted_step_time_s"]), rel=1e-4)
     assert p4["status"] == "failed" and "out of memory" in p4["reason"] and p4["step_time_s"] == ""
     md = (out / "scaling.md").read_text()
     assert "| p2 | 2 | dp2 z2 | 4 (ga 1) | done | 1.25 |" in md and "dp 20%" in md

@@ -1,4 +1,4 @@
-"""The planner's word on a point (megasora/plan): its predicted step time, and with --plan its layout.
+"""The planner's word on a point (megasora/plan): its predicted step time (and parts), with --plan its layout.
 
 Hardware: GPU studies name it (`--gpu h100|h200|a100|b200|FILE`, the planner's table). CPU
 studies (local runs, CPU Slurm jobs) are predicted from measured numbers: the matmul peak
@@ -38,17 +38,24 @@ def point_hardware(study: Study, records: list[dict[str, Any]]) -> Any:
     return dataclasses.replace(hw, peak_flops=statistics.median(peaks)) if peaks else hw
 
 
-def predicted_step_time(study: Study, point: Point, records: list[dict[str, Any]]) -> float | None:
-    """Seconds per optimizer step the planner predicts for this point, or None if it can't say."""
+def predicted_columns(study: Study, point: Point, records: list[dict[str, Any]]) -> dict[str, float]:
+    """The planner's step time for this point and its parts, as report columns; {} if it can't say.
+
+    predicted_step_time_s = predicted/compute_s + predicted/recompute_s + the sum of
+    predicted/comm_s/<axis> + predicted/bubble_s, next to the measured time/* and comm_s/<axis>.
+    """
     try:
         from megasora.plan.predict import predict
         from megasora.plan.workload import layout_from_config, workload_from_config
     except ImportError:
-        return None
+        return {}
     cfg = point_config(study, point)
     _, micro = workload_from_config(cfg)
     layout = layout_from_config(cfg, point.world_size, micro)
-    return predict(cfg, layout, point_hardware(study, records), point.procs_per_node).time.total_s
+    time = predict(cfg, layout, point_hardware(study, records), point.procs_per_node).time
+    return {"predicted_step_time_s": time.total_s, "predicted/compute_s": time.compute_s,
+            "predicted/recompute_s": time.recompute_s, "predicted/bubble_s": time.bubble_s,
+            **{f"predicted/comm_s/{axis}": s for axis, s in time.comm_s.items()}}
 
 
 def planned_layouts(config: str, sizes: list[int], procs_per_node: int, launcher: str, overrides: list[str],

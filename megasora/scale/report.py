@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from megasora.scale.predict import predicted_step_time
+from megasora.scale.predict import predicted_columns
 from megasora.scale.status import DONE, point_status
 from megasora.scale.study import Point, Study
 
@@ -77,10 +77,9 @@ def point_row(study: Study, point: Point) -> dict[str, Any]:
     if not records:
         return {**row, "status": "failed", "reason": f"no steps after the {study.warmup} warm-up steps"}
     row.update(summarize_records(records))
-    predicted = predicted_step_time(study, point, records)
-    if predicted is not None:
-        row["predicted_step_time_s"] = predicted
-        row["predicted_over_measured"] = predicted / row["step_time_s"]
+    row.update(predicted_columns(study, point, records))
+    if row.get("predicted_step_time_s") is not None:
+        row["predicted_over_measured"] = row["predicted_step_time_s"] / row["step_time_s"]
     return row
 
 
