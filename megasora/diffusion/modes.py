@@ -194,9 +194,10 @@ class ModeSampler:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.windows_done)
         progress = self.progress(self.windows_done) if self.progress is not None else None
         self.windows_done += 1
-        return sample_euler(self.model, shape, self.text, self.text_mask, self.cfg.diffusion, steps=self.steps,
-                            guidance=self.guidance, patch=self.patch, generator=generator, condition=condition,
-                            init=init, strength=strength, progress=progress)
+        latents = sample_euler(self.model, shape, self.text, self.text_mask, self.cfg.diffusion, steps=self.steps,
+                               guidance=self.guidance, patch=self.patch, generator=generator, condition=condition,
+                               init=init, strength=strength, progress=progress)
+        return latents.cpu()  # windows are stitched with the (CPU) inputs
 
     def window_with(self, known: dict[str, torch.Tensor], window: int) -> torch.Tensor:
         """Sample one `window`-frame clip whose first (`head`) / last (`tail`) frames are given."""
