@@ -295,3 +295,19 @@ def test_memory_grows_with_tokens_and_shrinks_with_checkpointing():
     assert full.activations < none.activations
     big = memory_breakdown(dataclasses.replace(work, tokens=4 * work.tokens), base, allowance=False)
     assert big.activations > 3.5 * none.activations
+
+
+def test_hardware_table_files_and_cpu(tmp_path):
+    assert load_hardware("h100").memory_bytes == 81559 * 1024 ** 2 and load_hardware("B200").peak_flops == 2250e12
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text("base: a100\ninter_bytes_per_s: 12.5e9\n")  # YAML reads this as a string
+    hw = load_hardware(str(cluster))
+    assert hw.inter_bytes_per_s == 12.5e9 and hw.peak_flops == GPUS["a100"].peak_flops
+    cluster.write_text("base: a100\nnvlink: 1\n")
+    with pytest.raises(HardwareError, match="unknown key `nvlink`"):
+        load_hardware(str(cluster))
+    cpu = load_hardware("cpu")  # measured here: a predicted CPU run carries no GPU allowance
+    assert cpu.peak_flops > 1e8 and not cpu.allowance
+    cfg, work = tiny_work()
+    p = predict(cfg, layout_from_config(cfg, 1, 2), cpu, 1)
+    assert p.memory.allowance == 0 and p.time.total_s > 0

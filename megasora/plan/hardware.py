@@ -21,7 +21,7 @@ A cluster file overrides any of this (YAML, every key optional except `base` or 
 
     base: h100            # start from a table entry
     name: my-h100-cluster
-    network_bytes_per_s: 25.0e9   # e.g. 200 Gb/s per GPU
+    inter_bytes_per_s: 25.0e9     # network per GPU, e.g. 200 Gb/s
     efficiency: 0.45
 """
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Hardware:
     link_efficiency: float = 0.75  # achievable fraction of link bandwidth
     latency_s: float = 10e-6     # per collective / p2p message start-up
     source: str = ""
+    allowance: bool = True       # add memory.py's allocator/workspace allowance (a GPU's caching allocator)
 
 
 GPUS: dict[str, Hardware] = {
@@ -63,6 +64,7 @@ GPUS: dict[str, Hardware] = {
 }
 
 FIELDS = {f.name for f in dataclasses.fields(Hardware)}
+NUMBERS = {f.name for f in dataclasses.fields(Hardware) if f.type in (float, "float")}
 
 
 class PlanError(UserError, ValueError):
@@ -98,6 +100,7 @@ def hardware_from_file(path: Path) -> Hardware:
     if unknown:
         raise HardwareError(f"cluster file {path}: unknown key `{unknown[0]}`; valid keys: base, "
                             f"{', '.join(sorted(FIELDS))}")
+    data = {key: _number(path, key, value) if key in NUMBERS else value for key, value in data.items()}
     if base is not None:
         if str(base).lower() not in GPUS:
             raise HardwareError(f"cluster file {path}: base {base!r} is not one of {', '.join(GPUS)}")
@@ -106,6 +109,14 @@ def hardware_from_file(path: Path) -> Hardware:
     if missing:
         raise HardwareError(f"cluster file {path} lacks {', '.join(missing)} (or set `base: h100`)")
     return Hardware(**data)
+
+
+def _number(path: Path, key: str, value: object) -> float:
+    """YAML 1.1 reads 12.5e9 (no exponent sign) as a string: accept it as a number."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise HardwareError(f"cluster file {path}: `{key}: {value!r}` must be a number, e.g. 50.0e9") from None
 
 
 def measure_cpu(size: int = 512, repeats: int = 5) -> Hardware:
@@ -129,7 +140,7 @@ def measure_cpu(size: int = 512, repeats: int = 5) -> Hardware:
     copy_bw = 4 * buf.numel() / (time.perf_counter() - start)
     ram = _physical_memory_bytes()
     return Hardware("cpu (measured)", flops, ram, copy_bw, copy_bw, 1.0, 1.0, 50e-6,
-                    f"measured: {size}^3 fp32 matmul, 16 MiB memcpy")
+                    f"measured: {size}^3 fp32 matmul, 16 MiB memcpy", allowance=False)
 
 
 def _physical_memory_bytes() -> float:

@@ -261,13 +261,22 @@ class _StageTerms:
         self.chosen = checkpointed_blocks(work.arch.depth, layout.activation_checkpointing, layout.ac_every)
 
     def activations(self, stage: int) -> tuple[float, float]:
+        """Saved bytes of the in-flight micro-batches, and the transient on top of them.
+
+        Backward runs the blocks last to first, freeing each one's saved tensors; while block i
+        is in its backward it holds its full activations (recomputed if checkpointed) and the
+        blocks after it are gone: the peak exceeds the saved bytes by
+        T + max(0, max_i (full - sum_{j >= i} kept_j)), T the block-backward working set."""
         layout, blocks = self.layout, self.counts[stage]
         first = sum(self.counts[:stage])
-        ckpt = sum(1 for i in self.chosen if first <= i < first + blocks)
-        per_micro = ckpt * self.retained + (blocks - ckpt) * self.full
-        per_micro += io_activation_bytes(self.work, layout, stage == 0, stage == layout.pp - 1)
-        transient = self.transient + (self.full - self.retained if ckpt else 0.0)
-        return per_micro * inflight_microbatches(layout, stage), transient
+        checkpointed = set(self.chosen)
+        kept = [self.retained if i in checkpointed else self.full for i in range(first, first + blocks)]
+        per_micro = sum(kept) + io_activation_bytes(self.work, layout, stage == 0, stage == layout.pp - 1)
+        extra, suffix = 0.0, 0.0
+        for k in reversed(kept):
+            suffix += k
+            extra = max(extra, self.full - suffix)
+        return per_micro * inflight_microbatches(layout, stage), self.transient + extra
 
 
 def peak_candidate_stages(counts: tuple[int, ...]) -> list[int]:

@@ -36,7 +36,7 @@ class Prediction:
 
 def predict_workload(cfg: Any, work: Workload, layout: Layout, hardware: Hardware, gpus_per_node: int,
                      memory: MemoryBreakdown | None = None) -> Prediction:
-    memory = memory or memory_breakdown(work, layout, allowance=hardware.name != "cpu (measured)")
+    memory = memory or memory_breakdown(work, layout, allowance=hardware.allowance)
     time = step_time(cfg, work, layout, hardware, gpus_per_node)
     samples = layout.micro_batch_size * layout.grad_accum * layout.dp
     mfu = model_flops_per_step(work, layout) / (time.total_s * hardware.peak_flops * layout.world_size)

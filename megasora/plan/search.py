@@ -7,7 +7,6 @@ them into grad_accum = samples / b micro-batches (at least pp with a pipeline, w
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -79,7 +78,7 @@ def search(cfg: Any, nodes: int, gpus_per_node: int, hardware: Hardware, tokens:
     """Rank every accepted layout of nodes x gpus_per_node GPUs that fits `hardware`."""
     work, _ = workload_from_config(cfg, tokens)
     world = nodes * gpus_per_node
-    allowance = hardware.name != "cpu (measured)"
+    allowance = hardware.allowance
     fitting, considered, least = [], 0, None
     for layout in candidates(cfg, work, world):
         considered += 1
@@ -94,7 +93,7 @@ def search(cfg: Any, nodes: int, gpus_per_node: int, hardware: Hardware, tokens:
 
 
 def fits_anywhere(cfg: Any, work: Workload, world: int, hardware: Hardware) -> bool:
-    allowance = hardware.name != "cpu (measured)"
+    allowance = hardware.allowance
     return any(memory_breakdown(work, layout, allowance).total_bytes <= hardware.memory_bytes
                for layout in candidates(cfg, work, world))
 
@@ -120,7 +119,3 @@ def best_layout(cfg: Any, nodes: int, gpus_per_node: int, hardware: Hardware,
                 tokens: int | None = None) -> Prediction | None:
     result = search(cfg, nodes, gpus_per_node, hardware, tokens, top=1)
     return result.ranked[0] if result.ranked else None
-
-
-def replace(layout: Layout, **changes: Any) -> Layout:
-    return dataclasses.replace(layout, **changes)

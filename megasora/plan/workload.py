@@ -5,37 +5,24 @@ pure functions of (workload, layout, hardware) and run in microseconds.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from megasora.models import dit_arch
 from megasora.models.dit import DiTArch
+from megasora.parallel.mesh import ParallelLayout
 
-AC_MODES = ("none", "full", "selective")
 
 
 @dataclass(frozen=True)
-class Layout:
-    """One candidate: parallel degrees, ZeRO stage, activation checkpointing, micro-batch."""
-    tp: int = 1
-    ulysses: int = 1
-    ring: int = 1
-    pp: int = 1
-    dp: int = 1
+class Layout(ParallelLayout):
+    """One candidate: the parallel degrees (mesh.py's ParallelLayout: dp, pp, tp, ulysses, ring,
+    sp, world_size), plus the ZeRO stage, activation checkpointing and micro-batching."""
     zero_stage: int = 2
     activation_checkpointing: str = "none"
     ac_every: int = 1
     micro_batch_size: int = 1
     grad_accum: int = 1      # micro-batches per step (pipeline micro-batches when pp > 1)
-
-    @property
-    def sp(self) -> int:
-        return self.ulysses * self.ring
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.ulysses * self.ring * self.pp * self.dp
 
     def as_overrides(self) -> list[str]:
         """The `--set` overrides that make a config run this layout."""
@@ -113,7 +100,3 @@ def layout_from_config(cfg: Any, world_size: int, micro_batch_size: int | None =
                   zero_stage=t.zero_stage, activation_checkpointing=getattr(t, "activation_checkpointing", "none"),
                   ac_every=getattr(t, "ac_every", 1),
                   micro_batch_size=micro_batch_size or t.micro_batch_size, grad_accum=t.grad_accum)
-
-
-def with_layout(layout: Layout, **changes: Any) -> Layout:
-    return dataclasses.replace(layout, **changes)
