@@ -22,6 +22,7 @@ receives the tensors themselves and rebuilds its own TokenState.
 """
 from __future__ import annotations
 
+import logging
 import types
 from typing import Any
 
@@ -32,6 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from megasora.config import AC_MODES
 from megasora.models.attention import AttentionFn
 from megasora.models.dit import DiT, DiTBlock, TokenState
+
+log = logging.getLogger("megasora")
 
 
 def checkpointed_blocks(depth: int, mode: str, every: int) -> list[int]:
@@ -44,7 +47,11 @@ def checkpointed_blocks(depth: int, mode: str, every: int) -> list[int]:
 def apply_activation_checkpointing(model: DiT, mode: str, every: int = 1) -> DiT:
     """Checkpoint blocks 0, every, 2*every, ... of `model` in place (call after parallelize())."""
     forward = {"full": _full_forward, "selective": _selective_forward}.get(mode)
-    for index in checkpointed_blocks(len(model.blocks), mode, every):
+    indices = checkpointed_blocks(len(model.blocks), mode, every)
+    if indices:
+        log.info("activation checkpointing: %s on %d of %d blocks (every %d)", mode, len(indices),
+                 len(model.blocks), every)
+    for index in indices:
         block = model.blocks[index]
         if mode == "selective":
             block.attn.attention = KeptAttention(block.attn.attention)
