@@ -22,15 +22,19 @@ import copy
 from pathlib import Path
 
 import pytest
+import test_pipeline as pipeline_golden  # its _full_params / _grad_norms gather tp- and pp-sharded runs
 import torch
 import torch.distributed as dist
 
-import test_pipeline as pipeline_golden  # its _full_params / _grad_norms gather tp- and pp-sharded runs
 from megasora.config import load_config
 from megasora.models import build_dit
 from megasora.models.attention import local_attention
-from megasora.parallel.activation_checkpointing import (apply_activation_checkpointing, checkpointed_blocks,
-                                                         checkpointing_summary)
+from megasora.parallel.activation_checkpointing import (
+    apply_activation_checkpointing,
+    checkpointed_blocks,
+    checkpointing_summary,
+)
+
 from parallel_utils import run_launched
 
 REPO = Path(__file__).resolve().parents[1]
