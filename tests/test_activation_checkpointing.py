@@ -109,6 +109,7 @@ def test_checkpointed_block_gradients_and_attention_calls(mode, every, recompute
     out, grads, fwd, total = _counted_step(model, mode, every)
     assert fwd == 3 and total == 3 + recomputed, f"attention ran {total} times, expected {3 + recomputed}"
     assert checkpointing_summary(model)[mode] == len(checkpointed_blocks(3, mode, every))
+    assert list(model.state_dict()) == list(base.state_dict())  # no wrapper: checkpoints load across modes
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
