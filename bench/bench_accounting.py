@@ -4,7 +4,9 @@ One run per layout: `megasora.train.trainer.train` on 2 gloo processes, the acco
 switched on and off on alternating steps of the SAME run (pattern on, off, off, on, ... so
 drift and other load hit both sides alike); `off` is the `train.accounting=false` path (the
 wrappers stay installed and cost one attribute check per collective). Reports the median step
-time of each side and their ratio, and the collectives per step.
+time of each side, their ratio, the median over on/off/off/on blocks of (on+on)/(off+off),
+the main thread's CPU time per step on each side (what the accounting itself adds, which
+other processes' load cannot inflate the way it inflates wall time), and the collectives per step.
 
 Also the seam's own cost, free of communication noise: microseconds the wrapper adds to one
 collective call (counting, and switched off), times the collectives per step.
@@ -47,11 +49,15 @@ def _train_worker(rank: int, world: int, layout: str, steps: int, root: str) -> 
     original_step = accounting.StepAccounting.step
     switches = itertools.cycle(PATTERN)
 
+    cpu = []
+
     @contextmanager
     def alternating(self):
         self.enabled = next(switches)
+        start = time.thread_time()  # this thread's CPU time: what accounting adds, blind to other load
         with original_step(self):
             yield
+        cpu.append(time.thread_time() - start)
 
     accounting.StepAccounting.step = alternating
     cfg = load_config(REPO / "configs" / "tiny.yaml",
@@ -60,19 +66,27 @@ def _train_worker(rank: int, world: int, layout: str, steps: int, root: str) -> 
     dist.barrier()
     if rank:
         return []
-    return [json.loads(line) for line in (Path(root) / layout / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(root) / layout / "metrics.jsonl").read_text().splitlines()]
+    return [{**r, "cpu_s": c} for r, c in zip(records, cpu)]
 
 
 def step_costs(layout: str, steps: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory() as root:
         records = run_launched(_train_worker, 2, layout, steps, root)[0]
-    records = records[warmup:]
+    records = records[warmup - warmup % len(PATTERN):]  # whole on/off/off/on blocks
+    blocks = [records[i:i + 4] for i in range(0, len(records) - 3, 4)]
+    paired = [(b[0]["step_time_s"] + b[3]["step_time_s"]) / (b[1]["step_time_s"] + b[2]["step_time_s"])
+              for b in blocks]
+    cpu_on = statistics.median(r["cpu_s"] for r in records if "mfu" in r)
+    cpu_off = statistics.median(r["cpu_s"] for r in records if "mfu" not in r)
     on = [r["step_time_s"] for r in records if "mfu" in r]
     off = [r["step_time_s"] for r in records if "mfu" not in r]
     calls = statistics.median(sum(v for k, v in r.items() if k.startswith("comm_calls/")) for r in records if "mfu" in r)
     return {"layout": layout, "steps_on": len(on), "steps_off": len(off), "on_ms": 1e3 * statistics.median(on),
             "off_ms": 1e3 * statistics.median(off), "ratio": statistics.median(on) / statistics.median(off),
-            "mean_ratio": statistics.fmean(on) / statistics.fmean(off), "calls": calls}
+            "mean_ratio": statistics.fmean(on) / statistics.fmean(off), "paired": statistics.median(paired),
+            "cpu_on_ms": 1e3 * cpu_on, "cpu_off_ms": 1e3 * cpu_off, "cpu_ratio": cpu_on / cpu_off,
+            "calls": calls}
 
 
 def seam_overhead(calls: int) -> dict:
@@ -118,11 +132,13 @@ def main() -> None:
     seam = seam_overhead(args.seam_calls)
     print(f"# {platform.node()} | {os.cpu_count()} CPUs | torch {torch.__version__} | gloo, 2 processes | "
           f"{time.strftime('%Y-%m-%d')} | load average {os.getloadavg()[0]:.1f}")
-    print("| layout | collectives / step | step on (ms) | step off (ms) | on/off (median) | on/off (mean) |")
-    print("|---|---|---|---|---|---|")
+    print("| layout | collectives / step | step on (ms) | step off (ms) | on/off (medians) | on/off (means) | "
+          "on/off (median of ABBA blocks) | step CPU on / off (ms) | CPU on/off |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layout']} | {r['calls']:.0f} | {r['on_ms']:.1f} | {r['off_ms']:.1f} | {r['ratio']:.3f} | "
-              f"{r['mean_ratio']:.3f} |")
+              f"{r['mean_ratio']:.3f} | {r['paired']:.3f} | {r['cpu_on_ms']:.1f} / {r['cpu_off_ms']:.1f} | "
+              f"{r['cpu_ratio']:.3f} |")
     print(f"\nwrapper cost per collective call: {seam['on_us']:.2f} us counting, {seam['off_us']:.2f} us switched off")
     for r in rows:
         print(f"{r['layout']}: {r['calls']:.0f} calls x {seam['on_us']:.2f} us = "

@@ -10,6 +10,10 @@ waiting for an activation / gradient, `send` = waiting for the step's sends at i
 one-hop latency of a real-size message is measured in the same run (ping-pong between stage 0
 and 1), and `sim` is the bubble an event model of the executor (blocking receives, async
 sends, measured per-stage forward/backward times) predicts with that latency on every hop.
+From the traced run itself: the in-run hop (sender's compute end to receiver's compute start,
+for every message a stage sat idle for), the model with that hop, and the model replaying each
+step's measured compute durations with no hop at all (the cost of compute-time jitter alone),
+and with both.
 `--prefetch on off` runs the executor with and without early-posted receives.
 
 Two kinds of compute:
@@ -74,6 +78,38 @@ def sleep_functions(stage_index: int, stages: int, shape: tuple[int, ...], secon
     return StageFunctions(forward, backward, lambda i: shape)
 
 
+def traced(fns: StageFunctions, trace: dict) -> StageFunctions:
+    """The same functions, recording (start, end) of every compute on the shared monotonic clock
+    (perf_counter is CLOCK_MONOTONIC: comparable across the processes of one host)."""
+    def timed(kind, fn):
+        def call(i, *args):
+            start = time.perf_counter()
+            try:
+                return fn(i, *args)
+            finally:
+                trace[(kind, i)] = (start, time.perf_counter())
+        return call
+
+    return StageFunctions(timed("F", fns.forward), timed("B", fns.backward), fns.message_shape, fns.after_backward)
+
+
+def observed_hops(traces: list[dict], order_of) -> list[float]:
+    """In-run message latency: for every input a stage was idle waiting for, the time from the
+    sender's compute end (it sends right then) to the receiver's compute start."""
+    hops = []
+    for s, trace in enumerate(traces):
+        previous_end = None
+        for kind, i in order_of(s):
+            start, end = trace[(kind, i)]
+            sender = s - 1 if kind == "F" else s + 1
+            if 0 <= sender < len(traces):
+                sent = traces[sender][(kind, i)][1]
+                if previous_end is None or previous_end < sent:  # idle when the message left
+                    hops.append(start - sent)
+            previous_end = end
+    return hops
+
+
 def hop_latency(rank: int, shape: tuple[int, ...], repeats: int = 20) -> float:
     """Median one-way time of one message between ranks 0 and 1 (half a ping-pong)."""
     x = torch.zeros(shape)
@@ -91,10 +127,14 @@ def hop_latency(rank: int, shape: tuple[int, ...], repeats: int = 20) -> float:
     return statistics.median(rounds) / 2
 
 
-def simulate_bubble(forward: list[float], backward: list[float], m: int, hop: float) -> float:
+def simulate_bubble(forward: list[float], backward: list[float], m: int, hop: float,
+                    durations: dict | None = None) -> float:
     """Bubble of run_schedule's 1F1B under an event model: stage s computes forward[s] / backward[s]
-    per micro-batch, receives block, sends are asynchronous, every message takes `hop` seconds."""
+    per micro-batch (or, with `durations`, {(s, kind, i): seconds} as measured), receives block,
+    sends are asynchronous, every message takes `hop` seconds."""
     p = len(forward)
+    cost = durations or {(s, k, i): (forward[s] if k == "F" else backward[s])
+                         for s in range(p) for k in "FB" for i in range(m)}
     orders = [one_f_one_b(s, p, m) for s in range(p)]
     pos, clock, arrival = [0] * p, [0.0] * p, {}
     progressed = True
@@ -106,15 +146,14 @@ def simulate_bubble(forward: list[float], backward: list[float], m: int, hop: fl
                 needs = (s, kind, i) if (kind == "F" and s > 0) or (kind == "B" and s < p - 1) else None
                 if needs is not None and needs not in arrival:
                     break
-                clock[s] = max(clock[s], arrival.get(needs, 0.0)) + (forward[s] if kind == "F" else backward[s])
+                clock[s] = max(clock[s], arrival.get(needs, 0.0)) + cost[(s, kind, i)]
                 if kind == "F" and s < p - 1:
                     arrival[(s + 1, "F", i)] = clock[s] + hop
                 if kind == "B" and s > 0:
                     arrival[(s - 1, "B", i)] = clock[s] + hop
                 pos[s] += 1
                 progressed = True
-    busy = sum(m * (f + b) for f, b in zip(forward, backward)) / p
-    return 1 - busy / max(clock)
+    return 1 - sum(cost.values()) / p / max(clock)
 
 
 def stage_worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
@@ -135,14 +174,17 @@ def stage_worker(rank: int, world: int, port: int, args: argparse.Namespace, out
             sleep_functions(rank, world, stage.message_shape(*inputs[:3]), args.sleep_ms / 1000)
         for m in args.micro:
             order = one_f_one_b(rank, world, m)
-            steps = []
+            steps, traces = [], []
             for step in range(args.warmup + args.steps):
                 dist.barrier()
-                times = run_schedule(order, link, fns, torch.float32, torch.device("cpu"), prefetch == "on")
+                trace: dict = {}
+                times = run_schedule(order, link, traced(fns, trace), torch.float32, torch.device("cpu"),
+                                     prefetch == "on")
                 stage.zero_grad(set_to_none=True)
                 if step >= args.warmup:
                     steps.append(times)
-            results.append({"compute": compute, "prefetch": prefetch, "m": m, "hop": hop,
+                    traces.append(trace)
+            results.append({"compute": compute, "prefetch": prefetch, "m": m, "hop": hop, "traces": traces,
                             **{key: [getattr(t, key) for t in steps]
                                for key in ("busy", "wall", "forward", "backward", "recv_wait", "send_wait")}})
     gathered = [None] * world
@@ -177,13 +219,29 @@ def measure(stages: int, args: argparse.Namespace) -> list[dict]:
         forward = [med("forward", stage) / m for stage in per_stage]
         backward = [med("backward", stage) / m for stage in per_stage]
         hop = statistics.median(stage[k]["hop"] for stage in per_stage[:2])
+        in_run = [h for j in range(steps) for h in observed_hops([stage[k]["traces"][j] for stage in per_stage],
+                                                                 lambda s: one_f_one_b(s, stages, m))]
+        in_run_mean = statistics.fmean(in_run) if in_run else 0.0
+        replay, replay_hop = [], []  # each measured step's own compute durations, without / with the hop
+        for j in range(steps):
+            durations = {(s, kind, i): end - start for s, stage in enumerate(per_stage)
+                         for (kind, i), (start, end) in stage[k]["traces"][j].items()}
+            replay.append(simulate_bubble(forward, backward, m, 0.0, durations))
+            replay_hop.append(simulate_bubble(forward, backward, m, in_run_mean, durations))
         rows.append({"compute": first["compute"], "prefetch": first["prefetch"], "p": stages, "m": m,
                      "step_ms": 1000 * statistics.median(walls), "bubble": statistics.median(bubbles),
                      "theory": (stages - 1) / (m + stages - 1), "hop_ms": 1000 * hop,
                      "sim": simulate_bubble(forward, backward, m, hop),
+                     "run_hop_ms": 1000 * in_run_mean, "run_hop_p90_ms": 1000 * _quantile(in_run, 0.9),
+                     "sim_run": simulate_bubble(forward, backward, m, in_run_mean),
+                     "sim_jitter": statistics.median(replay), "sim_both": statistics.median(replay_hop),
                      "recv_ms": [1000 * med("recv_wait", stage) for stage in per_stage],
                      "send_ms": [1000 * med("send_wait", stage) for stage in per_stage]})
     return rows
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return sorted(values)[int(q * (len(values) - 1))] if values else 0.0
 
 
 def main() -> None:
@@ -201,14 +259,16 @@ def main() -> None:
     rows = [row for p in args.stages for row in measure(p, args)]
     print(f"# {platform.node()} | {os.cpu_count()} CPUs | torch {torch.__version__} | gloo | "
           f"{time.strftime('%Y-%m-%d')} | load average {os.getloadavg()[0]:.1f}")
-    print("| compute | prefetch | p | m | step (ms) | bubble measured | (p-1)/(m+p-1) | hop (ms) | sim | "
+    print("| compute | prefetch | p | m | step (ms) | bubble measured | (p-1)/(m+p-1) | ping-pong hop (ms) | sim | "
+          "in-run hop mean / p90 (ms) | sim with in-run hop | sim: measured durations, no hop | sim: both | "
           "recv wait per stage (ms) | send wait per stage (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         recv = " / ".join(f"{x:.0f}" for x in r["recv_ms"])
         send = " / ".join(f"{x:.1f}" for x in r["send_ms"])
         print(f"| {r['compute']} | {r['prefetch']} | {r['p']} | {r['m']} | {r['step_ms']:.1f} | {r['bubble']:.3f} | "
-              f"{r['theory']:.3f} | {r['hop_ms']:.2f} | {r['sim']:.3f} | {recv} | {send} |")
+              f"{r['theory']:.3f} | {r['hop_ms']:.2f} | {r['sim']:.3f} | {r['run_hop_ms']:.2f} / "
+              f"{r['run_hop_p90_ms']:.2f} | {r['sim_run']:.3f} | {r['sim_jitter']:.3f} | {r['sim_both']:.3f} | {recv} | {send} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
