@@ -76,8 +76,11 @@ def test_model_state_bf16():
     _, work = tiny_work("train.precision=bf16")
     psi = 10 ** 9
     state = model_state(work, Layout(dp=4, zero_stage=1), psi)
-    assert state["weights"] == 2 * psi and state["grads"] == 4 * psi  # BF16_Optimizer: fp32 grads, whole
-    assert state["optimizer"] == 12 * psi / 4 and state["zero_buffers"] == 0
+    assert state["weights"] == 2 * psi and state["grads"] == 2 * psi  # bf16 grads (grad_accum_dtype default)
+    assert state["optimizer"] == 12 * psi / 4 and state["zero_buffers"] == 2 * REDUCE_BUCKET_ELEMENTS
+    zero2 = model_state(work, Layout(dp=4, zero_stage=2), psi)
+    assert zero2["grads"] == 2 * psi / 4
+    assert model_state(work, Layout(dp=4, zero_stage=0), psi)["optimizer"] == 12 * psi  # fp32 master + Adam
 
 
 # ------------------------------------------------------------------ activations

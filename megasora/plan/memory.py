@@ -15,16 +15,15 @@ Model state (Psi = parameters on the rank: tp shards q/k/v/out and fc1/fc2, adaL
 row biases and embeddings are replicated; pp keeps one stage's blocks), ZeRO partitions over
 Z = dp*sp ranks (DeepSpeed reduces gradients over dp x sp; mesh.py `dpsp`):
 
-    fp32 run:   weights 4Psi; grads 4Psi (ZeRO 0/1: full .grad) or 4Psi/Z (ZeRO 2/3) — at ZeRO 1/2
-                they go through the reduce bucket first, so a rank with Psi <= 5e8 stores none
-                at the peak (the start of backward);
-                master copy 4Psi/Z (ZeRO 1-3: DeepSpeed clones the partition); Adam m, v 8Psi/Z
-                (8Psi at ZeRO 0); ZeRO 3 also divides the weights by Z.
-    bf16 run:   weights 2Psi; grads in fp32 4Psi (ZeRO 0/1, BF16 optimizer accumulation) or 4Psi/Z;
-                master 4Psi/Z; Adam 8Psi/Z.
-    ZeRO 1/2:   one gradient reduce bucket of 5e8 elements (DeepSpeed's reduce_bucket_size),
-                in the gradient dtype; ZeRO 3: two (overlap_comm) plus the gathered weights of
-                the block in use and the one prefetched.
+    weights     A Psi (A = 2 bf16, 4 fp32); ZeRO 3: A Psi / Z.
+    grads       in the model dtype (DeepSpeed's grad_accum_dtype default): A Psi at ZeRO 0/1,
+                A Psi / Z at ZeRO 2/3; at ZeRO 1/2 they pass through the reduce bucket first, so a
+                rank with Psi <= 5e8 stores none at the peak (the start of backward).
+    optimizer   fp32 master copy 4Psi/Z (ZeRO 1-3: DeepSpeed clones its partition even in fp32;
+                ZeRO 0 + bf16: 4Psi) and Adam m, v 8Psi/Z (8Psi at ZeRO 0).
+    ZeRO 1/2:   one gradient reduce bucket of 5e8 elements (DeepSpeed's reduce_bucket_size) in the
+                gradient dtype; ZeRO 3: two (overlap_comm) plus the gathered weights of the block
+                in use and the one prefetched.
     EMA:        an fp32 copy of the rank's parameters (ema.py gathers ZeRO-3 params: full Psi).
 """
 from __future__ import annotations
@@ -118,19 +117,22 @@ def stage_params(work: Workload, layout: Layout, stage: int) -> int:
 
 
 def model_state(work: Workload, layout: Layout, params: int) -> dict[str, float]:
-    """weights / grads / optimizer / ema / zero_buffers for `params` parameters on this rank."""
+    """weights / grads / optimizer / ema / zero_buffers for `params` parameters on this rank.
+
+    Gradients are in the model dtype (DeepSpeed's grad_accum_dtype defaults to it, so a bf16 run
+    takes the ordinary ZeRO optimizer at stages 1/2, not the BF16_Optimizer)."""
     z, stage = layout.dp * layout.sp, layout.zero_stage
     w = 2 if work.bf16 else FP32
     weights = params * w / (z if stage == 3 else 1)
-    grads = params * FP32 / (z if stage >= 2 else 1)
-    if stage in (1, 2) and not (work.bf16 and stage == 1) and params <= REDUCE_BUCKET_ELEMENTS:
+    grads = params * w / (z if stage >= 2 else 1)
+    if stage in (1, 2) and params <= REDUCE_BUCKET_ELEMENTS:
         grads = 0.0  # every gradient fits the reduce bucket: none is stored apart until after the peak
-    master = params * FP32 / z if (stage >= 1 or work.bf16) else 0.0
+    master = params * FP32 / (z if stage >= 1 else 1) if (stage >= 1 or work.bf16) else 0.0
     adam = 2 * params * FP32 / (z if stage >= 1 else 1)
     ema = params * FP32 if work.ema else 0.0
     buffers = 0.0
-    if stage in (1, 2) and not (work.bf16 and stage == 1):   # bf16 ZeRO-1 uses DeepSpeed's BF16_Optimizer
-        buffers = REDUCE_BUCKET_ELEMENTS * (w if stage == 2 else FP32)
+    if stage in (1, 2):
+        buffers = REDUCE_BUCKET_ELEMENTS * w
     elif stage == 3:
         gathered = 2 * block_params(work, layout.tp) * w
         buffers = 2 * REDUCE_BUCKET_ELEMENTS * w + gathered
