@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "megasora.launcher.submit",
     "megasora.commands.scale",
     "megasora.commands.plan",
+    "megasora.eval.command",
 ]
 
 

@@ -75,3 +75,21 @@ def test_rates_and_bad_input():
         parse_caption("a red square")
     with pytest.raises(ValueError, match="RGB clip"):
         score_clip(np.zeros((4, 16, 16)), "a red square moving left")
+
+
+def test_ideal_denoiser_direction_word_only_pays_at_high_noise():
+    """The model-free analysis of docs/prompt_following.md on a small 4x8x8 grid."""
+    from megasora.diffusion.flow import shift_timesteps
+    from megasora.eval.ideal_denoiser import _unshift, training_weights, word_value
+    u = np.linspace(0, 1, 11)
+    assert np.allclose(_unshift(shift_timesteps(torch_tensor(u), 3.0).numpy(), 3.0), u, atol=1e-6)
+    assert abs(training_weights([0.25, 0.5, 0.75], 3.0).sum() - 1) < 1e-9
+    value = word_value("direction", [0.2, 0.9], frames=4, height=8, width=8, probes=6)
+    low, high = value.gain()
+    assert abs(low) < 1e-6 and high > 0.001, value  # frames are legible on their own at t=0.2
+    assert value.expected_gain(3.0) > value.expected_gain(1.0) > 0
+
+
+def torch_tensor(x):
+    import torch
+    return torch.from_numpy(x).double()

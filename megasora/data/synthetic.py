@@ -45,6 +45,13 @@ def _shape_mask(shape: str, h: int, w: int, cy: float, cx: float, radius: float)
 def render_clip(seed: int, sample_id: int, frames: int, height: int, width: int) -> tuple[np.ndarray, str]:
     """Returns (video (3, T, H, W) float32 in [-1, 1], caption)."""
     color, shape, direction, sy, sx = clip_attributes(seed, sample_id)
+    video = render_attributes(color, shape, direction, sy, sx, frames, height, width)
+    return video, caption_for(color, shape, direction)
+
+
+def render_attributes(color: str, shape: str, direction: str, sy: int, sx: int,
+                      frames: int, height: int, width: int) -> np.ndarray:
+    """The (3, T, H, W) clip of given attributes; start (sy, sx) is taken modulo the grid."""
     radius = max(1.0, min(height, width) / 6)
     dy, dx = DIRECTIONS[direction]
     speed = max(1.0, min(height, width) / 8)
@@ -55,7 +62,7 @@ def render_clip(seed: int, sample_id: int, frames: int, height: int, width: int)
         mask = _shape_mask(shape, height, width, cy, cx, radius)
         for ch, value in enumerate(COLORS[color]):
             video[ch, f][mask] = value
-    return video, caption_for(color, shape, direction)
+    return video
 
 
 def all_captions() -> list[str]:
