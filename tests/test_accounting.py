@@ -28,6 +28,7 @@ CASES = {  # name -> overrides (world size 2 for all)
     "pp2": ["parallel.pp=2"],
     "dp2_zero0": ["train.zero_stage=0"],
     "dp2_zero1": ["train.zero_stage=1"],
+    "dp2_zero3": ["train.zero_stage=3"],  # every tiny parameter is below the persistence threshold
     "ring2_full_ac": ["parallel.ring=2", "train.activation_checkpointing=full"],
     "ulysses2_full_ac": ["parallel.ulysses=2", "train.activation_checkpointing=full"],
     "tp2_selective_ac": ["parallel.tp=2", "train.activation_checkpointing=selective"],
@@ -139,7 +140,10 @@ def _measured(record: dict) -> dict[str, int]:
 def test_comm_bytes_equal_the_analytic_model(runs, name):
     expected = _analytic(name)
     assert len(runs[name]) == 2
-    for record in runs[name]:  # every step, every axis and kind, to the byte
+    # ZeRO-3's first step traces the module order (extra gathers and broadcasts); the model
+    # describes the steady state
+    records = runs[name][1:] if "zero3" in name else runs[name]
+    for record in records:  # every step, every axis and kind, to the byte
         assert _measured(record) == expected
 
 
