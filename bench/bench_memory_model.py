@@ -52,6 +52,8 @@ CASES = [
     Case("tiny ring2, full, ZeRO-1", "configs/tiny.yaml", 2,
          ("parallel.ring=2", "train.activation_checkpointing=full", "train.zero_stage=1")),
     Case("tiny dp2, ZeRO-2, none, mbs 4", "configs/tiny.yaml", 2, ("train.micro_batch_size=4",)),
+    Case("tiny pp2, ZeRO-1, none, 4 micro-batches", "configs/tiny.yaml", 2,
+         ("parallel.pp=2", "train.zero_stage=1", "train.micro_batch_size=1", "train.grad_accum=4")),
     Case("tiny single, bf16, ZeRO-2, selective", "configs/tiny.yaml", 1,
          ("train.precision=bf16", "train.activation_checkpointing=selective")),
     Case("tiny dp2, bf16, ZeRO-1, none", "configs/tiny.yaml", 2,
@@ -71,7 +73,7 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], run_dir: s
     cfg = load_config(config, list(overrides) + [f"run.dir={run_dir}", "train.steps=2", "train.save_every=0"])
     probe = LiveTensorBytes(device="cpu")
     measured: dict[str, int] = {}
-    build_stream, train_step = loop.build_stream, loop.TrainingLoop.train_step
+    build_stream = loop.build_stream
 
     def counted_stream(*args, **kwargs):
         before = probe.current_bytes
@@ -79,22 +81,21 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], run_dir: s
         measured["data"] = probe.current_bytes - before
         return stream
 
-    def probed_step(self, micro_batches, step):
-        if step == 1:
-            measured["static"] = probe.current_bytes
-            probe.reset_peak()
-            backward = self.engine.backward
+    def probed(train_step):
+        def probed_step(self, micro_batches, step):
+            if step == 1:
+                measured["static"] = probe.current_bytes
+                probe.reset_peak()
+            out = train_step(self, micro_batches, step)
+            if step == 1:
+                measured["peak"] = probe.peak_bytes
+            return out
+        return probed_step
 
-            def probed_backward(loss, *args, **kwargs):  # end of forward: activations saved
-                measured.setdefault("forward_end", probe.current_bytes)
-                return backward(loss, *args, **kwargs)
-            self.engine.backward = probed_backward
-        out = train_step(self, micro_batches, step)
-        if step == 1:
-            measured["peak"] = probe.peak_bytes
-        return out
-
-    loop.build_stream, loop.TrainingLoop.train_step = counted_stream, probed_step
+    from megasora.train.pipeline_loop import PipelineTrainingLoop  # pp > 1 runs its own train_step
+    loop.build_stream = counted_stream
+    for cls in (loop.TrainingLoop, PipelineTrainingLoop):
+        cls.train_step = probed(cls.train_step)
     loop.TrainingLoop.save = lambda self, step, samples: None  # checkpoints are not the step's memory
     with probe:
         trainer.train(cfg)

@@ -19,7 +19,8 @@ import bench_memory_model as bench  # noqa: E402
 TOLERANCE = 0.10
 CASES = {case.name: case for case in bench.CASES}
 TESTED = ["tiny single, ZeRO-2, none", "tiny tp2, none", "tiny ulysses2, selective", "tiny ring2, full, ZeRO-1",
-          "tiny single, bf16, ZeRO-2, selective", "quickstart single, none", "quickstart tp2, full every 2nd"]
+          "tiny pp2, ZeRO-1, none, 4 micro-batches", "tiny single, bf16, ZeRO-2, selective",
+          "quickstart tp2, full every 2nd"]
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ Z = dp*sp ranks (DeepSpeed reduces gradients over dp x sp; mesh.py `dpsp`):
     weights     A Psi (A = 2 bf16, 4 fp32); ZeRO 3: A Psi / Z.
     grads       in the model dtype (DeepSpeed's grad_accum_dtype default): A Psi at ZeRO 0/1,
                 A Psi / Z at ZeRO 2/3; at ZeRO 1/2 they pass through the reduce bucket first, so a
-                rank with Psi <= 5e8 stores none at the peak (the start of backward).
+                rank with Psi <= 5e8 and one micro-batch per step stores none at the peak (the start
+                of backward); with gradient accumulation the partition holds the running sum.
     optimizer   fp32 master copy 4Psi/Z (ZeRO 1-3: DeepSpeed clones its partition even in fp32;
                 ZeRO 0 + bf16: 4Psi) and Adam m, v 8Psi/Z (8Psi at ZeRO 0).
     ZeRO 1/2:   one gradient reduce bucket of 5e8 elements (DeepSpeed's reduce_bucket_size) in the
@@ -125,8 +126,8 @@ def model_state(work: Workload, layout: Layout, params: int) -> dict[str, float]
     w = 2 if work.bf16 else FP32
     weights = params * w / (z if stage == 3 else 1)
     grads = params * w / (z if stage >= 2 else 1)
-    if stage in (1, 2) and params <= REDUCE_BUCKET_ELEMENTS:
-        grads = 0.0  # every gradient fits the reduce bucket: none is stored apart until after the peak
+    if stage in (1, 2) and params <= REDUCE_BUCKET_ELEMENTS and layout.grad_accum == 1:
+        grads = 0.0  # all fit the reduce bucket, nothing accumulated yet: none stored apart at the peak
     master = params * FP32 / (z if stage >= 1 else 1) if (stage >= 1 or work.bf16) else 0.0
     adam = 2 * params * FP32 / (z if stage >= 1 else 1)
     ema = params * FP32 if work.ema else 0.0
@@ -214,7 +215,22 @@ def io_activation_bytes(work: Workload, layout: Layout, first: bool, last: bool)
             elements += b * n * d
     if last:
         elements += 2 * r * d + 4 * b * n * pvol
+    if layout.pp > 1:  # 1F1B messages (pipeline.py): (b, r + 1 + L, D) kept until its backward
+        if not last:
+            elements += b * (r / b + 1 + work.text_tokens) * d
+        if not first:  # the received cond and text ride along with the saved x
+            elements += b * (1 + work.text_tokens) * d
     return elements * work.act_bytes
+
+
+def pipeline_inputs_bytes(work: Workload, layout: Layout) -> float:
+    """pipeline_loop.py noises every micro-batch of the step up front on every stage: the noised
+    latents, the target (b N x C p each) and the caption features (b L x D_text), all m of them."""
+    if layout.pp == 1:
+        return 0.0
+    b, pvol = layout.micro_batch_size, work.arch.in_channels * work.patch_volume
+    per_micro = b * (2 * work.tokens * pvol + work.text_tokens * work.arch.text_dim)
+    return layout.grad_accum * per_micro * work.act_bytes
 
 
 def block_transient_bytes(work: Workload, layout: Layout) -> float:
@@ -278,7 +294,8 @@ class _StageTerms:
         for k in reversed(kept):
             suffix += k
             extra = max(extra, self.full - suffix)
-        return per_micro * inflight_microbatches(layout, stage), self.transient + extra
+        inflight = per_micro * inflight_microbatches(layout, stage) + pipeline_inputs_bytes(self.work, layout)
+        return inflight, self.transient + extra
 
 
 def peak_candidate_stages(counts: tuple[int, ...]) -> list[int]:
