@@ -15,8 +15,8 @@ def _extensions() -> dict:
         import torch
         from torch.utils import cpp_extension as ext
     except ImportError:
-        print("megasora: torch not importable at build time; building without csrc/ ops "
-              "(use pip install --no-build-isolation to build them)", file=sys.stderr)
+        print("megasora: torch not importable at build time; building without csrc/ ops (the first run "
+              "JIT-builds them; or use pip install --no-build-isolation to build them now)", file=sys.stderr)
         return {}
     here = os.path.dirname(os.path.abspath(__file__))
     csrc = os.path.join(here, "csrc")
@@ -40,7 +40,26 @@ def _extensions() -> dict:
         sources = ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/norm.cu", "csrc/cuda/rope.cu", "csrc/cuda/merge.cu"]
         modules.append(ext.CUDAExtension("megasora._C_cuda", sources, include_dirs=[csrc],
                                          extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc}))
-    return {"ext_modules": modules, "cmdclass": {"build_ext": ext.BuildExtension}}
+    return {"ext_modules": modules, "cmdclass": {"build_ext": ext.BuildExtension, "develop": _develop()}}
+
+
+def _develop() -> type:
+    """`setup.py develop` that builds the extension in place first.
+
+    pip 23.x (Debian's `python3 -m venv`) runs `setup.py develop` for `pip install -e .`; since
+    setuptools 80, develop only re-runs `pip install -e . --use-pep517` *with* build isolation,
+    where torch is missing, so the extension was silently skipped. Building it here, where torch
+    is importable, puts megasora/_C*.so next to the sources the editable install points at.
+    """
+    from setuptools.command.develop import develop
+
+    class DevelopWithExtension(develop):
+        def run(self) -> None:
+            self.distribution.get_command_obj("build_ext").inplace = True
+            self.run_command("build_ext")
+            super().run()
+
+    return DevelopWithExtension
 
 
 setup(
@@ -69,7 +88,7 @@ setup(
         "diffusers>=0.30",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2", "mpi4py>=3.1"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "mpi4py>=3.1", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["megasora=megasora.cli:main"]},
     **_extensions(),

@@ -297,7 +297,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=1e-4` -> (["train", "lr"], 1e-4); the value is parsed as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.sub=value, e.g. train.steps=10")
+        raise ConfigError(f"override {text!r} must look like key.sub=value; write it as e.g. train.steps=10")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
     if isinstance(value, str) and raw.strip():

@@ -74,8 +74,10 @@ def test_missing_extension_is_jit_built_and_matches_the_reference() -> None:
 
 
 def fresh_venv(tmp: Path) -> tuple[Path, Path]:
-    """A copy of the sources (no built .so) and a `python -m venv` venv with its own bundled pip;
-    torch & co. come from the main venv through a .pth file, so nothing is downloaded."""
+    """A copy of the sources (no built .so) and a `python -m venv` venv with its own bundled pip (23.x);
+    torch, setuptools (84, as on a current Debian machine) & co. come from the main venv through a
+    .pth file, so nothing is downloaded. The venv's bundled setuptools is removed so that the
+    editable install runs under setuptools 84, the combination that can skip build_ext."""
     src = tmp / "src"
     src.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
@@ -87,6 +89,12 @@ def fresh_venv(tmp: Path) -> tuple[Path, Path]:
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     site = next((venv / "lib").glob("python3*/site-packages"))
+    for bundled in ["pkg_resources", "_distutils_hack", "distutils-precedence.pth", *site.glob("setuptools*")]:
+        path = site / bundled
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     import torch
     (site / "main_venv.pth").write_text(str(Path(torch.__file__).parents[1]) + "\n")
     return src, venv
