@@ -101,6 +101,7 @@ def fresh_venv(tmp: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # a venv, a compile of csrc/ and two tiny trainings
 def test_fresh_venv_with_old_pip_builds_or_says_so(tmp_path: Path) -> None:
     src, venv = fresh_venv(tmp_path)
     pip = subprocess.run([str(venv / "bin" / "pip"), "--version"], capture_output=True, text=True, check=True)
