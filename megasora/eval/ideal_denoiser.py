@@ -32,16 +32,23 @@ def candidate_clips(colors, shapes, directions, frames: int, height: int, width:
                       for c in colors for s in shapes for d in directions])
 
 
-def optimal_loss(x0: torch.Tensor, noise: torch.Tensor, t: float, candidates: torch.Tensor) -> torch.Tensor:
+def optimal_loss(x0: torch.Tensor, noise: torch.Tensor, t: float, candidates: torch.Tensor,
+                 clean: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample MSE of the optimal velocity (x_t - E[x0|x_t]) / t when x0 is one of `candidates`.
 
     x0, noise: (B, D); candidates: (K, D). x_t = (1-t) x0 + t noise, so
     p(x0=c | x_t) ~ exp(-|x_t - (1-t) c|^2 / (2 t^2)) and the velocity error is |x0 - E[x0|x_t]| / t.
+    clean (D,) bool marks elements given clean (conditioning frames): candidates must match them
+    exactly, and they are left out of the loss, as in training.
     """
     x_t = (1 - t) * x0 + t * noise
     logits = -torch.cdist(x_t, (1 - t) * candidates).pow(2) / (2 * t * t)  # (B, K)
+    if clean is not None:
+        mismatch = (candidates[:, clean][None] != x0[:, None, clean]).any(-1)  # (B, K)
+        logits = logits.masked_fill(mismatch, float("-inf"))
     mean = torch.softmax(logits, dim=-1) @ candidates  # (B, D)
-    return (x0 - mean).pow(2).mean(dim=-1) / (t * t)
+    keep = torch.ones(x0.shape[-1], dtype=torch.bool) if clean is None else ~clean
+    return (x0 - mean)[:, keep].pow(2).mean(dim=-1) / (t * t)
 
 
 @dataclass
@@ -73,8 +80,15 @@ def _unshift(t: np.ndarray, shift: float) -> np.ndarray:
 
 
 def word_value(word: str, t_grid: list[float], frames: int = 4, height: int = 16, width: int = 16,
-               probes: int = 64, seed: int = 0) -> WordValue:
-    """Optimal loss with / without knowing the caption's `word` ('direction', 'color' or 'shape')."""
+               probes: int = 64, seed: int = 0, clean_frames: int = 0) -> WordValue:
+    """Optimal loss with / without knowing the caption's `word` ('direction', 'color' or 'shape').
+
+    clean_frames > 0: the first frames are given clean (image-to-video conditioning)."""
+    clean = None
+    if clean_frames:
+        clean = torch.zeros(3, frames, height, width, dtype=torch.bool)
+        clean[:, :clean_frames] = True
+        clean = clean.flatten()
     rng = np.random.default_rng(seed)
     colors, shapes, directions = list(COLORS), list(SHAPES), list(DIRECTIONS)
     full, without = [], []
@@ -90,8 +104,8 @@ def word_value(word: str, t_grid: list[float], frames: int = 4, height: int = 16
             exact = candidate_clips(known["color"], known["shape"], known["direction"], frames, height, width)
             unknown = {**known, word: {"color": colors, "shape": shapes, "direction": directions}[word]}
             loose = candidate_clips(unknown["color"], unknown["shape"], unknown["direction"], frames, height, width)
-            lf.append(optimal_loss(x0, noise, t, exact).item())
-            lw.append(optimal_loss(x0, noise, t, loose).item())
+            lf.append(optimal_loss(x0, noise, t, exact, clean).item())
+            lw.append(optimal_loss(x0, noise, t, loose, clean).item())
         full.append(float(np.mean(lf)))
         without.append(float(np.mean(lw)))
     return WordValue(list(t_grid), full, without)
