@@ -17,8 +17,15 @@ from megasora.models import build_dit
 from megasora.parallel.mesh import LayoutError, validate_config_layout
 from megasora.plan import GPUS, Hardware, Layout, load_hardware, predict, search
 from megasora.plan.hardware import HardwareError
-from megasora.plan.memory import (REDUCE_BUCKET_ELEMENTS, block_activation_bytes, block_params,
-                                  memory_breakdown, model_state, retained_block_bytes, total_params)
+from megasora.plan.memory import (
+    REDUCE_BUCKET_ELEMENTS,
+    block_activation_bytes,
+    block_params,
+    memory_breakdown,
+    model_state,
+    retained_block_bytes,
+    total_params,
+)
 from megasora.plan.search import ZERO_STAGES, divisors, parallel_degrees
 from megasora.plan.time_model import axis_link, stage_time
 from megasora.plan.workload import layout_from_config, workload_from_config

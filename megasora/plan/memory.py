@@ -204,7 +204,8 @@ def io_activation_bytes(work: Workload, layout: Layout, first: bool, last: bool)
     """Outside the blocks. Stage 0: patchified latents (b N x C*p), the embedded sequence
     (b N x D: the rank's chunk is a view of it, so all of it stays alive when t*s > 1),
     caption MLP (b L x (Dtext + 3D)). Last stage: final layer input and modulated norm (2 r D),
-    and the loss on the gathered sequence: prediction, target, noise, difference (4 b N x C*p)."""
+    and the loss on the gathered sequence: prediction, target, noise, difference (4 b N x C*p).
+    With pp: the message each stage but the last sent, and the cond/text that came with x."""
     b, n, d = layout.micro_batch_size, work.tokens, work.arch.hidden
     r, _, lt = _regions(work, layout)
     pvol = work.arch.in_channels * work.patch_volume
@@ -217,7 +218,7 @@ def io_activation_bytes(work: Workload, layout: Layout, first: bool, last: bool)
         elements += 2 * r * d + 4 * b * n * pvol
     if layout.pp > 1:  # 1F1B messages (pipeline.py): (b, r + 1 + L, D) kept until its backward
         if not last:
-            elements += b * (r / b + 1 + work.text_tokens) * d
+            elements += (r + b * (1 + work.text_tokens)) * d
         if not first:  # the received cond and text ride along with the saved x
             elements += b * (1 + work.text_tokens) * d
     return elements * work.act_bytes

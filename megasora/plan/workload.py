@@ -13,7 +13,6 @@ from megasora.models.dit import DiTArch
 from megasora.parallel.mesh import ParallelLayout
 
 
-
 @dataclass(frozen=True)
 class Layout(ParallelLayout):
     """One candidate: the parallel degrees (mesh.py's ParallelLayout: dp, pp, tp, ulysses, ring,
