@@ -175,11 +175,6 @@ class TrainConfig:
                              "(megasora/train/accounting.py).", default=True)
     peak_flops: float = _help("Peak FLOP/s of one device for mfu/hfu (0 = the planner's hardware table on a "
                               "known GPU, else a measured matmul peak).", default=0.0)
-    accounting: bool = _help("Per-step accounting in metrics.jsonl: mfu/hfu, comm_bytes/<axis> and comm_s/<axis> "
-                             "(every collective, DeepSpeed's included), time/data_s, fwd_s, bwd_s, opt_s "
-                             "(megasora/train/accounting.py).", default=True)
-    peak_flops: float = _help("Peak FLOP/s of one device for mfu/hfu (0 = the planner's hardware table on a "
-                              "known GPU, else a measured matmul peak).", default=0.0)
     save_every: int = _help("Save a checkpoint every N steps (0 = only at the end).", default=0)
     keep_last: int = _help("Most recent complete checkpoints to keep (the newest is never removed).", default=3)
     keep_every: int = _help("Also keep every checkpoint whose step is a multiple of this (0 = none).", default=0)
@@ -377,7 +372,6 @@ def validate(cfg: Config) -> None:
     _require(t.activation_checkpointing in AC_MODES,
              f"train.activation_checkpointing={t.activation_checkpointing!r} must be one of: {', '.join(AC_MODES)}")
     _require(t.ac_every >= 1, f"train.ac_every={t.ac_every} must be >= 1 (checkpoint every k-th block)")
-    _require(t.peak_flops >= 0, f"train.peak_flops={t.peak_flops} must be >= 0 (0 = look up or measure the peak)")
     _require(t.peak_flops >= 0, f"train.peak_flops={t.peak_flops} must be >= 0 (0 = look up or measure the peak)")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
