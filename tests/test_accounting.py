@@ -80,6 +80,27 @@ def test_counter_records_each_collective_once_with_its_bytes():
                                 ("dp", "broadcast"): (96, 1), ("dp", "p2p"): (p2p, 2)}
 
 
+def _late_install_worker(rank: int, world: int) -> dict:
+    import deepspeed
+    import deepspeed.comm as ds_comm
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)  # backend caches its gather
+    from megasora.parallel.comm_counter import COUNTER, install
+    install()
+    COUNTER.set_layout(ParallelLayout(dp=2))
+    with COUNTER.counting():
+        ds_comm.all_gather_into_tensor(torch.empty(8), torch.ones(4))
+        ds_comm.reduce_scatter_tensor(torch.empty(2), torch.ones(4))
+    return {key: t.bytes for key, t in COUNTER.take().items()}
+
+
+def test_counter_installed_after_deepspeed_started_still_counts_its_cached_functions():
+    """On torch 2.13 this holds even without comm_counter's re-pointing of DeepSpeed's cached
+    functions (the deprecated all_gather_into_tensor / reduce_scatter_tensor forward to the
+    wrapped *_single ones); the re-pointing covers torch versions where they do not."""
+    for result in run_distributed(_late_install_worker, 2):
+        assert result == {("dp", "all_gather"): 32, ("dp", "reduce_scatter"): 16}
+
+
 def test_bus_factors_and_transfer_time():
     assert bus_factor("all_reduce", 8) == pytest.approx(2 * 7 / 8)
     assert bus_factor("all_gather", 4) == pytest.approx(3 / 4)

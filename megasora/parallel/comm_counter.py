@@ -5,10 +5,10 @@ Our own helpers (parallel/comm.py, ring.py, tensor.py, the pipeline links) and D
 functions, so wrapping them once counts everything, DeepSpeed's gradient collectives included,
 without a counter anywhere in model or parallel code (DESIGN.md principle 10).
 
-`install()` replaces the functions in the torch.distributed namespace once per process. It
-must run before DeepSpeed's communication backend is created: TorchBackend caches
-all_gather_into_tensor / reduce_scatter_tensor at construction (trainer.py installs it
-first thing). While the counter is off each wrapper costs one attribute check.
+`install()` replaces the functions in the torch.distributed namespace once per process.
+DeepSpeed's TorchBackend caches all_gather_into_tensor / reduce_scatter_tensor when it is
+created, so install() runs at import of megasora/train/accounting.py (before the trainer
+starts DeepSpeed) and, should the backend exist already, re-points those two cached functions. While the counter is off each wrapper costs one attribute check.
 
 A call is recorded as (axis, kind) -> bytes, seconds, calls. Bytes follow the convention of
 megasora/plan/communication.py (full tensor handed to the collective; p2p: bytes sent).
@@ -219,3 +219,18 @@ def install() -> None:
     for name, wrapper in wrappers.items():
         setattr(c10d, name, wrapper)
         setattr(dist, name, wrapper)
+    _rewire_deepspeed_backend()
+
+
+def _rewire_deepspeed_backend() -> None:
+    """If DeepSpeed's backend already exists, point the two functions it cached at the wrappers."""
+    import sys
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    backend = getattr(ds_comm, "cdb", None)
+    if backend is None:
+        return
+    for attr, name in (("all_gather_function", "all_gather_into_tensor"),
+                       ("reduce_scatter_function", "reduce_scatter_tensor")):
+        cached = getattr(backend, attr, None)
+        if cached is not None and cached is ORIGINALS.get(name):
+            setattr(backend, attr, getattr(dist, name))
