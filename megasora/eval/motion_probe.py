@@ -43,7 +43,9 @@ def probe_losses(model: nn.Module, cfg: Config, num_clips: int = 256, batch: int
                  step: int = 10 ** 6) -> dict[str, float]:
     """Mean velocity loss per variant over clips 0..num_clips-1; noise drawn at a `step` never trained on."""
     table = CaptionEmbeddings(cfg.text.path, cfg.text.max_length)
-    diffusion = dataclasses.replace(cfg.diffusion, caption_dropout=0.0)  # every clip keeps its caption
+    # Every clip keeps its caption and is noised whole (no conditioning frames), whatever the run trained with.
+    diffusion = dataclasses.replace(cfg.diffusion, caption_dropout=0.0, cond_frames_prob=0.0,
+                                    cond_masks=type(cfg.diffusion.cond_masks)())
     totals: dict[str, float] = {}
     for start in range(0, num_clips, batch):
         ids = list(range(start, min(start + batch, num_clips)))
