@@ -93,3 +93,12 @@ def test_ideal_denoiser_direction_word_only_pays_at_high_noise():
 def torch_tensor(x):
     import torch
     return torch.from_numpy(x).double()
+
+
+@pytest.mark.parametrize("args,message", [(["--prompts", "0"], "--prompts 0"), (["--min-match", "2"], "not a fraction")])
+def test_eval_prompts_bad_input_is_one_line(args, message, capsys, tmp_path):
+    from megasora.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval-prompts", "--run", str(tmp_path), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0] and err[0].startswith("megasora: ")

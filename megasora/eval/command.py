@@ -36,12 +36,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _check_args(args: argparse.Namespace, cfg) -> None:
+def _check_args(args: argparse.Namespace) -> None:
     from megasora.errors import UserError
     if args.prompts < 1 or args.steps < 1:
         raise UserError(f"--prompts {args.prompts} / --steps {args.steps} must be >= 1", "pass positive counts")
     if args.min_match is not None and not 0 <= args.min_match <= 1:
         raise UserError(f"--min-match {args.min_match} is not a fraction", "pass a value in [0, 1]")
+
+
+def _check_run(cfg) -> None:
+    from megasora.errors import UserError
     if cfg.data.kind != "synthetic" or cfg.vae.path:
         raise UserError(f"this run trains on data.kind={cfg.data.kind!r} (vae.path={cfg.vae.path!r}); the prompt "
                         "score reads synthetic-shape clips in pixel space", "pass a run of data.kind=synthetic")
@@ -50,8 +54,9 @@ def _check_args(args: argparse.Namespace, cfg) -> None:
 def run(args: argparse.Namespace) -> int:
     from megasora.commands.sample import load_sampling_model
     from megasora.eval.prompt_score import prompt_grid, sample_and_score
+    _check_args(args)
     model, cfg, _ = load_sampling_model(args)
-    _check_args(args, cfg)
+    _check_run(cfg)
     captions = prompt_grid(args.prompts, args.seed)
     grid = sample_and_score(model, cfg, captions, seed=args.seed, steps=args.steps, guidance=args.guidance)
     for caption, s in zip(captions, grid.scores):
