@@ -215,12 +215,12 @@ def measure(stages: int, args: argparse.Namespace) -> list[dict]:
             bubbles.append(1 - busy / wall)
             walls.append(wall)
         m = first["m"]
-        med = lambda key, stage: statistics.median(stage[k][key])  # noqa: E731
+        med = lambda key, stage, k=k: statistics.median(stage[k][key])  # noqa: E731
         forward = [med("forward", stage) / m for stage in per_stage]
         backward = [med("backward", stage) / m for stage in per_stage]
         hop = statistics.median(stage[k]["hop"] for stage in per_stage[:2])
         in_run = [h for j in range(steps) for h in observed_hops([stage[k]["traces"][j] for stage in per_stage],
-                                                                 lambda s: one_f_one_b(s, stages, m))]
+                                                                 lambda s, m=m: one_f_one_b(s, stages, m))]
         in_run_mean = statistics.fmean(in_run) if in_run else 0.0
         replay, replay_hop = [], []  # each measured step's own compute durations, without / with the hop
         for j in range(steps):

@@ -13,4 +13,6 @@ export MEGASORA_CACHE="${MEGASORA_CACHE:-$REPO/.cache}"
 # DeepSpeed JIT-builds its CPU comm op; a cache private to this checkout stops other venvs'
 # builds from invalidating it (each rebuild stalls every multi-process test for a minute).
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}"
+# Lint first (pyflakes, import order, bugbear; ruff.toml): a finding fails the run before any test.
+ruff check megasora tests bench
 exec python -m pytest "$@"   # pytest.ini: testpaths = tests

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from megasora.parallel.mesh import ParallelLayout
 from megasora.plan.communication import bus_factor, comm_volume, stage_block_counts, transfer_seconds
+
 from parallel_utils import run_distributed, run_launched
 
 REPO = Path(__file__).resolve().parents[1]

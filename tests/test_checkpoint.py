@@ -14,8 +14,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ckpt_workers import train_and_die_during_save
-from launch_utils import REPO, read_losses, run_torchrun
 from megasora.config import load_config
 from megasora.data.sources import SyntheticVideos
 from megasora.data.stream import stream_ids
@@ -24,6 +22,9 @@ from megasora.models import build_dit
 from megasora.train.checkpoint import CheckpointError, find_resumable, read_model_weights, verify
 from megasora.train.objective import FlowMatchingObjective
 from megasora.train.preemption import PREEMPTED_EXIT_CODE
+
+from ckpt_workers import train_and_die_during_save
+from launch_utils import REPO, read_losses, run_torchrun
 
 TINY = "configs/tiny.yaml"
 pytestmark = pytest.mark.slow

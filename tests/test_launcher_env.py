@@ -15,8 +15,15 @@ from pathlib import Path
 import pytest
 
 from megasora.launcher.env import (
-    PORT_BASE, PORT_SPAN, DistEnv, LaunchError, discover, expand_tasks_per_node,
-    export_torch_env, free_port, slurm_port,
+    PORT_BASE,
+    PORT_SPAN,
+    DistEnv,
+    LaunchError,
+    discover,
+    expand_tasks_per_node,
+    export_torch_env,
+    free_port,
+    slurm_port,
 )
 
 REPO = Path(__file__).resolve().parents[1]

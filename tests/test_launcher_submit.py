@@ -10,7 +10,13 @@ import pytest
 
 from megasora.config import load_config
 from megasora.launcher.submit import (
-    DEFAULT_TEMPLATE, JobSpec, SubmitError, check_layout, check_spec, register, render,
+    DEFAULT_TEMPLATE,
+    JobSpec,
+    SubmitError,
+    check_layout,
+    check_spec,
+    register,
+    render,
 )
 from megasora.train.preemption import PREEMPTED_EXIT_CODE
 

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megasora.config import load_config
 from megasora.models import build_dit
 from megasora.parallel import LayoutError, MeshMPU, ParallelLayout, build_mesh, init_parallel
+
 from parallel_utils import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megasora import kernels
 from megasora.models.dit import DiT, DiTArch, DiTBlock, TokenState
 from megasora.models.embeddings import rope_3d, rope_axis_dims
 from megasora.models.patch import patch_grid, patchify, unpatchify
-from megasora import kernels
 
 ARCH = DiTArch(in_channels=3, hidden=48, depth=2, heads=4, text_dim=16, patch=(1, 2, 2))
 

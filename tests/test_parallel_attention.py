@@ -8,6 +8,7 @@ from megasora.models.attention import local_attention
 from megasora.parallel.block_attention import block_backward, block_forward, key_padding_bias
 from megasora.parallel.mesh import ParallelLayout, build_mesh
 from megasora.parallel.sequence import sequence_attention
+
 from parallel_utils import run_distributed
 
 B, H, N, D = 2, 4, 32, 8

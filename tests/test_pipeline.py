@@ -19,6 +19,7 @@ from megasora.config import ConfigError, load_config
 from megasora.models import build_dit
 from megasora.parallel.pipeline import balanced_boundaries, build_stage, dropped_text_mask
 from megasora.parallel.pipeline_schedule import one_f_one_b
+
 from parallel_utils import run_launched
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from megasora.data.buckets import BucketRule
 from megasora.data.preprocess import PreprocessSpec, run_preprocess
 from megasora.data.shard_stream import ShardIndex, ShardStream
-from megasora.data.buckets import BucketRule
 from megasora.models.text import TextEncoder
 from megasora.models.vae import VAEArch, VideoVAE, pixels_to_latents, save_vae
 

@@ -30,8 +30,13 @@ def test_cache_is_exact_and_bounded():
 
 @pytest.mark.parametrize("kind", ["t5", "umt5"])
 def test_t5_family_loads_encoder_only(kind, tmp_path):
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration, UMT5Config, \
-        UMT5ForConditionalGeneration
+    from transformers import (
+        AutoTokenizer,
+        T5Config,
+        T5ForConditionalGeneration,
+        UMT5Config,
+        UMT5ForConditionalGeneration,
+    )
 
     config_cls, model_cls = (T5Config, T5ForConditionalGeneration) if kind == "t5" else \
         (UMT5Config, UMT5ForConditionalGeneration)

@@ -2,8 +2,15 @@
 import pytest
 import torch
 
-from megasora.models.vae import (VAEArch, VideoVAE, latent_shape, latents_to_pixels, load_vae, pixels_to_latents,
-                                 save_vae)
+from megasora.models.vae import (
+    VAEArch,
+    VideoVAE,
+    latent_shape,
+    latents_to_pixels,
+    load_vae,
+    pixels_to_latents,
+    save_vae,
+)
 
 TINY = VAEArch(latent_channels=4, base_channels=8, channel_mult=(1, 1, 2, 2), norm_groups=4,
                scaling_factor=0.5, shift_factor=0.1)

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from megasora.models.vae import load_vae, latents_to_pixels, pixels_to_latents
+from megasora.models.vae import latents_to_pixels, load_vae, pixels_to_latents
 
 
 def test_train_vae_lowers_reconstruction_loss(tmp_path):

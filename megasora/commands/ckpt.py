@@ -75,6 +75,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
+
     from megasora.train.checkpoint import read_model_weights
     root, tag = checkpoints_root(Path(args.dir))
     weights, cfg, used_ema = read_model_weights(root, args.tag or tag, ema=args.ema)

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from megasora.data.synthetic import COLORS, DIRECTIONS, SHAPES, render_attributes
-from megasora.diffusion.flow import shift_timesteps
 
 
 @functools.lru_cache(maxsize=None)
