@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megasora.config import Config
 from megasora.data.sources import build_stream
 from megasora.models import dit_arch
+from megasora.parallel.mesh import ParallelLayout
 from megasora.train import checkpoint
 from megasora.train.accounting import StepAccounting  # installs the comm counter before DeepSpeed starts
 from megasora.train.ema import EMA
@@ -49,6 +50,11 @@ class DataParallel:
     mpu: Any = None
     tp_group: Any = None
 
+    @property
+    def layout(self) -> ParallelLayout:
+        """The mesh's layout; a run without a mesh (train-vae) is data parallel only."""
+        return self.mpu.mesh.layout if self.mpu is not None else ParallelLayout(dp=self.size)
+
 
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
@@ -70,7 +76,7 @@ class TrainingLoop:
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.arch = dit_arch(cfg)
         self.preemption = process_flag()
-        self.accounting = StepAccounting.for_run(cfg, parallel.mpu.mesh.layout, device)
+        self.accounting = StepAccounting.for_run(cfg, parallel.layout, device)
 
     def run(self, step: int, samples: int) -> TrainResult:
         cfg = self.cfg
