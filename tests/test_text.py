@@ -25,7 +25,10 @@ def test_cache_is_exact_and_bounded():
     assert torch.equal(again[0], first[1]) and torch.equal(again[2], first[0])
     assert len(enc._cache) == 2
     uncached = TextEncoder(max_length=12, cache_size=0)
-    assert torch.equal(uncached.encode(["two", "two"])[0][1], first[1])
+    # Duplicates are encoded once, in a batch like the first call's: BERT's numerics depend on the
+    # batch it runs in (~3e-6 between batch sizes 1 and 2), so exactness is only promised per batch.
+    repeated = uncached.encode(["one", "two", "two"])[0]
+    assert torch.equal(repeated[1], first[1]) and torch.equal(repeated[2], first[1])
 
 
 @pytest.mark.parametrize("kind", ["t5", "umt5"])
