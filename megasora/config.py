@@ -36,6 +36,14 @@ class ModelConfig:
     patch: list[int] = _help("Patch size [pt, ph, pw] over latent (T, H, W).", default_factory=lambda: [1, 2, 2])
     qk_norm: bool = _help("RMS-normalise queries and keys per head (stabilises large models).", default=True)
     rope_theta: float = _help("RoPE base frequency.", default=10000.0)
+    rope_layout: str = _help("RoPE frequency layout: `axial` (each rotation pair turns along one of t, h, w) or "
+                             "`mixed` (pairs also turn along the diagonals t±h, t±w, h±w, so one head can "
+                             "follow a moving object; axial heads cannot tell left- from right-moving, "
+                             "docs/prompt_following.md).", default="axial")
+    pooled_text: bool = _help("Also condition adaLN on the caption: the masked mean of the text features, "
+                              "through an MLP, is added to the timestep embedding (as SD3 / Flux add a pooled "
+                              "text vector), so each block's scale, shift and gate depend on the caption.",
+                              default=False)
     kernels: str = _help("Hot-spot ops (adaLN norm, gated residual, RoPE, ring merge): `auto` (fused csrc "
                          "ops when built, else PyTorch), `fused` (require them) or `torch`. Checkpoints are "
                          "identical either way.", default="auto")
@@ -353,6 +361,7 @@ def validate(cfg: Config) -> None:
              f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}; choose heads dividing hidden")
     _require((m.hidden // m.heads) % 2 == 0 and m.hidden // m.heads >= 6,
              f"head dim model.hidden/model.heads={m.hidden // m.heads} must be even and >= 6 for 3-D RoPE")
+    _require(m.rope_layout in ("axial", "mixed"), f"model.rope_layout={m.rope_layout!r} is not one of: axial, mixed")
     _require(len(m.patch) == 3 and all(p > 0 for p in m.patch),
              f"model.patch={m.patch} must be three positive ints [pt, ph, pw]")
     for name, size, p in zip(("frames", "height", "width"), (d.frames, d.height, d.width), m.patch):

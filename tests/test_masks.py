@@ -101,7 +101,10 @@ BASE = ["model.hidden=32", "model.heads=4", "model.depth=2", "model.mlp_ratio=2.
         # every kind, so a global batch mixes per-token and per-sample timesteps
         "diffusion.cond_masks.first_frame=0.15", "diffusion.cond_masks.last_frame=0.15",
         "diffusion.cond_masks.first_last=0.15", "diffusion.cond_masks.head=0.15",
-        "diffusion.cond_masks.tail=0.15", "diffusion.cond_masks.random=0.15"]
+        "diffusion.cond_masks.tail=0.15", "diffusion.cond_masks.random=0.15",
+        # and the prompt-following architecture (configs/tiny-prompt.yaml; tests/test_golden.py covers
+        # the default): mixed RoPE tables, sharded like axial ones, and the pooled caption in adaLN
+        "model.rope_layout=mixed", "model.pooled_text=true"]
 LAYOUTS = {"ring2": ["parallel.ring=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
 
 

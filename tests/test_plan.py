@@ -48,7 +48,8 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 # ------------------------------------------------------------------ parameters and model state
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.qk_norm=false", "model.mlp_ratio=2.0", "model.hidden=96"]])
+@pytest.mark.parametrize("overrides", [[], ["model.qk_norm=false", "model.mlp_ratio=2.0", "model.hidden=96"],
+                                       ["model.pooled_text=true"]])
 def test_total_params_equal_the_real_model(overrides):
     cfg, work = tiny_work(*overrides)
     assert total_params(work) == sum(p.numel() for p in build_dit(cfg).parameters())

@@ -261,7 +261,7 @@ def write_outputs(args: argparse.Namespace, cfg: Config, out_dir: Path, prompts:
     out.parent.mkdir(parents=True, exist_ok=True)
     clips = []
     for i, video in enumerate(pixels):
-        frames = _zoom(tensor_to_frames(video), upscale)
+        frames = zoom_frames(tensor_to_frames(video), upscale)
         path = out if len(prompts) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
         if image:
             path = path.with_suffix(".png")
@@ -275,7 +275,7 @@ def write_outputs(args: argparse.Namespace, cfg: Config, out_dir: Path, prompts:
         torch.save({"latents": latents, "inputs": inputs, "mode": args.mode}, args.save_latents)
 
 
-def _zoom(frames: np.ndarray, upscale: int) -> np.ndarray:
+def zoom_frames(frames: np.ndarray, upscale: int) -> np.ndarray:
     return frames.repeat(upscale, axis=1).repeat(upscale, axis=2) if upscale > 1 else frames
 
 

@@ -13,7 +13,8 @@ import json
 
 EPILOG = """examples:
   megasora eval-prompts --run runs/tiny-prompt
-  megasora eval-prompts --run runs/tiny-prompt --prompts 48 --probe --min-match 0.9 --json scores.json"""
+  megasora eval-prompts --run runs/tiny-prompt --prompts 48 --probe --min-match 0.9 --json scores.json
+  megasora eval-prompts --run runs/tiny-prompt --sheet prompts.png   # look at the samples"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,13 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-match", type=float, default=None,
                    help="exit 1 unless this fraction of prompts matches colour and direction")
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    p.add_argument("--sheet", default=None,
+                   help="also write a PNG contact sheet of the samples: a row per prompt, its frames left to right")
+    p.add_argument("--upscale", type=int, default=4, help="pixel zoom of the contact sheet")
     p.set_defaults(func=run)
 
 
 def _check_args(args: argparse.Namespace) -> None:
     from megasora.errors import UserError
-    if args.prompts < 1 or args.steps < 1:
-        raise UserError(f"--prompts {args.prompts} / --steps {args.steps} must be >= 1", "pass positive counts")
+    if args.prompts < 1 or args.steps < 1 or args.upscale < 1:
+        raise UserError(f"--prompts {args.prompts} / --steps {args.steps} / --upscale {args.upscale} must be >= 1",
+                        "pass positive counts")
     if args.min_match is not None and not 0 <= args.min_match <= 1:
         raise UserError(f"--min-match {args.min_match} is not a fraction", "pass a value in [0, 1]")
 
@@ -51,14 +56,28 @@ def _check_run(cfg) -> None:
                         "score reads synthetic-shape clips in pixel space", "pass a run of data.kind=synthetic")
 
 
+def write_sheet(path: str, videos, upscale: int) -> None:
+    """(B, 3, T, H, W) clips in [-1, 1] -> a PNG with one row of frames per clip."""
+    import torch
+
+    from megasora.commands.sample import contact_sheet, zoom_frames
+    from megasora.data.video_io import tensor_to_frames, write_video
+    clips = [zoom_frames(tensor_to_frames(torch.from_numpy(v)), upscale) for v in videos]
+    write_video(path, contact_sheet(clips)[None], 1.0)
+    print(f"wrote {path}  (one row per prompt, in the order above)")
+
+
 def run(args: argparse.Namespace) -> int:
     from megasora.commands.sample import load_sampling_model
-    from megasora.eval.prompt_score import prompt_grid, sample_and_score
+    from megasora.eval.prompt_score import prompt_grid, sample_prompts, score_clips
     _check_args(args)
     model, cfg, _ = load_sampling_model(args)
     _check_run(cfg)
     captions = prompt_grid(args.prompts, args.seed)
-    grid = sample_and_score(model, cfg, captions, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    videos = sample_prompts(model, cfg, captions, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    grid = score_clips(videos, captions)
+    if args.sheet:
+        write_sheet(args.sheet, videos, args.upscale)
     for caption, s in zip(captions, grid.scores):
         dy, dx = s.displacement
         print(f"{'ok  ' if s.match else 'MISS'} {caption:32s} colour={s.color} direction={s.direction} "

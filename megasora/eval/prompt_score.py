@@ -142,9 +142,9 @@ def score_clips(videos: np.ndarray, captions: list[str], min_speed: float = 0.5)
     return GridScore([score_clip(v, c, min_speed) for v, c in zip(videos, captions)], list(captions))
 
 
-def sample_and_score(model, cfg, captions: list[str], seed: int = 0, steps: int = 30,
-                     guidance: float = 4.0, batch: int = 8) -> GridScore:
-    """Sample one clip per caption from a pixel-space synthetic model (text-to-video) and score it."""
+def sample_prompts(model, cfg, captions: list[str], seed: int = 0, steps: int = 30,
+                   guidance: float = 4.0, batch: int = 8) -> np.ndarray:
+    """One text-to-video sample per caption from a pixel-space synthetic model: (B, 3, T, H, W) in [-1, 1]."""
     import torch
 
     from megasora.diffusion.sampler import sample_euler
@@ -162,4 +162,10 @@ def sample_and_score(model, cfg, captions: list[str], seed: int = 0, steps: int 
         latents = sample_euler(model, shape, text, mask, cfg.diffusion, steps=steps, guidance=guidance,
                                patch=tuple(cfg.model.patch), generator=generator)
         videos.append(latents.clamp(-1, 1).numpy())
-    return score_clips(np.concatenate(videos), captions)
+    return np.concatenate(videos)
+
+
+def sample_and_score(model, cfg, captions: list[str], seed: int = 0, steps: int = 30,
+                     guidance: float = 4.0, batch: int = 8) -> GridScore:
+    """Sample one clip per caption (sample_prompts) and score it against its caption."""
+    return score_clips(sample_prompts(model, cfg, captions, seed, steps, guidance, batch), captions)

@@ -34,6 +34,8 @@ class DiTArch:
     mlp_ratio: float = 4.0
     qk_norm: bool = True
     rope_theta: float = 10000.0
+    rope_layout: str = "axial"  # embeddings.ROPE_LAYOUTS
+    pooled_text: bool = False   # the caption's mean feature also conditions adaLN
 
 
 @dataclass
@@ -43,6 +45,11 @@ class TokenState:
     cond: torch.Tensor              # (B, 1, D) per-sample or (B, N, D) per-token timestep embedding
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (N, Dh/2)
     key_padding_mask: Optional[torch.Tensor]  # (B, N) bool, True = real token; None = no padding
+
+
+def rope_tables(arch: DiTArch, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos, sin (N, head_dim/2) of the whole token grid (sequence parallelism shards them)."""
+    return rope_3d(grid, arch.hidden // arch.heads, arch.rope_theta, device, arch.rope_layout)
 
 
 class SequenceHook(Protocol):
@@ -109,16 +116,23 @@ class FinalLayer(nn.Module):
 
 
 class CaptionProjection(nn.Module):
-    """Text encoder features -> model width; holds the learned null caption used for CFG."""
+    """Text encoder features -> model width; holds the learned null caption used for CFG.
 
-    def __init__(self, text_dim: int, hidden: int) -> None:
+    With `pooled`, it also maps the masked mean of the features to one (B, 1, D) vector that
+    the DiT adds to the timestep embedding (SD3 / Flux style), so every block's adaLN scale,
+    shift and gate depend on the caption, not only the cross-attention outputs.
+    """
+
+    def __init__(self, text_dim: int, hidden: int, pooled: bool = False) -> None:
         super().__init__()
         self.proj = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(approximate="tanh"),
                                   nn.Linear(hidden, hidden))
         self.null_embedding = nn.Parameter(torch.randn(text_dim) * text_dim ** -0.5)
+        self.pool = nn.Sequential(nn.Linear(text_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) if pooled else None
 
-    def forward(self, text: torch.Tensor, mask: torch.Tensor,
-                drop: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """-> projected tokens (B, L, D), their mask (B, L), pooled caption (B, 1, D) or None."""
         if drop is not None:
             # A dropped caption becomes one null token followed by padding.
             null_text = torch.zeros_like(text)
@@ -127,7 +141,16 @@ class CaptionProjection(nn.Module):
             null_mask[:, 0] = True
             text = torch.where(drop[:, None, None], null_text, text)
             mask = torch.where(drop[:, None], null_mask, mask)
-        return self.proj(text), mask
+        pooled = None
+        if self.pool is not None:
+            weights = mask.to(text.dtype)[..., None]  # (B, L, 1)
+            pooled = self.pool((text * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1))
+        return self.proj(text), mask, pooled
+
+
+def conditioning(t_embedding: torch.Tensor, pooled_caption: Optional[torch.Tensor]) -> torch.Tensor:
+    """adaLN input: timestep embedding (B, 1 or N, D), plus the pooled caption (B, 1, D) if the model has one."""
+    return t_embedding if pooled_caption is None else t_embedding + pooled_caption
 
 
 class DiT(nn.Module):
@@ -138,7 +161,7 @@ class DiT(nn.Module):
         self.arch = arch
         self.patch_embed = PatchEmbed3D(arch.in_channels, arch.hidden, arch.patch)
         self.t_embed = TimestepEmbedder(arch.hidden)
-        self.caption = CaptionProjection(arch.text_dim, arch.hidden)
+        self.caption = CaptionProjection(arch.text_dim, arch.hidden, arch.pooled_text)
         self.blocks = nn.ModuleList(DiTBlock(arch) for _ in range(arch.depth))
         patch_volume = arch.patch[0] * arch.patch[1] * arch.patch[2]
         self.final = FinalLayer(arch.hidden, patch_volume * arch.in_channels)
@@ -152,6 +175,8 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        if self.caption.pool is not None:
+            nn.init.normal_(self.caption.pool[2].weight, std=0.02)
         # adaLN-Zero: every residual branch starts closed, so each block is the identity.
         for block in self.blocks:
             nn.init.zeros_(block.adaln[1].weight)
@@ -170,10 +195,11 @@ class DiT(nn.Module):
         Returns the predicted velocity (noise - data), same shape as latents.
         """
         grid = patch_grid(tuple(latents.shape[2:]), self.arch.patch)
-        rope = rope_3d(grid, self.arch.hidden // self.arch.heads, self.arch.rope_theta, latents.device)
-        state = TokenState(x=self.patch_embed(latents), cond=self.t_embed(t), rope=rope, key_padding_mask=None)
+        rope = rope_tables(self.arch, grid, latents.device)
+        text_tokens, text_mask, pooled = self.caption(text, text_mask, drop_text)
+        state = TokenState(x=self.patch_embed(latents), cond=conditioning(self.t_embed(t), pooled), rope=rope,
+                           key_padding_mask=None)
         state = self.sequence.shard(state)
-        text_tokens, text_mask = self.caption(text, text_mask, drop_text)
         for block in self.blocks:
             state.x = block(state, text_tokens, text_mask)
         out = self.sequence.gather(self.final(state.x, state.cond))  # (B, N, pt*ph*pw*C)

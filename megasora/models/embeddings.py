@@ -37,22 +37,52 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return pairs - 2 * spatial, spatial, spatial
 
 
-def rope_3d(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0,
-            device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (N, head_dim/2), N = T'*H'*W' in patchify's t-major order.
+ROPE_LAYOUTS = ("axial", "mixed")
 
-    Each rotation pair belongs to one axis and rotates by position_on_that_axis * freq, so
-    q·k depends only on the (dt, dh, dw) offset between tokens, for any grid size.
+# The mixed layout's pair directions over (t, h, w): the three axes, then both diagonals of each
+# pair of axes. t±h and t±w are motion by one token per frame along h or w.
+MIXED_DIRECTIONS = ((1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, -1, 0), (1, 0, 1), (1, 0, -1),
+                    (0, 1, 1), (0, 1, -1))
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0, layout: str = "axial") -> torch.Tensor:
+    """(head_dim/2, 3) float64: the angular frequency of each rotation pair along (t, h, w).
+
+    axial: each pair turns along one axis (rope_axis_dims' split, frequencies theta^(-i/n)
+    within an axis). A head's score is then a sum of per-axis terms, so its attention weights
+    are a product of per-axis factors; such a product cannot prefer "one frame later, one token
+    left" over "one frame later, one token right" while also preferring "one frame earlier, one
+    token right" (the sums of the two pairs are equal), so no head can follow a moving object
+    both ways in time. mixed: pair i turns along MIXED_DIRECTIONS[i % 9], rung i // 9 of a ladder
+    of frequencies theta^(-rung/rungs), so pairs on the diagonals make scores depend on t and space jointly (docs/prompt_following.md).
     """
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"RoPE layout {layout!r} is not one of {ROPE_LAYOUTS}")
+    if layout == "mixed":
+        pairs, n_dirs = head_dim // 2, len(MIXED_DIRECTIONS)
+        rung = torch.arange(pairs, dtype=torch.float64) // n_dirs  # every direction gets the same ladder
+        magnitude = theta ** (-rung / math.ceil(pairs / n_dirs))
+        directions = torch.tensor([MIXED_DIRECTIONS[i % n_dirs] for i in range(pairs)], dtype=torch.float64)
+        return directions * magnitude[:, None]
+    freqs, start = torch.zeros(head_dim // 2, 3, dtype=torch.float64), 0
+    for axis, n_pairs in enumerate(rope_axis_dims(head_dim)):
+        freqs[start:start + n_pairs, axis] = theta ** (-torch.arange(n_pairs, dtype=torch.float64) / max(n_pairs, 1))
+        start += n_pairs
+    return freqs
+
+
+def rope_3d(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0,
+            device: torch.device | None = None, layout: str = "axial") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (N, head_dim/2), N = T'*H'*W' in patchify's t-major order.
+
+    Pair i rotates by (its frequency vector, rope_frequencies) . (t, h, w), so q·k depends
+    only on the (dt, dh, dw) offset between tokens, for any grid size.
+    """
     gt, gh, gw = grid
     pos = torch.stack(torch.meshgrid(
         torch.arange(gt, device=device), torch.arange(gh, device=device), torch.arange(gw, device=device),
         indexing="ij"), dim=-1).reshape(-1, 3).double()  # (N, 3)
-    angles = []
-    for axis, n_pairs in enumerate(rope_axis_dims(head_dim)):
-        freqs = theta ** (-torch.arange(n_pairs, dtype=torch.float64, device=device) / max(n_pairs, 1))
-        angles.append(pos[:, axis:axis + 1] * freqs)  # (N, n_pairs)
-    angle = torch.cat(angles, dim=-1)  # (N, head_dim/2)
+    angle = pos @ rope_frequencies(head_dim, theta, layout).to(device).T  # (N, head_dim/2)
     return torch.cos(angle).float(), torch.sin(angle).float()

@@ -13,7 +13,7 @@ What crosses a stage boundary (docs/pipeline.md explains the choice): only tenso
 need a gradient, packed into ONE (B, n + c + L, D) message per micro-batch —
 
     x      (B, n, D)  residual stream, this rank's tp/sp chunk of the sequence
-    cond   (B, c, D)  timestep embedding, c = 1 (per sample) or n (per token)
+    cond   (B, c, D)  timestep (+ pooled caption) embedding, c = 1 (per sample) or n (per token)
     text   (B, L, D)  projected caption tokens
 
 cond and text are outputs of stage 0's parameters (t_embed, caption) used by every block,
@@ -32,8 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megasora.models.dit import DiT, TokenState
-from megasora.models.embeddings import rope_3d
+from megasora.models.dit import DiT, TokenState, conditioning, rope_tables
 from megasora.models.patch import patch_grid, unpatchify
 from megasora.parallel.mesh import Mesh
 
@@ -129,7 +128,7 @@ class DiTStage(nn.Module):
         """
         grid = patch_grid(tuple(latents.shape[2:]), self.arch.patch)
         b, n = latents.shape[0], math.prod(grid)
-        rope = rope_3d(grid, self.arch.hidden // self.arch.heads, self.arch.rope_theta, latents.device)
+        rope = rope_tables(self.arch, grid, latents.device)
         cond_tokens = 1 if t.dim() == 1 else n
         probe = TokenState(x=latents.new_zeros(b, n, 1), cond=latents.new_zeros(b, cond_tokens, 1),
                            rope=rope, key_padding_mask=None)
@@ -145,9 +144,10 @@ class DiTStage(nn.Module):
                 drop_text: torch.Tensor | None, received: torch.Tensor | None = None) -> torch.Tensor:
         grid, rope, local = self._geometry(latents, t)
         if self.is_first:
-            state = self.sequence.shard(TokenState(x=self.patch_embed(latents), cond=self.t_embed(t),
+            text_tokens, text_mask, pooled = self.caption(text, text_mask, drop_text)
+            state = self.sequence.shard(TokenState(x=self.patch_embed(latents),
+                                                   cond=conditioning(self.t_embed(t), pooled),
                                                    rope=rope, key_padding_mask=None))
-            text_tokens, text_mask = self.caption(text, text_mask, drop_text)
         else:
             n, c = local.x.shape[1], local.cond.shape[1]
             x, cond, text_tokens = received.split([n, c, received.shape[1] - n - c], dim=1)

@@ -106,7 +106,7 @@ def dit_param_counts(model: Any, text_dim: int, tp: int = 1) -> dict[str, dict[s
     """Parameters of the DiT's pieces on one tp rank (config.ModelConfig-like `model`).
 
     {piece: {"matrix": ..., "vector": ..., "replicated": ...}} for piece in block (one block),
-    embed (patch, timestep and caption embedding) and final. `matrix` are the weight matrices
+    embed (patch, timestep and caption embeddings) and final. `matrix` are the weight matrices
     (train/engine.py's weight-decay group), `vector` the biases, norms and the null caption
     (its no-decay group); `replicated` is what every tp rank holds whole (norms, qk-norms,
     adaLN, row-parallel biases, everything outside the blocks), whose gradients tp sums.
@@ -121,8 +121,9 @@ def dit_param_counts(model: Any, text_dim: int, tp: int = 1) -> dict[str, dict[s
     replicated_vector = 2 * d + 2 * qk + 2 * d + d + 6 * d  # cross_norm, qk-norms, out biases, fc2 bias, adaLN bias
     block = {"matrix": sharded_matrix // tp + adaln, "vector": sharded_vector // tp + replicated_vector,
              "replicated": adaln + replicated_vector}
-    embed_matrix = patch_in * d + TIMESTEP_FREQ_DIM * d + d * d + text_dim * d + d * d
-    embed_vector = d + 2 * d + 2 * d + text_dim  # biases; null caption embedding
+    pooled = bool(getattr(model, "pooled_text", False))  # the pooled caption MLP (model.pooled_text)
+    embed_matrix = patch_in * d + TIMESTEP_FREQ_DIM * d + d * d + (1 + pooled) * (text_dim * d + d * d)
+    embed_vector = d + 2 * d + (1 + pooled) * 2 * d + text_dim  # biases; null caption embedding
     final_matrix, final_vector = 2 * d * d + d * patch_in, 2 * d + patch_in
     return {"block": block,
             "embed": {"matrix": embed_matrix, "vector": embed_vector, "replicated": embed_matrix + embed_vector},

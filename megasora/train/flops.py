@@ -39,13 +39,14 @@ def block_forward_flops(arch: DiTArch, tokens: int, text_tokens: int) -> dict[st
 
 
 def embed_forward_flops(arch: DiTArch, tokens: int, text_tokens: int) -> float:
-    """Everything outside the blocks: patch embedding, timestep MLP, caption projection, final layer."""
+    """Everything outside the blocks: patch embedding, timestep MLP, caption projection(s), final layer."""
     d, n, l = arch.hidden, tokens, text_tokens
     patch_in = arch.in_channels * math.prod(arch.patch)
     return float(
         2 * n * patch_in * d                            # patch embedding
         + 2 * (TIMESTEP_FREQ_DIM * d + d * d)           # timestep MLP (per sample)
         + 2 * l * (arch.text_dim * d + d * d)           # caption projection
+        + 2 * (arch.text_dim * d + d * d) * arch.pooled_text  # pooled caption MLP (per sample)
         + 2 * d * 2 * d                                 # final adaLN (per sample)
         + 2 * n * d * patch_in                          # final linear
     )
