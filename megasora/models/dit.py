@@ -175,8 +175,9 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
-        if self.caption.pool is not None:
-            nn.init.normal_(self.caption.pool[2].weight, std=0.02)
+        # The pooled caption MLP keeps its xavier init: it feeds adaLN, whose weights start at zero,
+        # so shrinking it too would start the caption's modulation at a product of two near-zeros
+        # (a saddle; docs/prompt_following.md: it delayed learning the direction word by ~1000 steps).
         # adaLN-Zero: every residual branch starts closed, so each block is the identity.
         for block in self.blocks:
             nn.init.zeros_(block.adaln[1].weight)
