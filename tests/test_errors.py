@@ -48,6 +48,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "list.yaml").write_text("- model\n- train\n")
     (root / "captions.txt").write_text("clip.mp4 a caption\n")
     (root / "captions.jsonl").write_text("{not json}\n")
+    (root / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
     run = root / "run"
     proc = subprocess.run([sys.executable, "-m", "megasora", "train", "--config", TINY, "--set", "train.steps=1",
                            "--set", "train.ema_decay=0", "--set", f"run.dir={run}"],
@@ -116,6 +117,10 @@ def cases(f: dict[str, Path]) -> list[Case]:
              "checkpoint", "is unreadable"),
         Case("sample missing weights", ["sample", "--weights", "/nonexistent.safetensors", "--prompt", "x"],
              "input", "does not exist"),
+        Case("sample corrupt weights", ["sample", "--weights", str(f["root"] / "corrupt.safetensors"), "--prompt",
+                                        "x"], "checkpoint", "is not a readable safetensors file"),
+        Case("config-docs to an unwritable place", ["config-docs", "--out", "/nonexistent/dir/config.md"], "usage",
+             "cannot write --out"),
         Case("preprocess a missing input", ["preprocess", "/nonexistent.mp4", "--config", TINY, "--out", out],
              "data", "does not exist"),
         Case("preprocess a caption file of unknown format",
@@ -164,7 +169,7 @@ def check_one_line(case: Case, proc: subprocess.CompletedProcess) -> str | None:
     return f"{case.name}: {', '.join(problems)}\n{output[-1500:]}"
 
 
-COMMANDS = ["train", "train-vae", "sample", "preprocess", "ckpt", "submit", "plan"]
+COMMANDS = ["train", "train-vae", "sample", "preprocess", "ckpt", "submit", "plan", "config-docs"]
 
 
 def test_the_table_covers_every_command() -> None:

@@ -16,7 +16,12 @@ def run(args: argparse.Namespace) -> int:
     from megasora.config import render_config_docs
     text = render_config_docs() + "\n"
     if args.out:
-        Path(args.out).write_text(text)
+        try:
+            Path(args.out).write_text(text)
+        except OSError as err:
+            from megasora.errors import UserError
+            raise UserError(f"cannot write --out {args.out} ({err.strerror})",
+                            "pass a path in an existing, writable directory") from err
     else:
         print(text, end="")
     return 0

@@ -81,10 +81,9 @@ def load_sampling_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Conf
     from megasora.models import build_dit
     from megasora.train.checkpoint import read_model_weights
     if args.weights:
-        from safetensors.torch import load_file
         path = _existing(args.weights, "--weights")
-        weights, cfg_dict, source = load_file(str(path)), json.loads(path.with_suffix(".json").read_text()), path
-        out_dir = path.parent
+        weights, cfg_dict = read_exported(path)
+        source, out_dir = path, path.parent
     else:
         root, tag = checkpoints_root(Path(args.run))
         weights, cfg_dict, used_ema = read_model_weights(root, args.tag or tag, not args.no_ema)
@@ -94,6 +93,24 @@ def load_sampling_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Conf
     model.load_state_dict(weights)
     log.info("loaded %s", source)
     return model.eval(), cfg, out_dir
+
+
+def read_exported(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights and config of `megasora ckpt export` output (F.safetensors + F.json), or one clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from megasora.train.checkpoint import CheckpointError
+    fix = "pass a file written by `megasora ckpt export`, with its .json beside it"
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"--weights {path} is not a readable safetensors file ({err})", fix) from err
+    config = path.with_suffix(".json")
+    try:
+        return weights, json.loads(config.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"the config of --weights, {config}, is missing or not JSON ({err})", fix) from err
 
 
 def _existing(path: str, flag: str) -> Path:
