@@ -152,7 +152,7 @@ def test_dropped_text_mask_matches_caption_projection():
     model = build_dit(_tiny())
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
     drop = torch.tensor([True, False, True])
-    _, expected = model.caption(torch.randn(3, 3, 16), mask, drop)
+    _, expected, _ = model.caption(torch.randn(3, 3, 16), mask, drop)
     assert torch.equal(dropped_text_mask(mask, drop), expected)
 
 
