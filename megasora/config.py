@@ -22,6 +22,9 @@ class ConfigError(UserError, ValueError):
     kind = "config"
 
 
+ROPE_LAYOUTS = ("axial", "mixed")  # model.rope_layout; megasora/models/embeddings.py builds each
+
+
 def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
@@ -38,7 +41,8 @@ class ModelConfig:
     rope_theta: float = _help("RoPE base frequency.", default=10000.0)
     rope_layout: str = _help("RoPE frequency layout: `axial` (each rotation pair turns along one of t, h, w) or "
                              "`mixed` (pairs also turn along the diagonals t±h, t±w, h±w, so one head can "
-                             "follow a moving object; axial heads cannot tell left- from right-moving, "
+                             "follow a moving object; an axial head's attention is a product of per-axis factors, "
+                             "which cannot follow a diagonal trajectory in (t, x) both ways in time, "
                              "docs/prompt_following.md).", default="axial")
     pooled_text: bool = _help("Also condition adaLN on the caption: the masked mean of the text features, "
                               "through an MLP, is added to the timestep embedding (as SD3 / Flux add a pooled "
@@ -361,7 +365,8 @@ def validate(cfg: Config) -> None:
              f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}; choose heads dividing hidden")
     _require((m.hidden // m.heads) % 2 == 0 and m.hidden // m.heads >= 6,
              f"head dim model.hidden/model.heads={m.hidden // m.heads} must be even and >= 6 for 3-D RoPE")
-    _require(m.rope_layout in ("axial", "mixed"), f"model.rope_layout={m.rope_layout!r} is not one of: axial, mixed")
+    _require(m.rope_layout in ROPE_LAYOUTS,
+             f"model.rope_layout={m.rope_layout!r} is not one of: {', '.join(ROPE_LAYOUTS)}")
     _require(len(m.patch) == 3 and all(p > 0 for p in m.patch),
              f"model.patch={m.patch} must be three positive ints [pt, ph, pw]")
     for name, size, p in zip(("frames", "height", "width"), (d.frames, d.height, d.width), m.patch):

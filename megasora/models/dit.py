@@ -34,7 +34,7 @@ class DiTArch:
     mlp_ratio: float = 4.0
     qk_norm: bool = True
     rope_theta: float = 10000.0
-    rope_layout: str = "axial"  # embeddings.ROPE_LAYOUTS
+    rope_layout: str = "axial"  # config.ROPE_LAYOUTS
     pooled_text: bool = False   # the caption's mean feature also conditions adaLN
 
 

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from megasora.config import ROPE_LAYOUTS
+
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """t (...) in [0, 1] -> (..., dim). t is scaled by 1000 so the frequencies resolve small steps."""
@@ -37,8 +39,6 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return pairs - 2 * spatial, spatial, spatial
 
 
-ROPE_LAYOUTS = ("axial", "mixed")
-
 # The mixed layout's pair directions over (t, h, w): the three axes, then both diagonals of each
 # pair of axes. t±h and t±w are motion by one token per frame along h or w.
 MIXED_DIRECTIONS = ((1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, -1, 0), (1, 0, 1), (1, 0, -1),
@@ -54,7 +54,8 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0, layout: str = "axial
     left" over "one frame later, one token right" while also preferring "one frame earlier, one
     token right" (the sums of the two pairs are equal), so no head can follow a moving object
     both ways in time. mixed: pair i turns along MIXED_DIRECTIONS[i % 9], rung i // 9 of a ladder
-    of frequencies theta^(-rung/rungs), so pairs on the diagonals make scores depend on t and space jointly (docs/prompt_following.md).
+    of frequencies theta^(-rung/rungs), so pairs on the diagonals make scores depend on t and
+    space jointly (docs/prompt_following.md).
     """
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
