@@ -34,6 +34,7 @@ from megasora.parallel.activation_checkpointing import (
     checkpointed_blocks,
     checkpointing_summary,
 )
+from megasora.parallel.pipeline import build_stage
 
 from parallel_utils import run_launched
 
@@ -114,6 +115,14 @@ def test_checkpointed_block_gradients_and_attention_calls(mode, every, recompute
     assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name], ref, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_pipeline_stages_keep_the_checkpointed_blocks():
+    """Marks set on the whole DiT travel with the blocks into the stages (and through deepcopy)."""
+    model = copy.deepcopy(apply_activation_checkpointing(_tiny_dit(), "selective", 2))
+    stages = [build_stage(model, s, 2, [1]) for s in range(2)]
+    assert [checkpointing_summary(stage)["selective"] for stage in stages] == [1, 1]  # blocks 0 | 1, 2
+    assert checkpointing_summary(model) == {"none": 1, "full": 0, "selective": 2}
 
 
 def test_checkpointed_blocks_rule():

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from megasora.config import ConfigError, load_config
 from megasora.models import build_dit
-from megasora.parallel.pipeline import balanced_boundaries, build_stage, dropped_text_mask
+from megasora.models.dit import DiT
+from megasora.parallel.pipeline import DiTStage, balanced_boundaries, build_stage
 from megasora.parallel.pipeline_schedule import one_f_one_b
 
 from parallel_utils import run_launched
@@ -109,17 +110,22 @@ def _tiny(*overrides: str):
                                                       "model.mlp_ratio=2.0", "text.dim=16", *overrides])
 
 
+def _model_inputs(per_token_t: bool) -> tuple[torch.Tensor, ...]:
+    """latents, t, text, text mask, caption dropout (the second sample's caption dropped)."""
+    b, n = 2, 2 * 4 * 4
+    latents = torch.randn(b, 3, 2, 8, 8)
+    t = torch.rand(b, n) if per_token_t else torch.rand(b)
+    text, mask = torch.randn(b, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    return latents, t, text, mask, torch.tensor([False, True])
+
+
 @pytest.mark.parametrize("per_token_t", [False, True])
 def test_stage_chain_equals_dit(per_token_t):
     """Three stages chained by hand (messages detached, gradients handed back) == the plain DiT."""
     cfg = _tiny()
     torch.manual_seed(0)
     model = build_dit(cfg)
-    b, n = 2, 2 * 4 * 4
-    latents = torch.randn(b, 3, 2, 8, 8)
-    t = torch.rand(b, n) if per_token_t else torch.rand(b)
-    text, mask = torch.randn(b, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    drop = torch.tensor([False, True])
+    latents, t, text, mask, drop = _model_inputs(per_token_t)
     target = torch.randn_like(latents)
     ref = model(latents, t, text, mask, drop)
     (ref - target).pow(2).mean().backward()
@@ -148,12 +154,28 @@ def test_stage_chain_equals_dit(per_token_t):
     assert sum(len(list(st.parameters())) for st in stages) == len(ref_grads)
 
 
-def test_dropped_text_mask_matches_caption_projection():
-    model = build_dit(_tiny())
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
-    drop = torch.tensor([True, False, True])
-    _, expected, _ = model.caption(torch.randn(3, 3, 16), mask, drop)
-    assert torch.equal(dropped_text_mask(mask, drop), expected)
+@pytest.mark.parametrize("per_token_t,pooled", [(False, False), (True, False), (True, True)])
+def test_stages_run_the_models_forward(per_token_t, pooled):
+    """A stage has no forward of its own: stages 0..p-1 in sequence, and the whole DiT run one block
+    range at a time, give DiT.forward's output bit for bit (caption dropout and per-token t included)."""
+    assert DiTStage.forward is DiT.forward
+    torch.manual_seed(0)
+    model = build_dit(_tiny(f"model.pooled_text={pooled}"))
+    with torch.no_grad():  # open the adaLN-Zero gates: every block's text mask and cond reach the output
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    inputs = _model_inputs(per_token_t)
+    ref = model(*inputs)
+    received = None
+    for stage in [build_stage(model, s, 3, [1, 3]) for s in range(3)]:
+        received = stage(*inputs, received)
+    assert torch.equal(received, ref)
+    received = None
+    for first, end in [(0, 2), (2, 3), (3, 5)]:
+        received = model(*inputs, received, blocks=range(first, end))
+    assert torch.equal(received, ref)
+    with pytest.raises(ValueError, match="need `received`"):
+        model(*inputs, blocks=range(2, 5))
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -186,7 +208,7 @@ def _full_params(cfg, world: int) -> dict[str, torch.Tensor]:
     from megasora.parallel.pipeline import gather_stages
     from megasora.parallel.tensor import full_state_dict
     model = build_dit(cfg)
-    mesh = init_parallel(model, cfg.parallel, world)
+    mesh = init_parallel(model, cfg.parallel, world, cfg.train)
     stage = build_stage(model, mesh.rank_in("pp"), mesh.size("pp")) if mesh.size("pp") > 1 else model
     tag_dir = Path(cfg.run.dir) / "checkpoints" / (Path(cfg.run.dir) / "checkpoints" / "latest").read_text().strip()
     mp_rank = MeshMPU(mesh).get_model_parallel_rank()

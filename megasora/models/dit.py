@@ -6,10 +6,14 @@ timestep conditioning -> predicted velocity (B, C, T, H, W).
 
 Parallelism is applied from outside (megasora/parallel/parallelize.py): it swaps linears,
 each SelfAttention's `attention` callable, and this model's `sequence` hook, which shards
-the token sequence after embedding and gathers it before unpatchify.
+the token sequence after embedding and gathers it before unpatchify. Activation
+checkpointing sets each checkpointed block's `checkpoint` hook. A pipeline stage
+(megasora/parallel/pipeline.py) is this model holding one contiguous run of the blocks,
+and runs this forward.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -67,6 +71,14 @@ class NoSequenceSharding:
         return tokens
 
 
+class BlockCheckpoint(Protocol):
+    """Runs `block.body` so that backward recomputes it (set by parallel/activation_checkpointing.py)."""
+    mode: str
+
+    def __call__(self, block: DiTBlock, state: TokenState, text: torch.Tensor,
+                 text_mask: torch.Tensor) -> torch.Tensor: ...
+
+
 class Mlp(nn.Module):
     def __init__(self, hidden: int, ratio: float) -> None:
         super().__init__()
@@ -93,8 +105,14 @@ class DiTBlock(nn.Module):
         self.attn = SelfAttention(d, arch.heads, arch.qk_norm)
         self.mlp = Mlp(d, arch.mlp_ratio)
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.checkpoint: Optional[BlockCheckpoint] = None  # a plain attribute: parameter names stay the same
 
     def forward(self, state: TokenState, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint is not None:
+            return self.checkpoint(self, state, text, text_mask)
+        return self.body(state, text, text_mask)
+
+    def body(self, state: TokenState, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         x = state.x
         x = x + self.cross_attn(self.cross_norm(x), text, text_mask)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(state.cond).chunk(6, dim=-1)
@@ -113,6 +131,15 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaln(cond).chunk(2, dim=-1)
         return self.linear(kernels.modulated_norm(x, shift, scale))
+
+
+def caption_mask(mask: torch.Tensor, drop: Optional[torch.Tensor]) -> torch.Tensor:
+    """The text mask (B, L) after caption dropout: a dropped caption is one null token followed by padding."""
+    if drop is None:
+        return mask
+    null_mask = torch.zeros_like(mask)
+    null_mask[:, 0] = True
+    return torch.where(drop[:, None], null_mask, mask)
 
 
 class CaptionProjection(nn.Module):
@@ -134,13 +161,10 @@ class CaptionProjection(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """-> projected tokens (B, L, D), their mask (B, L), pooled caption (B, 1, D) or None."""
         if drop is not None:
-            # A dropped caption becomes one null token followed by padding.
             null_text = torch.zeros_like(text)
             null_text[:, 0] = self.null_embedding.to(text.dtype)
-            null_mask = torch.zeros_like(mask)
-            null_mask[:, 0] = True
             text = torch.where(drop[:, None, None], null_text, text)
-            mask = torch.where(drop[:, None], null_mask, mask)
+        mask = caption_mask(mask, drop)
         pooled = None
         if self.pool is not None:
             weights = mask.to(text.dtype)[..., None]  # (B, L, 1)
@@ -151,6 +175,22 @@ class CaptionProjection(nn.Module):
 def conditioning(t_embedding: torch.Tensor, pooled_caption: Optional[torch.Tensor]) -> torch.Tensor:
     """adaLN input: timestep embedding (B, 1 or N, D), plus the pooled caption (B, 1, D) if the model has one."""
     return t_embedding if pooled_caption is None else t_embedding + pooled_caption
+
+
+def pack_message(state: TokenState, text_tokens: torch.Tensor) -> torch.Tensor:
+    """What one run of blocks hands the next: x (B, n, D), cond (B, c, D), text (B, L) -> (B, n + c + L, D).
+
+    Only the tensors that need a gradient; the rest of TokenState and the text mask carry
+    none, so the receiving side recomputes them (DiT.token_layout, caption_mask).
+    """
+    return torch.cat([state.x, state.cond, text_tokens], dim=1)
+
+
+def unpack_message(message: torch.Tensor, layout: TokenState) -> tuple[TokenState, torch.Tensor]:
+    """pack_message's inverse; `layout` (DiT.token_layout) gives the sizes, RoPE rows and padding mask."""
+    n, c = layout.x.shape[1], layout.cond.shape[1]
+    x, cond, text_tokens = message.split([n, c, message.shape[1] - n - c], dim=1)
+    return TokenState(x=x, cond=cond, rope=layout.rope, key_padding_mask=layout.key_padding_mask), text_tokens
 
 
 class DiT(nn.Module):
@@ -190,18 +230,66 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final.linear.bias)
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                drop_text: torch.Tensor | None = None) -> torch.Tensor:
+                drop_text: Optional[torch.Tensor] = None, received: Optional[torch.Tensor] = None,
+                blocks: Optional[range] = None) -> torch.Tensor:
         """latents (B, C, T, H, W); t (B,) or per-token (B, N) in [0, 1]; text (B, L, Dt); mask (B, L).
 
         Returns the predicted velocity (noise - data), same shape as latents.
+
+        `blocks` (default: every block this module holds) runs a contiguous run of the blocks,
+        as a pipeline stage does: the inputs are embedded only if it starts at block 0, else
+        `received`, the message (pack_message) of the run before, is unpacked; the final layer
+        runs only if it ends at the last block, else the message for the next run is returned.
+        """
+        blocks = self.held_blocks() if blocks is None else blocks
+        if blocks.start == 0:
+            state, text_tokens, text_mask = self.embed(latents, t, text, text_mask, drop_text)
+        elif received is None:
+            raise ValueError(f"blocks {blocks.start}..{blocks.stop - 1} need `received`, the message of the "
+                             f"blocks before")
+        else:
+            state, text_tokens = unpack_message(received, self.token_layout(latents, t))
+            text_mask = caption_mask(text_mask, drop_text)
+        for index in blocks:
+            state.x = self.blocks[index](state, text_tokens, text_mask)
+        if blocks.stop < self.arch.depth:
+            return pack_message(state, text_tokens)  # (B, n + c + L, D)
+        return self.head(state, patch_grid(tuple(latents.shape[2:]), self.arch.patch))
+
+    def held_blocks(self) -> range:
+        """Global indices of the blocks this module holds: all, or a pipeline stage's run."""
+        indices = [int(name) for name, _ in self.blocks.named_children()]
+        return range(indices[0], indices[-1] + 1)
+
+    def embed(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+              drop_text: Optional[torch.Tensor]) -> tuple[TokenState, torch.Tensor, torch.Tensor]:
+        """Inputs -> this rank's TokenState, the projected text tokens (B, L, D) and their mask (B, L)."""
+        grid = patch_grid(tuple(latents.shape[2:]), self.arch.patch)
+        text_tokens, text_mask, pooled = self.caption(text, text_mask, drop_text)
+        state = TokenState(x=self.patch_embed(latents), cond=conditioning(self.t_embed(t), pooled),
+                           rope=rope_tables(self.arch, grid, latents.device), key_padding_mask=None)
+        return self.sequence.shard(state), text_tokens, text_mask
+
+    def token_layout(self, latents: torch.Tensor, t: torch.Tensor) -> TokenState:
+        """This rank's TokenState for these inputs with feature width 1, embedding nothing.
+
+        The sequence hook slices it exactly as it slices the real activations, which yields
+        the local RoPE rows, padding mask and token counts.
         """
         grid = patch_grid(tuple(latents.shape[2:]), self.arch.patch)
-        rope = rope_tables(self.arch, grid, latents.device)
-        text_tokens, text_mask, pooled = self.caption(text, text_mask, drop_text)
-        state = TokenState(x=self.patch_embed(latents), cond=conditioning(self.t_embed(t), pooled), rope=rope,
-                           key_padding_mask=None)
-        state = self.sequence.shard(state)
-        for block in self.blocks:
-            state.x = block(state, text_tokens, text_mask)
+        b, n = latents.shape[0], math.prod(grid)
+        cond_tokens = 1 if t.dim() == 1 else n
+        probe = TokenState(x=latents.new_zeros(b, n, 1), cond=latents.new_zeros(b, cond_tokens, 1),
+                           rope=rope_tables(self.arch, grid, latents.device), key_padding_mask=None)
+        return self.sequence.shard(probe)
+
+    def message_shape(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> tuple[int, int, int]:
+        """Shape (B, n + c + L, D) of pack_message's message for these inputs, on this rank."""
+        local = self.token_layout(latents, t)
+        b, n, _ = local.x.shape
+        return b, n + local.cond.shape[1] + text.shape[1], self.arch.hidden
+
+    def head(self, state: TokenState, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Final layer on this rank's tokens, whole sequence gathered, -> velocity (B, C, T, H, W)."""
         out = self.sequence.gather(self.final(state.x, state.cond))  # (B, N, pt*ph*pw*C)
         return unpatchify(out, grid, self.arch.patch, self.arch.in_channels)

@@ -1,9 +1,10 @@
 """Activation checkpointing of DiT blocks, applied from outside like parallelize().
 
-`apply_activation_checkpointing(model, mode, every)` rebinds the `forward` of every block
-whose global index is a multiple of `every` (pipeline stages hold the same block objects, so
-calling it on the whole DiT before build_stage covers them). Parameter names, the TP plan
-and checkpoints are unchanged: no wrapper module is inserted.
+`apply_activation_checkpointing(model, mode, every)` sets the `checkpoint` hook of every
+block whose global index is a multiple of `every` (pipeline stages hold the same block
+objects, so calling it on the whole DiT before build_stage covers them). The hook is a plain
+attribute, not a module: parameter names, the TP plan and checkpoints are unchanged, and
+`checkpointing_summary` counts the modes from it.
 
 - `full`: torch.utils.checkpoint (non-reentrant) of the whole block. Backward keeps only the
   block's inputs and re-runs the block, INCLUDING its tensor-parallel, Ulysses all-to-all and
@@ -23,7 +24,6 @@ receives the tensors themselves and rebuilds its own TokenState.
 from __future__ import annotations
 
 import logging
-import types
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megasora.config import AC_MODES
 from megasora.models.attention import AttentionFn
-from megasora.models.dit import DiT, DiTBlock, TokenState
+from megasora.models.dit import BlockCheckpoint, DiT, DiTBlock, TokenState
 
 log = logging.getLogger("megasora")
 
@@ -46,7 +46,6 @@ def checkpointed_blocks(depth: int, mode: str, every: int) -> list[int]:
 
 def apply_activation_checkpointing(model: DiT, mode: str, every: int = 1) -> DiT:
     """Checkpoint blocks 0, every, 2*every, ... of `model` in place (call after parallelize())."""
-    forward = {"full": _full_forward, "selective": _selective_forward}.get(mode)
     indices = checkpointed_blocks(len(model.blocks), mode, every)
     if indices:
         log.info("activation checkpointing: %s on %d of %d blocks (every %d)", mode, len(indices),
@@ -55,8 +54,7 @@ def apply_activation_checkpointing(model: DiT, mode: str, every: int = 1) -> DiT
         block = model.blocks[index]
         if mode == "selective":
             block.attn.attention = KeptAttention(block.attn.attention)
-        # A bound method: deepcopy / pickling of the model rebinds it to the copy.
-        block.forward = types.MethodType(forward, block)
+        block.checkpoint = CHECKPOINTS[mode]()
     return model
 
 
@@ -65,32 +63,45 @@ def _block_inputs(state: TokenState, text: torch.Tensor, text_mask: torch.Tensor
     return state.x, state.cond, cos, sin, state.key_padding_mask, text, text_mask
 
 
-def _plain_block(block: DiTBlock, x: torch.Tensor, cond: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 key_padding_mask: torch.Tensor | None, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+def _block_body(block: DiTBlock, x: torch.Tensor, cond: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                key_padding_mask: torch.Tensor | None, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
     state = TokenState(x=x, cond=cond, rope=(cos, sin), key_padding_mask=key_padding_mask)
-    return DiTBlock.forward(block, state, text, text_mask)
+    return block.body(state, text, text_mask)
 
 
-def _full_forward(self: DiTBlock, state: TokenState, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-    if not torch.is_grad_enabled():  # sampling / eval: nothing to save
-        return DiTBlock.forward(self, state, text, text_mask)
-    return checkpoint(_plain_block, self, *_block_inputs(state, text, text_mask), use_reentrant=False)
+class FullCheckpoint:
+    """DiTBlock.checkpoint for `full`: backward re-runs the whole block."""
+    mode = "full"
+
+    def __call__(self, block: DiTBlock, state: TokenState, text: torch.Tensor,
+                 text_mask: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # sampling / eval: nothing to save
+            return block.body(state, text, text_mask)
+        return checkpoint(_block_body, block, *_block_inputs(state, text, text_mask), use_reentrant=False)
 
 
-def _selective_forward(self: DiTBlock, state: TokenState, text: torch.Tensor,
-                       text_mask: torch.Tensor) -> torch.Tensor:
-    if not torch.is_grad_enabled():
-        return DiTBlock.forward(self, state, text, text_mask)
-    kept: KeptAttention = self.attn.attention
-    record = AttentionRecord()
+class SelectiveCheckpoint:
+    """DiTBlock.checkpoint for `selective`: backward re-runs the block but replays its self-attention
+    (the block's attention is a KeptAttention)."""
+    mode = "selective"
 
-    def run(*inputs: Any) -> torch.Tensor:
-        # 1st call: the forward, attention runs and is recorded; 2nd call: the recompute
-        # in backward, attention replays the recorded output.
-        with kept.using(record):
-            return _plain_block(self, *inputs)
+    def __call__(self, block: DiTBlock, state: TokenState, text: torch.Tensor,
+                 text_mask: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return block.body(state, text, text_mask)
+        kept: KeptAttention = block.attn.attention
+        record = AttentionRecord()
 
-    return checkpoint(run, *_block_inputs(state, text, text_mask), use_reentrant=False)
+        def run(*inputs: Any) -> torch.Tensor:
+            # 1st call: the forward, attention runs and is recorded; 2nd call: the recompute
+            # in backward, attention replays the recorded output.
+            with kept.using(record):
+                return _block_body(block, *inputs)
+
+        return checkpoint(run, *_block_inputs(state, text, text_mask), use_reentrant=False)
+
+
+CHECKPOINTS: dict[str, type[BlockCheckpoint]] = {"full": FullCheckpoint, "selective": SelectiveCheckpoint}
 
 
 class AttentionRecord:
@@ -146,9 +157,7 @@ class _Using:
 def checkpointing_summary(model: nn.Module) -> dict[str, int]:
     """Blocks per checkpointing mode of a DiT or a pipeline stage, for logs and tests."""
     blocks = model.blocks.values() if isinstance(model.blocks, nn.ModuleDict) else model.blocks
-    modes = {_full_forward: "full", _selective_forward: "selective"}
     counts = dict.fromkeys(AC_MODES, 0)
     for block in blocks:
-        forward = block.__dict__.get("forward")  # set by apply_activation_checkpointing
-        counts[modes.get(getattr(forward, "__func__", None), "none")] += 1
+        counts["none" if block.checkpoint is None else block.checkpoint.mode] += 1
     return counts

@@ -1,6 +1,8 @@
 """Pipeline stages of the DiT: which blocks each stage owns, and what travels between stages.
 
-A stage is the (already tp/sp-parallelized) DiT with every module it does not own removed:
+A stage is the (already tp/sp-parallelized) DiT with every module it does not own removed,
+and it runs DiT.forward, which embeds the inputs only on the first and runs the final layer
+only on the last stage:
 
     stage 0:      patch_embed, t_embed, caption, blocks[0:b1]
     stage s:      blocks[b_s:b_{s+1}]
@@ -10,7 +12,8 @@ Blocks keep their global index (`blocks.7.attn.q.weight` on whichever stage owns
 so the union of the stages' state dicts is exactly the single-process DiT's state dict.
 
 What crosses a stage boundary (docs/pipeline.md explains the choice): only tensors that
-need a gradient, packed into ONE (B, n + c + L, D) message per micro-batch —
+need a gradient, packed into ONE (B, n + c + L, D) message per micro-batch (models/dit.py:
+pack_message) —
 
     x      (B, n, D)  residual stream, this rank's tp/sp chunk of the sequence
     cond   (B, c, D)  timestep (+ pooled caption) embedding, c = 1 (per sample) or n (per token)
@@ -25,18 +28,14 @@ stage recomputes it instead of receiving it.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from megasora.models.dit import DiT, TokenState, conditioning, rope_tables
-from megasora.models.patch import patch_grid, unpatchify
+from megasora.models.dit import DiT
 from megasora.parallel.mesh import Mesh
-
-RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (N, Dh/2)
 
 
 def balanced_boundaries(costs: list[int], stages: int) -> list[int]:
@@ -89,76 +88,34 @@ def stage_ranges(model: DiT, stages: int, boundaries: list[int] | None = None) -
     return list(zip(edges[:-1], edges[1:]))
 
 
-def dropped_text_mask(text_mask: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
-    """The text mask CaptionProjection produces: a dropped caption is one null token, then padding."""
-    if drop is None:
-        return text_mask
-    null_mask = torch.zeros_like(text_mask)
-    null_mask[:, 0] = True
-    return torch.where(drop[:, None], null_mask, text_mask)
+class StageBlocks(nn.ModuleDict):
+    """A stage's blocks under their global index: named `blocks.7...` and looked up as `blocks[7]`,
+    like the full DiT's ModuleList."""
+
+    def __getitem__(self, index: int | str) -> nn.Module:
+        return super().__getitem__(str(index))
 
 
-class DiTStage(nn.Module):
+class DiTStage(DiT):
     """One pipeline stage of a DiT (see the module docstring for what it owns and exchanges).
 
-    forward(latents, t, text, text_mask, drop_text, received) is the DiT's forward cut at the
-    stage boundaries: stage 0 ignores `received` and embeds the inputs; later stages unpack
-    `received`; the last stage returns the predicted velocity (B, C, T, H, W), the others the
-    packed message for the next stage.
+    Its forward is DiT.forward over the blocks it holds: forward(latents, t, text, text_mask,
+    drop_text, received) embeds the inputs on stage 0 and unpacks `received` on later stages;
+    the last stage returns the predicted velocity (B, C, T, H, W), the others the packed
+    message for the next stage (shape: message_shape(latents, t, text)).
     """
 
     def __init__(self, model: DiT, stage: int, stages: int, first_block: int, end_block: int) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # adopts the parallelized model's modules; DiT.__init__ would build new ones
         self.arch = model.arch
         self.stage, self.stages = stage, stages
         self.is_first, self.is_last = stage == 0, stage == stages - 1
         if self.is_first:
             self.patch_embed, self.t_embed, self.caption = model.patch_embed, model.t_embed, model.caption
-        # ModuleDict keyed by the global index: parameter names match the full DiT's.
-        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(first_block, end_block)})
+        self.blocks = StageBlocks({str(i): model.blocks[i] for i in range(first_block, end_block)})
         if self.is_last:
             self.final = model.final
         self.sequence = model.sequence
-
-    def _geometry(self, latents: torch.Tensor, t: torch.Tensor) -> tuple[tuple[int, int, int], RopeTables, TokenState]:
-        """Token grid, full RoPE tables and this rank's sharded TokenState layout, without any embedding.
-
-        The placeholder state has feature width 1: the sequence hook slices it exactly as it
-        slices the real activations, which yields the local RoPE rows, padding mask and sizes.
-        """
-        grid = patch_grid(tuple(latents.shape[2:]), self.arch.patch)
-        b, n = latents.shape[0], math.prod(grid)
-        rope = rope_tables(self.arch, grid, latents.device)
-        cond_tokens = 1 if t.dim() == 1 else n
-        probe = TokenState(x=latents.new_zeros(b, n, 1), cond=latents.new_zeros(b, cond_tokens, 1),
-                           rope=rope, key_padding_mask=None)
-        return grid, rope, self.sequence.shard(probe)
-
-    def message_shape(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> tuple[int, int, int]:
-        """Shape (B, n + c + L, D) of the activation message entering/leaving a stage for this micro-batch."""
-        _, _, local = self._geometry(latents, t)
-        b, n, _ = local.x.shape
-        return b, n + local.cond.shape[1] + text.shape[1], self.arch.hidden
-
-    def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                drop_text: torch.Tensor | None, received: torch.Tensor | None = None) -> torch.Tensor:
-        grid, rope, local = self._geometry(latents, t)
-        if self.is_first:
-            text_tokens, text_mask, pooled = self.caption(text, text_mask, drop_text)
-            state = self.sequence.shard(TokenState(x=self.patch_embed(latents),
-                                                   cond=conditioning(self.t_embed(t), pooled),
-                                                   rope=rope, key_padding_mask=None))
-        else:
-            n, c = local.x.shape[1], local.cond.shape[1]
-            x, cond, text_tokens = received.split([n, c, received.shape[1] - n - c], dim=1)
-            state = TokenState(x=x, cond=cond, rope=local.rope, key_padding_mask=local.key_padding_mask)
-            text_mask = dropped_text_mask(text_mask, drop_text)
-        for block in self.blocks.values():
-            state.x = block(state, text_tokens, text_mask)
-        if not self.is_last:
-            return torch.cat([state.x, state.cond, text_tokens], dim=1)  # (B, n + c + L, D)
-        out = self.sequence.gather(self.final(state.x, state.cond))  # (B, N, pt*ph*pw*C)
-        return unpatchify(out, grid, self.arch.patch, self.arch.in_channels)
 
 
 def build_stage(model: DiT, stage: int, stages: int, boundaries: list[int] | None = None) -> DiTStage:
