@@ -92,10 +92,8 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], run_dir: s
             return out
         return probed_step
 
-    from megasora.train.pipeline_loop import PipelineTrainingLoop  # pp > 1 runs its own train_step
     loop.build_stream = counted_stream
-    for cls in (loop.TrainingLoop, PipelineTrainingLoop):
-        cls.train_step = probed(cls.train_step)
+    loop.TrainingLoop.train_step = probed(loop.TrainingLoop.train_step)  # every loop's one step
     loop.TrainingLoop.save = lambda self, step, samples: None  # checkpoints are not the step's memory
     with probe:
         trainer.train(cfg)

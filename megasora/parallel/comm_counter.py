@@ -1,14 +1,18 @@
-"""The one seam where communication is counted: wrappers around torch.distributed's collectives.
+"""The one seam where communication is counted (and checked): wrappers around torch.distributed's
+collectives.
 
 Our own helpers (parallel/comm.py, ring.py, tensor.py, the pipeline links) and DeepSpeed
 (deepspeed.comm.TorchBackend forwards every call to torch.distributed.<op>) all end in these
 functions, so wrapping them once counts everything, DeepSpeed's gradient collectives included,
-without a counter anywhere in model or parallel code (DESIGN.md principle 10).
+without a counter anywhere in model or parallel code. The same wrappers verify, when asked,
+that every tensor they are handed lives on the training device (megasora/parallel/device_check.py).
 
-`install()` replaces the functions in the torch.distributed namespace once per process.
-DeepSpeed's TorchBackend caches all_gather_into_tensor / reduce_scatter_tensor when it is
-created, so install() runs at import of megasora/train/accounting.py (before the trainer
-starts DeepSpeed) and, should the backend exist already, re-points those two cached functions. While the counter is off each wrapper costs one attribute check.
+Importing this module changes nothing. `install()` replaces the functions in the
+torch.distributed namespace, once per process; the training start-up
+(megasora/train/startup.py) calls it before DeepSpeed creates its communication backend,
+which caches all_gather_into_tensor / reduce_scatter_tensor. Should the backend exist
+already, install() re-points those two cached functions. While the counter and the check are
+off each wrapper costs two attribute checks.
 
 A call is recorded as (axis, kind) -> bytes, seconds, calls. Bytes follow the convention of
 megasora/plan/communication.py (full tensor handed to the collective; p2p: bytes sent).
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -33,7 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from megasora.plan.communication import axis_name
+from megasora.parallel.device_check import CHECK
+from megasora.parallel.mesh import axis_name
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -162,9 +168,12 @@ def _argument(names: list[str], name: str) -> Callable[[tuple, dict], Any]:
 def _counted(original: Callable, kind: str, counted_arg: str, how: str) -> Callable:
     names = list(inspect.signature(original).parameters)
     group_of, payload_of = _argument(names, "group"), _argument(names, counted_arg)
+    op = original.__name__
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if CHECK.device is not None:
+            CHECK.verify(op, args, kwargs)
         if not COUNTER.active or COUNTER.depth:
             return original(*args, **kwargs)
         payload = payload_of(args, kwargs)
@@ -193,6 +202,8 @@ def _timed_call(call: Callable[[], Any], group: Any, kind: str, nbytes: int) -> 
 def _counted_batch(original: Callable) -> Callable:
     @functools.wraps(original)
     def wrapper(p2p_op_list: list) -> Any:
+        if CHECK.device is not None:
+            CHECK.verify("batch_isend_irecv", (p2p_op_list,), {})
         if not COUNTER.active or COUNTER.depth or not p2p_op_list:
             return original(p2p_op_list)
         sent = sum(_nbytes(op.tensor) for op in p2p_op_list if op.op is c10d.isend)
@@ -224,7 +235,6 @@ def install() -> None:
 
 def _rewire_deepspeed_backend() -> None:
     """If DeepSpeed's backend already exists, point the two functions it cached at the wrappers."""
-    import sys
     ds_comm = sys.modules.get("deepspeed.comm.comm")
     backend = getattr(ds_comm, "cdb", None)
     if backend is None:

@@ -4,8 +4,8 @@ Every training loop (TrainingLoop, PipelineTrainingLoop) owns one `StepAccountin
 adds its `metrics()` to each metrics.jsonl record (and so to TensorBoard):
 
     mfu, hfu                 model / hardware FLOP/s per device over the device peak; hfu also
-                             counts what activation checkpointing recomputes (train/flops.py)
-    peak_flops               the peak used: train.peak_flops, else the planner's hardware table
+                             counts what activation checkpointing recomputes (train/recompute.py)
+    peak_flops               the peak used: train.peak_flops, else the hardware table (hardware.py)
                              (bf16 dense peak of a known GPU; on CPU its measured matmul peak)
     comm_bytes/<axis>        bytes handed to collectives on that mesh axis during the step
     comm_s/<axis>            seconds this rank was blocked in them (exposed communication)
@@ -18,7 +18,8 @@ adds its `metrics()` to each metrics.jsonl record (and so to TensorBoard):
     time/comm_s              all exposed communication of the step (part of the above)
 
 Bytes and axes follow megasora/plan/communication.py, whose analytic figures the tests hold
-equal to these. The counting itself is megasora/parallel/comm_counter.py. Figures are this
+equal to these. The counting itself is megasora/parallel/comm_counter.py, installed by the
+training start-up (megasora/train/startup.py). Figures are this
 rank's (global rank 0 writes metrics.jsonl). `train.accounting=false` switches all of it off.
 """
 from __future__ import annotations
@@ -30,23 +31,17 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from megasora.parallel.comm_counter import COUNTER, Tally, install
-
-install()  # before DeepSpeed creates its communication backend (see comm_counter.py)
+from megasora import hardware
+from megasora.parallel.comm_counter import COUNTER, Tally
 
 _PEAK_CACHE: dict[str, float] = {}
 
 
 def device_peak(device: torch.device) -> float:
-    """Peak FLOP/s of this device from the planner's hardware table (megasora/plan/hardware.py):
-    its dense bf16 figure for a GPU it names, else its measured fp32 matmul peak of this machine
-    (cached per process). NaN if neither is available (mfu is then NaN, nothing fails)."""
+    """Peak FLOP/s of this device from the hardware table (megasora/hardware.py): its dense bf16
+    figure for a GPU it names, else the measured fp32 matmul peak of this machine (cached per process)."""
     key = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if key not in _PEAK_CACHE:
-        try:
-            from megasora.plan import hardware
-        except ImportError:
-            return float("nan")
         known = [hw for name, hw in hardware.GPUS.items() if name.upper() in key.upper()]
         _PEAK_CACHE[key] = known[0].peak_flops if known else hardware.measure_cpu().peak_flops
     return _PEAK_CACHE[key]

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 
-def _gathered(model: nn.Module, zero_stage: int) -> contextlib.AbstractContextManager:
+def gathered_parameters(model: nn.Module, zero_stage: int) -> contextlib.AbstractContextManager:
+    """Inside the block every parameter of `model` holds its full value (a collective under ZeRO-3)."""
     if zero_stage == 3:  # ZeRO-3 partitions parameters; gather them to read full values.
-        import deepspeed
+        import deepspeed  # lazy: DeepSpeed takes ~1 s to import; only ZeRO-3 needs it here
         return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
     return contextlib.nullcontext()
 
@@ -18,14 +19,14 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, zero_stage: int = 0) -> None:
         self.decay = decay
         self.zero_stage = zero_stage
-        with _gathered(model, zero_stage):
+        with gathered_parameters(model, zero_stage):
             self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         # Early steps average over fewer updates so the EMA is useful before 1/(1-decay) steps.
         decay = min(self.decay, (1 + step) / (10 + step))
-        with _gathered(model, self.zero_stage):
+        with gathered_parameters(model, self.zero_stage):
             for name, p in model.named_parameters():
                 self.shadow[name].lerp_(p.detach().float(), 1 - decay)
 

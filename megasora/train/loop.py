@@ -1,8 +1,19 @@
-"""The DiT training loop (TrainingLoop) and the types every loop shares.
+"""The training loop every model shares (TrainingLoop) and its one training step.
 
-trainer.py starts a run and picks the loop: this one, or pipeline_loop.PipelineTrainingLoop
-(its subclass for parallel.pp > 1); train/vae.py subclasses it too. Keeping the loop here lets
-trainer.py import both loops without either importing trainer.py back.
+`TrainingLoop.run` drives the data stream, metrics, preemption and checkpoints;
+`train_step` is one optimizer step, the same for every model and layout:
+
+    forward_backward(micro_batches, step)   the override point: this rank's forward and
+                                            backward passes, returning what it measured (on
+                                            the device, e.g. the loss of each micro-batch)
+    EMA update
+    means over micro-batches and dp         one all-reduce on the device, one host read
+    step statistics                         throughput and FLOP/s from the injected FLOP model
+
+The base forward_backward runs the micro-batches one after another through the injected
+objective (the DiT's flow matching, the VAE's reconstruction + KL); PipelineTrainingLoop
+(pipeline_loop.py, parallel.pp > 1) overrides it with the 1F1B schedule. The start-up that
+builds a TrainingRun is megasora/train/startup.py.
 """
 from __future__ import annotations
 
@@ -12,22 +23,22 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from megasora.config import Config
 from megasora.data.sources import build_stream
-from megasora.models import dit_arch
-from megasora.parallel.mesh import ParallelLayout
+from megasora.errors import PREEMPTED_EXIT_CODE
 from megasora.train import checkpoint
-from megasora.train.accounting import StepAccounting  # installs the comm counter before DeepSpeed starts
-from megasora.train.ema import EMA
-from megasora.train.flops import dit_recompute_flops, dit_train_flops
+from megasora.train.accounting import StepAccounting
 from megasora.train.metrics import MetricsLogger
-from megasora.train.objective import FlowMatchingObjective
-from megasora.train.preemption import PREEMPTED_EXIT_CODE, process_flag
+from megasora.train.preemption import process_flag
+from megasora.train.previews import preview_writer, write_previews
+from megasora.train.startup import TrainingRun
+from megasora.train.throughput import FlopModel
 from megasora.train.universal import gather_full_state, universal_checkpoint_info
 
 log = logging.getLogger("megasora")
@@ -42,18 +53,24 @@ class TrainResult:
     exit_code: int = 0
 
 
-@dataclass
-class DataParallel:
-    rank: int
-    size: int
-    group: Any  # process group over which the logged loss is averaged
-    mpu: Any = None
-    tp_group: Any = None
+class Objective(Protocol):
+    """One micro-batch's loss: the tensor backward runs on, or {"loss": it, other terms to log}."""
 
-    @property
-    def layout(self) -> ParallelLayout:
-        """The mesh's layout; a run without a mesh (train-vae) is data parallel only."""
-        return self.mpu.mesh.layout if self.mpu is not None else ParallelLayout(dp=self.size)
+    def __call__(self, model: nn.Module, batch: dict[str, Any], step: int, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor | dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class Measured:
+    """What forward_backward measured on this rank."""
+    # name -> per-micro-batch values (M,) or their mean (), on the training device; the step logs
+    # their mean over micro-batches and then over dp
+    values: dict[str, torch.Tensor]
+    local: dict[str, float] = field(default_factory=dict)  # this rank's own figures, logged as they are
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -63,20 +80,19 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class TrainingLoop:
-    def __init__(self, cfg: Config, engine: Any, ema: EMA | None, parallel: DataParallel,
-                 device: torch.device, is_main: bool, manager: checkpoint.CheckpointManager) -> None:
-        self.cfg = cfg
-        self.engine = engine
-        self.ema = ema
-        self.parallel = parallel
-        self.device = device
-        self.is_main = is_main
-        self.manager = manager
-        self.objective = FlowMatchingObjective(cfg)
-        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        self.arch = dit_arch(cfg)
+    def __init__(self, run: TrainingRun, objective: Objective, flop_model: FlopModel) -> None:
+        self.cfg = run.cfg
+        self.engine = run.engine
+        self.ema = run.ema
+        self.parallel = run.parallel
+        self.device = run.device
+        self.is_main = run.is_main
+        self.manager = run.manager
+        self.objective = objective
+        self.flop_model = flop_model
+        self.dtype = compute_dtype(run.cfg)
         self.preemption = process_flag()
-        self.accounting = StepAccounting.for_run(cfg, parallel.layout, device)
+        self.accounting = StepAccounting.for_run(run.cfg, run.parallel.layout, run.device)
 
     def run(self, step: int, samples: int) -> TrainResult:
         cfg = self.cfg
@@ -117,52 +133,59 @@ class TrainingLoop:
 
     def _should_stop(self, step: int) -> bool:
         """All ranks must agree, or some would wait forever in the next collective."""
-        flag = torch.tensor([1.0 if self.preemption.requested else 0.0])
+        flag = torch.full((1,), float(self.preemption.requested), device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
+        stop = flag.item() > 0
+        if stop:
             log.warning("preemption signal received: saving at step %d and exiting with %d",
                         step, PREEMPTED_EXIT_CODE)
-        return flag.item() > 0
+        return stop
 
     def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:
         start = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for micro in micro_batches:
-            with self.accounting.phase("fwd"):
-                loss = self.objective(self.engine, micro, step, self.dtype, self.device)
-            with self.accounting.phase("bwd"):
-                self.engine.backward(loss)
-            self.engine.step()
-            loss_sum += loss.detach().double().cpu()
+        measured = self.forward_backward(micro_batches, step)
         if self.ema is not None:
             self.ema.update(self.engine.module, step)
-        loss_mean = loss_sum / len(micro_batches)
-        dist.all_reduce(loss_mean, group=self.parallel.group)
-        loss_mean /= self.parallel.size
-        return self.step_stats(float(loss_mean), micro_batches, time.perf_counter() - start)
+        means = self.global_means(measured.values)
+        elapsed = time.perf_counter() - start
+        return {**means, **self.step_stats(micro_batches, elapsed), **measured.local}
 
-    def step_stats(self, loss: float, micro_batches: list[dict[str, Any]], elapsed: float) -> dict[str, float]:
+    def forward_backward(self, micro_batches: list[dict[str, Any]], step: int) -> Measured:
+        """Forward and backward of each micro-batch in turn, engine.step() after each (DeepSpeed
+        counts micro-steps and steps the optimizer at the last); the losses stay on the device."""
+        per_micro: list[dict[str, torch.Tensor]] = []
+        for micro in micro_batches:
+            with self.accounting.phase("fwd"):
+                terms = self.objective(self.engine, micro, step, self.dtype, self.device)
+                terms = terms if isinstance(terms, dict) else {"loss": terms}
+            with self.accounting.phase("bwd"):
+                self.engine.backward(terms["loss"])
+            self.engine.step()
+            per_micro.append({name: value.detach() for name, value in terms.items()})
+        return Measured({name: torch.stack([m[name] for m in per_micro]) for name in per_micro[0]})
+
+    def global_means(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Each value's mean over this rank's micro-batches, then over dp: one all-reduce of
+        float64s on the device and one host read per step."""
+        means = torch.stack([v.double().mean() for v in values.values()])  # (K,)
+        dist.all_reduce(means, group=self.parallel.group)
+        means /= self.parallel.size
+        return dict(zip(values, means.tolist()))
+
+    def step_stats(self, micro_batches: list[dict[str, Any]], elapsed: float) -> dict[str, float]:
         """The per-step metrics of metrics.jsonl: throughput and FLOP/s over the global batch."""
-        global_samples = sum(m["latents"].shape[0] for m in micro_batches) * self.parallel.size
-        global_tokens = sum(self.objective.tokens_per_sample(m) * m["latents"].shape[0]
-                            for m in micro_batches) * self.parallel.size
-        text_len = micro_batches[0]["text_emb"].shape[1]
-        flops = dit_train_flops(self.arch, global_tokens // global_samples, text_len) * global_samples
-        t = self.cfg.train  # what activation checkpointing re-runs counts for hfu, not mfu
-        recompute = dit_recompute_flops(self.arch, global_tokens // global_samples, text_len,
-                                        t.activation_checkpointing, t.ac_every) * global_samples
+        work = self.flop_model(micro_batches)
+        samples = work.samples * self.parallel.size
         grad_norm = self.engine.get_global_grad_norm()
-        return {
-            "loss": loss,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": float(self.engine.get_lr()[0]),
-            "samples_per_s": global_samples / elapsed,
-            "tokens_per_s": global_tokens / elapsed,
-            "flops_per_s": flops / elapsed,
-            "recompute_flops_per_s": recompute / elapsed,
-            "mem_bytes": peak_memory_bytes(self.device),
-            "step_time_s": elapsed,
-        }
+        stats = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                 "lr": float(self.engine.get_lr()[0]),
+                 "samples_per_s": samples / elapsed}
+        if work.tokens is not None:
+            stats["tokens_per_s"] = work.tokens * self.parallel.size / elapsed
+        stats["flops_per_s"] = work.flops_per_sample * samples / elapsed
+        if work.recompute_flops_per_sample is not None:  # what checkpointing re-runs counts for hfu, not mfu
+            stats["recompute_flops_per_s"] = work.recompute_flops_per_sample * samples / elapsed
+        return {**stats, "mem_bytes": peak_memory_bytes(self.device), "step_time_s": elapsed}
 
     def record_sample_ids(self, step: int, micro_batches: list[dict[str, Any]]) -> None:
         ids = [i for m in micro_batches for i in m["ids"].tolist()]
@@ -176,7 +199,6 @@ class TrainingLoop:
         """train.sample_every: global rank 0 samples the EMA (megasora/train/previews.py)."""
         ema = self.client_state(step, samples)["ema"]  # the whole model's, as a checkpoint holds it (collective)
         if self.is_main:
-            from megasora.train.previews import preview_writer, write_previews
             write_previews(self.cfg, ema, step, self.device, preview_writer(Path(self.cfg.run.dir)))
 
     def save(self, step: int, samples: int) -> None:

@@ -11,14 +11,15 @@ drives that engine in the 1F1B order (megasora/parallel/pipeline_schedule.py):
   respect to `output` is exactly that received gradient; it already carries the 1/grad_accum
   factor, so scale_wrt_gas=False;
 - engine.step() after every backward: DeepSpeed counts micro-steps and steps the optimizer
-  at the last one, exactly as in TrainingLoop.train_step.
+  at the last one, exactly as in TrainingLoop.forward_backward.
 
 Every stage draws the micro-batch's noise itself (keyed by seed, sample id, step), so the
-first stage has its input and the last its target without sending either.
+first stage has its input and the last its target without sending either. Only the last
+stage has the losses: it broadcasts their mean (on the device) to the other stages, and
+TrainingLoop.train_step does the rest (EMA, mean over dp, statistics).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -31,7 +32,7 @@ from megasora.models.dit import DiT
 from megasora.parallel.mesh import Mesh
 from megasora.parallel.pipeline import DiTStage, build_stage
 from megasora.parallel.pipeline_schedule import StageFunctions, StageLink, one_f_one_b, run_schedule
-from megasora.train.loop import TrainingLoop
+from megasora.train.loop import Measured, TrainingLoop
 
 
 def pipeline_stage(cfg: Config, model: DiT, mesh: Mesh) -> DiTStage:
@@ -96,8 +97,8 @@ class PipelineTrainingLoop(TrainingLoop):
 
         return StageFunctions(forward, backward, message_shape, after_backward=lambda i: engine.step())
 
-    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:
-        start = time.perf_counter()
+    def forward_backward(self, micro_batches: list[dict[str, Any]], step: int) -> Measured:
+        """This stage's part of 1F1B over the step's micro-batches; every stage returns the mean loss."""
         inputs = [self.stage_input(micro, step) for micro in micro_batches]
         losses: list[torch.Tensor] = []
         order = one_f_one_b(self.stage.stage, self.stage.stages, len(micro_batches))
@@ -106,16 +107,10 @@ class PipelineTrainingLoop(TrainingLoop):
         self.accounting.add("bwd", times.backward)
         self.accounting.add("pp_recv", times.recv_wait)
         self.accounting.add("pp_send", times.send_wait)
-        if self.ema is not None:
-            self.ema.update(self.engine.module, step)
-        loss_mean = torch.zeros((), dtype=torch.float64)
-        if losses:
-            loss_mean = torch.stack([l.double().cpu() for l in losses]).mean()
-        dist.broadcast(loss_mean, self.last_stage_rank, group=self.pp_group)  # only the last stage has it
-        dist.all_reduce(loss_mean, group=self.parallel.group)
-        loss_mean /= self.parallel.size
-        return self.step_stats(float(loss_mean), micro_batches, time.perf_counter() - start,
-                               bubble=1.0 - times.busy / times.wall)
+        loss = torch.stack(losses).double().mean() if losses else torch.zeros((), dtype=torch.float64,
+                                                                              device=self.device)
+        dist.broadcast(loss, self.last_stage_rank, group=self.pp_group)  # only the last stage has it
+        return Measured({"loss": loss}, local={"pp_bubble": 1.0 - times.busy / times.wall})
 
     def client_state(self, step: int, samples: int) -> dict[str, Any]:
         """Every stage's checkpoint file describes the WHOLE model (EMA and the universal TP plan).
@@ -135,8 +130,3 @@ class PipelineTrainingLoop(TrainingLoop):
                 info[key] = [pattern for _, stage_info in parts for pattern in stage_info[key]]
         client["universal_checkpoint_info"] = info
         return client
-
-    def step_stats(self, loss: float, micro_batches: list[dict[str, Any]], elapsed: float,
-                   bubble: float) -> dict[str, float]:
-        """The same metrics as TrainingLoop, plus this stage's measured idle fraction."""
-        return {**super().step_stats(loss, micro_batches, elapsed), "pp_bubble": bubble}
