@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megasora.config import load_config
 from megasora.models import build_dit
 from megasora.models.attention import local_attention
+from megasora.parallel import comm_counter
 from megasora.parallel.activation_checkpointing import (
     apply_activation_checkpointing,
     checkpointed_blocks,
@@ -155,7 +156,11 @@ def test_selective_keeps_fewer_bytes_than_none_and_more_than_full():
 
 
 def _count_collectives(counts: dict[str, int]) -> None:
-    """Wrap the torch.distributed calls ring and Ulysses attention make, counting them (they still run)."""
+    """Wrap the torch.distributed calls ring and Ulysses attention make, counting them (they still run).
+
+    The communication counter is installed first: train() installs it once per process, which
+    would otherwise replace these wrappers with its own."""
+    comm_counter.install()
     for name in SP_COLLECTIVES:
         original = getattr(dist, name)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional, Protocol, cast
 
 import torch
 from torch import nn
@@ -213,21 +213,18 @@ class DiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        for layer in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
+            nn.init.normal_(cast(nn.Linear, layer).weight, std=0.02)
         # The pooled caption MLP keeps its xavier init: it feeds adaLN, whose weights start at zero,
         # so shrinking it too would start the caption's modulation at a product of two near-zeros
         # (a saddle; docs/prompt_following.md: it delayed learning the direction word by ~1000 steps).
         # adaLN-Zero: every residual branch starts closed, so each block is the identity.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaln[1].weight)
-            nn.init.zeros_(block.adaln[1].bias)
-            nn.init.zeros_(block.cross_attn.out.weight)
-            nn.init.zeros_(block.cross_attn.out.bias)
-        nn.init.zeros_(self.final.adaln[1].weight)
-        nn.init.zeros_(self.final.adaln[1].bias)
-        nn.init.zeros_(self.final.linear.weight)
-        nn.init.zeros_(self.final.linear.bias)
+        closed: list[nn.Module] = [self.final.adaln, self.final.linear]
+        for index in range(self.arch.depth):
+            closed += [self.block(index).adaln, self.block(index).cross_attn.out]
+        for module in closed:
+            for param in module.parameters():
+                nn.init.zeros_(param)
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 drop_text: Optional[torch.Tensor] = None, received: Optional[torch.Tensor] = None,
@@ -251,20 +248,29 @@ class DiT(nn.Module):
             state, text_tokens = unpack_message(received, self.token_layout(latents, t))
             text_mask = caption_mask(text_mask, drop_text)
         for index in blocks:
-            state.x = self.blocks[index](state, text_tokens, text_mask)
+            state.x = self.block(index)(state, text_tokens, text_mask)
         if blocks.stop < self.arch.depth:
             return pack_message(state, text_tokens)  # (B, n + c + L, D)
-        return self.head(state, patch_grid(tuple(latents.shape[2:]), self.arch.patch))
+        return self.head(state, self.token_grid(latents))
 
     def held_blocks(self) -> range:
         """Global indices of the blocks this module holds: all, or a pipeline stage's run."""
         indices = [int(name) for name, _ in self.blocks.named_children()]
         return range(indices[0], indices[-1] + 1)
 
+    def block(self, index: int) -> DiTBlock:
+        """Block `index` (global: a pipeline stage holding it looks it up by the same index)."""
+        return cast(DiTBlock, self.blocks[index])
+
+    def token_grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
+        """(T', H', W') patch grid of latents (B, C, T, H, W)."""
+        _, _, frames, height, width = latents.shape
+        return patch_grid((frames, height, width), self.arch.patch)
+
     def embed(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
               drop_text: Optional[torch.Tensor]) -> tuple[TokenState, torch.Tensor, torch.Tensor]:
         """Inputs -> this rank's TokenState, the projected text tokens (B, L, D) and their mask (B, L)."""
-        grid = patch_grid(tuple(latents.shape[2:]), self.arch.patch)
+        grid = self.token_grid(latents)
         text_tokens, text_mask, pooled = self.caption(text, text_mask, drop_text)
         state = TokenState(x=self.patch_embed(latents), cond=conditioning(self.t_embed(t), pooled),
                            rope=rope_tables(self.arch, grid, latents.device), key_padding_mask=None)
@@ -276,7 +282,7 @@ class DiT(nn.Module):
         The sequence hook slices it exactly as it slices the real activations, which yields
         the local RoPE rows, padding mask and token counts.
         """
-        grid = patch_grid(tuple(latents.shape[2:]), self.arch.patch)
+        grid = self.token_grid(latents)
         b, n = latents.shape[0], math.prod(grid)
         cond_tokens = 1 if t.dim() == 1 else n
         probe = TokenState(x=latents.new_zeros(b, n, 1), cond=latents.new_zeros(b, cond_tokens, 1),

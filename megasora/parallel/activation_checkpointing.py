@@ -27,7 +27,6 @@ import logging
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megasora.config import AC_MODES
@@ -51,7 +50,7 @@ def apply_activation_checkpointing(model: DiT, mode: str, every: int = 1) -> DiT
         log.info("activation checkpointing: %s on %d of %d blocks (every %d)", mode, len(indices),
                  len(model.blocks), every)
     for index in indices:
-        block = model.blocks[index]
+        block = model.block(index)
         if mode == "selective":
             block.attn.attention = KeptAttention(block.attn.attention)
         block.checkpoint = CHECKPOINTS[mode]()
@@ -89,7 +88,8 @@ class SelectiveCheckpoint:
                  text_mask: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return block.body(state, text, text_mask)
-        kept: KeptAttention = block.attn.attention
+        kept = block.attn.attention
+        assert isinstance(kept, KeptAttention), "apply_activation_checkpointing sets both"
         record = AttentionRecord()
 
         def run(*inputs: Any) -> torch.Tensor:
@@ -154,10 +154,10 @@ class _Using:
         self.kept.record = self.previous
 
 
-def checkpointing_summary(model: nn.Module) -> dict[str, int]:
+def checkpointing_summary(model: DiT) -> dict[str, int]:
     """Blocks per checkpointing mode of a DiT or a pipeline stage, for logs and tests."""
-    blocks = model.blocks.values() if isinstance(model.blocks, nn.ModuleDict) else model.blocks
-    counts = dict.fromkeys(AC_MODES, 0)
-    for block in blocks:
-        counts["none" if block.checkpoint is None else block.checkpoint.mode] += 1
+    counts: dict[str, int] = dict.fromkeys(AC_MODES, 0)
+    for index in model.held_blocks():
+        hook = model.block(index).checkpoint
+        counts["none" if hook is None else hook.mode] += 1
     return counts

@@ -112,7 +112,9 @@ class DiTStage(DiT):
         self.is_first, self.is_last = stage == 0, stage == stages - 1
         if self.is_first:
             self.patch_embed, self.t_embed, self.caption = model.patch_embed, model.t_embed, model.caption
-        self.blocks = StageBlocks({str(i): model.blocks[i] for i in range(first_block, end_block)})
+        # The DiT's blocks are a ModuleList; a stage's are keyed by global index, looked up the same way.
+        held = {str(i): model.blocks[i] for i in range(first_block, end_block)}
+        self.blocks = StageBlocks(held)  # type: ignore[assignment]
         if self.is_last:
             self.final = model.final
         self.sequence = model.sequence
