@@ -9,7 +9,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import yaml
 
@@ -22,7 +22,27 @@ class ConfigError(UserError, ValueError):
     kind = "config"
 
 
-ROPE_LAYOUTS = ("axial", "mixed")  # model.rope_layout; megasora/models/embeddings.py builds each
+class LayoutError(ConfigError):
+    """An impossible parallel layout (check_layout); the message names the config key and the fix."""
+
+    kind = "parallel layout"
+
+
+# The choices of string (and ZeRO stage) keys: validate() accepts exactly the arguments of each Literal.
+KernelsBackend = Literal["auto", "fused", "torch"]
+RopeLayout = Literal["axial", "mixed"]           # megasora/models/embeddings.py builds each
+DataKind = Literal["synthetic", "shards", "clips"]
+Precision = Literal["fp32", "bf16"]
+ZeroStage = Literal[0, 1, 2, 3]
+OptimizerName = Literal["adamw", "fused_adam", "apex_adam", "cpu_adam"]
+OffloadTarget = Literal["none", "cpu"]
+CheckpointingMode = Literal["none", "full", "selective"]
+AttentionKernel = Literal["auto", "fa3", "cudnn", "flash", "efficient", "cpu_flash", "reference"]  # block_attention.py
+GradReduceDtype = Literal["fp32", "bf16"]
+
+ROPE_LAYOUTS: tuple[RopeLayout, ...] = typing.get_args(RopeLayout)
+AC_MODES: tuple[CheckpointingMode, ...] = typing.get_args(CheckpointingMode)
+ATTENTION_KERNELS: tuple[AttentionKernel, ...] = typing.get_args(AttentionKernel)
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -39,18 +59,23 @@ class ModelConfig:
     patch: list[int] = _help("Patch size [pt, ph, pw] over latent (T, H, W).", default_factory=lambda: [1, 2, 2])
     qk_norm: bool = _help("RMS-normalise queries and keys per head (stabilises large models).", default=True)
     rope_theta: float = _help("RoPE base frequency.", default=10000.0)
-    rope_layout: str = _help("RoPE frequency layout: `axial` (each rotation pair turns along one of t, h, w) or "
-                             "`mixed` (pairs also turn along the diagonals t±h, t±w, h±w, so one head can "
-                             "follow a moving object; an axial head's attention is a product of per-axis factors, "
-                             "which cannot follow a diagonal trajectory in (t, x) both ways in time, "
-                             "docs/prompt_following.md).", default="axial")
+    rope_layout: RopeLayout = _help(
+        "RoPE frequency layout: `axial` (each rotation pair turns along one of t, h, w) or `mixed` (pairs also "
+        "turn along the diagonals t±h, t±w, h±w, so one head can follow a moving object; an axial head's "
+        "attention is a product of per-axis factors, which cannot follow a diagonal trajectory in (t, x) both "
+        "ways in time, docs/prompt_following.md).", default="axial")
     pooled_text: bool = _help("Also condition adaLN on the caption: the masked mean of the text features, "
                               "through an MLP, is added to the timestep embedding (as SD3 / Flux add a pooled "
                               "text vector), so each block's scale, shift and gate depend on the caption.",
                               default=False)
-    kernels: str = _help("Hot-spot ops (adaLN norm, gated residual, RoPE, ring merge): `auto` (fused csrc "
-                         "ops when built, else PyTorch), `fused` (require them) or `torch`. Checkpoints are "
-                         "identical either way.", default="auto")
+    kernels: KernelsBackend = _help(
+        "Hot-spot ops (adaLN norm, gated residual, RoPE, ring merge): `auto` (fused csrc ops when built, else "
+        "PyTorch), `fused` (require them) or `torch`. Checkpoints are identical either way.", default="auto")
+    attention_kernel: AttentionKernel = _help(
+        "Self-attention kernel (it returns the log-sum-exp ring attention merges with): `auto` (sm90: fa3 when "
+        "installed, else cudnn; sm80: flash; older GPUs and fp32: efficient; CPU: cpu_flash) or one of them; a "
+        "kernel the GPU cannot run is an error naming the ones it can. Without sequence parallelism `auto` "
+        "keeps torch's SDPA dispatch (megasora/parallel/block_attention.py).", default="auto")
 
 
 @dataclass
@@ -63,9 +88,9 @@ class TextConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = _help("Data source: `synthetic` (moving shapes, built in), `shards` (webdataset shards "
-                      "from `megasora preprocess`, at data.shards) or `clips` (pixels of data.inputs; "
-                      "set by `megasora train-vae`).", default="synthetic")
+    kind: DataKind = _help("Data source: `synthetic` (moving shapes, built in), `shards` (webdataset "
+                           "shards from `megasora preprocess`, at data.shards) or `clips` (pixels of "
+                           "data.inputs; set by `megasora train-vae`).", default="synthetic")
     num_samples: int = _help("Synthetic: distinct clips in the dataset (an epoch).", default=64)
     frames: int = _help("Synthetic: latent frames T per clip.", default=4)
     height: int = _help("Synthetic: latent height H.", default=16)
@@ -154,7 +179,7 @@ class ParallelConfig:
 class TrainConfig:
     steps: int = _help("Optimizer steps to train (total, including resumed ones).", default=100)
     seed: int = _help("Seed for init, data order, noise and timesteps.", default=0)
-    precision: str = _help("`fp32` or `bf16` (bf16 autocast-free DeepSpeed bf16 training).", default="fp32")
+    precision: Precision = _help("`fp32` or `bf16` (bf16 autocast-free DeepSpeed bf16 training).", default="fp32")
     micro_batch_size: int = _help("Samples per micro-batch per data-parallel rank.", default=2)
     grad_accum: int = _help("Micro-batches accumulated per optimizer step. Global batch = "
                             "micro_batch_size * grad_accum * dp.", default=1)
@@ -164,15 +189,19 @@ class TrainConfig:
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     betas: list[float] = _help("AdamW betas.", default_factory=lambda: [0.9, 0.999])
     grad_clip: float = _help("Clip the global gradient norm to this value (0 = off).", default=1.0)
-    zero_stage: int = _help("DeepSpeed ZeRO stage 0, 1, 2 or 3.", default=2)
-    optimizer: str = _help("`adamw` (torch AdamW, fused on CUDA), `fused_adam` (DeepSpeed FusedAdam, CUDA), "
-                           "`apex_adam` (NVIDIA apex FusedAdam, CUDA, only when apex is importable) or "
-                           "`cpu_adam` (DeepSpeed CPUAdam, with train.offload_optimizer=cpu). Same AdamW maths "
-                           "and checkpoint layout for all.", default="adamw")
-    offload_optimizer: str = _help("`none`, or `cpu`: ZeRO-Offload keeps the optimizer state and step on the "
-                                   "host (needs train.optimizer=cpu_adam and train.zero_stage >= 1).",
-                                   default="none")
-    activation_checkpointing: str = _help(
+    zero_stage: ZeroStage = _help("DeepSpeed ZeRO stage 0, 1, 2 or 3.", default=2)
+    grad_reduce_dtype: GradReduceDtype = _help(
+        "dtype gradients are summed in over dp x sp (DeepSpeed's communication_data_type): `fp32` (as Megatron "
+        "and torchtitan; a bf16 run sends twice the bytes) or `bf16` (the model dtype of a bf16 run).",
+        default="fp32")
+    optimizer: OptimizerName = _help(
+        "`adamw` (torch AdamW, fused on CUDA), `fused_adam` (DeepSpeed FusedAdam, CUDA), `apex_adam` (NVIDIA "
+        "apex FusedAdam, CUDA, only when apex is importable) or `cpu_adam` (DeepSpeed CPUAdam, with "
+        "train.offload_optimizer=cpu). Same AdamW maths and checkpoint layout for all.", default="adamw")
+    offload_optimizer: OffloadTarget = _help("`none`, or `cpu`: ZeRO-Offload keeps the optimizer state and step "
+                                             "on the host (needs train.optimizer=cpu_adam and train.zero_stage "
+                                             ">= 1).", default="none")
+    activation_checkpointing: CheckpointingMode = _help(
         "Recompute activations in backward to save memory: `none`, `full` (keep only each checkpointed "
         "block's input, re-run the whole block, including its ring/Ulysses communication) or `selective` "
         "(also keep the self-attention output and its log-sum-exp, so attention and its communication are "
@@ -251,6 +280,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"config key `{key}` must be a number, got {value!r}; give a number such as 1e-4")
     if annotation is str:
         return "" if value is None else str(value)
+    if typing.get_origin(annotation) is Literal:  # coerced to the choices' type; validate() checks the choice
+        return _coerce(value, type(typing.get_args(annotation)[0]), key)
     raise ConfigError(f"config key `{key}`: unsupported type {annotation}")
 
 
@@ -267,7 +298,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         annotation = types_[name]
-        if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             kwargs[name] = _build(annotation, value or {}, key)
         else:
             kwargs[name] = _coerce(value, annotation, key)
@@ -349,42 +380,30 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # ---------------------------------------------------------------- validation
 
 
-AC_MODES = ("none", "full", "selective")  # train.activation_checkpointing
-
-
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no process group. World-size checks live in parallel/mesh.py."""
+    """Checks that need no process group; check_layout adds the world size's at launch."""
+    _validate_choices(cfg, "")
     m, t, d = cfg.model, cfg.train, cfg.data
     _require(m.hidden > 0 and m.heads > 0 and m.depth > 0, "model.hidden, model.heads and model.depth must be > 0")
     _require(m.hidden % m.heads == 0,
              f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}; choose heads dividing hidden")
     _require((m.hidden // m.heads) % 2 == 0 and m.hidden // m.heads >= 6,
              f"head dim model.hidden/model.heads={m.hidden // m.heads} must be even and >= 6 for 3-D RoPE")
-    _require(m.rope_layout in ROPE_LAYOUTS,
-             f"model.rope_layout={m.rope_layout!r} is not one of: {', '.join(ROPE_LAYOUTS)}")
     _require(len(m.patch) == 3 and all(p > 0 for p in m.patch),
              f"model.patch={m.patch} must be three positive ints [pt, ph, pw]")
     for name, size, p in zip(("frames", "height", "width"), (d.frames, d.height, d.width), m.patch):
         _require(size > 0 and size % p == 0,
                  f"data.{name}={size} is not divisible by the patch size {p} (model.patch={m.patch}); "
                  f"pick a latent {name} that is a multiple of {p}")
-    _require(d.kind in ("synthetic", "shards", "clips"),
-             f"data.kind={d.kind!r} is not one of: synthetic, shards, clips (train-vae pixels); set one of those")
     _require(d.kind != "shards" or bool(d.shards), "data.kind=shards needs data.shards (a `megasora preprocess` "
              "output directory)")
     _require((d.clip_frames - 1) % 4 == 0, f"data.clip_frames={d.clip_frames} must be 1 + 4k (e.g. 17, 33)")
-    _require(m.kernels in ("auto", "fused", "torch"),
-             f"model.kernels={m.kernels!r} must be auto, fused or torch; set one of those")
-    _require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
-    _require(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
-    _validate_optimizer(cfg)
-    _require(t.activation_checkpointing in AC_MODES,
-             f"train.activation_checkpointing={t.activation_checkpointing!r} must be one of: {', '.join(AC_MODES)}")
+    _validate_optimizer(t)
     _require(t.ac_every >= 1, f"train.ac_every={t.ac_every} must be >= 1 (checkpoint every k-th block)")
     _require(t.peak_flops >= 0, f"train.peak_flops={t.peak_flops} must be >= 0 (0 = look up or measure the peak)")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
@@ -393,17 +412,35 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     _require(t.sample_every >= 0 and t.sample_steps >= 1,
              f"train.sample_every={t.sample_every} must be >= 0 and train.sample_steps={t.sample_steps} >= 1")
-    _require(not t.sample_every or (t.ema_decay > 0 and t.sample_prompts),
+    _require(not t.sample_every or (t.ema_decay > 0 and bool(t.sample_prompts)),
              f"train.sample_every={t.sample_every} samples with the EMA weights from train.sample_prompts; set "
              f"train.ema_decay > 0 (e.g. 0.999) and at least one prompt, or train.sample_every=0")
     _require(0.0 <= cfg.diffusion.caption_dropout < 1.0, "diffusion.caption_dropout must be in [0, 1)")
     _require(0.0 <= cfg.diffusion.cond_frames_prob <= 1.0, "diffusion.cond_frames_prob must be in [0, 1]")
     _validate_cond_masks(cfg.diffusion)
     _require(len(t.betas) == 2, f"train.betas={t.betas} must be two numbers")
-    for key in ("tp", "ulysses", "ring", "pp"):
-        value = getattr(cfg.parallel, key)
-        _require(value >= 1, f"parallel.{key}={value} must be >= 1")
-    _validate_pipeline(cfg)
+    check_layout(cfg.parallel, m, zero_stage=t.zero_stage, grad_accum=t.grad_accum,
+                 offload_optimizer=t.offload_optimizer)
+
+
+def _alternatives(choices: tuple[Any, ...]) -> str:
+    """("a", "b", "c") -> "a, b or c"."""
+    names = [str(c) for c in choices]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+def _validate_choices(section: Any, prefix: str) -> None:
+    """Every Literal-typed key holds one of the Literal's arguments (docs/config.md says what each does)."""
+    types_ = _field_types(type(section))
+    for f in dataclasses.fields(section):
+        annotation, value, key = types_[f.name], getattr(section, f.name), prefix + f.name
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+            _validate_choices(value, key + ".")
+        elif typing.get_origin(annotation) is Literal:
+            choices = typing.get_args(annotation)
+            _require(value in choices and type(value) is type(choices[0]),
+                     f"{key}={value!r} must be {_alternatives(choices)}; choose one of those (the default is "
+                     f"{f.default}; docs/config.md says what each does)")
 
 
 def _validate_cond_masks(d: DiffusionConfig) -> None:
@@ -419,54 +456,144 @@ def _validate_cond_masks(d: DiffusionConfig) -> None:
              "diffusion.cond_masks.first_frame")
 
 
-OPTIMIZERS = ("adamw", "fused_adam", "apex_adam", "cpu_adam")
-
-
-def _validate_optimizer(cfg: Config) -> None:
+def _validate_optimizer(t: TrainConfig) -> None:
     """Optimizer choices that contradict each other; what this machine can run is checked at train start
-    (megasora/train/engine.py check_optimizer), since a checkpoint's config must still load elsewhere."""
-    t = cfg.train
-    _require(t.optimizer in OPTIMIZERS, f"train.optimizer={t.optimizer!r} is not one of {', '.join(OPTIMIZERS)}; "
-             "pick one of those (adamw is the default)")
-    _require(t.offload_optimizer in ("none", "cpu"),
-             f"train.offload_optimizer={t.offload_optimizer!r} must be none or cpu")
-    if t.offload_optimizer == "cpu":
-        _require(t.optimizer == "cpu_adam", f"train.offload_optimizer=cpu steps the optimizer on the host, which "
-                 f"needs DeepSpeed's CPUAdam, not train.optimizer={t.optimizer}; set train.optimizer=cpu_adam")
-        _require(t.zero_stage >= 1, "train.offload_optimizer=cpu is ZeRO-Offload and needs train.zero_stage 1, "
-                 "2 or 3; set train.zero_stage=2")
-        _require(cfg.parallel.pp == 1, "train.offload_optimizer=cpu is not supported with parallel.pp > 1; "
-                 "set train.offload_optimizer=none or parallel.pp=1")
+    (megasora/train/engine.py check_optimizer), since a checkpoint's config must still load elsewhere.
+    What offloading asks of the ZeRO stage and the pipeline is check_layout's."""
+    _require(t.offload_optimizer != "cpu" or t.optimizer == "cpu_adam",
+             f"train.offload_optimizer=cpu steps the optimizer on the host, which needs DeepSpeed's CPUAdam, not "
+             f"train.optimizer={t.optimizer}; set train.optimizer=cpu_adam")
     _require(t.optimizer != "cpu_adam" or t.offload_optimizer == "cpu",
              "train.optimizer=cpu_adam steps on host copies of the parameters, which only ZeRO-Offload keeps; "
              "set train.offload_optimizer=cpu")
 
 
-def _validate_pipeline(cfg: Config) -> None:
-    """Pipeline layout checks (docs/pipeline.md); the world-size checks are in parallel/mesh.py."""
-    pp, depth, bounds = cfg.parallel.pp, cfg.model.depth, cfg.parallel.pp_boundaries
-    if pp == 1:
-        _require(not bounds, f"parallel.pp_boundaries={bounds} is set but parallel.pp=1; remove it or raise pp")
+# ---------------------------------------------------------------- the parallel layout
+
+
+class ModelShape(Protocol):
+    """What a layout splits; config.ModelConfig and models.dit.DiTArch both have it."""
+
+    @property
+    def hidden(self) -> int: ...
+    @property
+    def heads(self) -> int: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def mlp_ratio(self) -> float: ...
+
+
+def check_layout(parallel: ParallelConfig, model: ModelShape, *, zero_stage: int, grad_accum: int,
+                 offload_optimizer: str, world_size: int | None = None) -> None:
+    """The one definition of a valid parallel layout; raises LayoutError naming the key and the fix.
+
+    Loading a config (validate) calls it without a world size: the rules between config keys run
+    (degrees, the pipeline's split and micro-batches, what ZeRO and offloading allow with pp). With a
+    world size, as the planner's enumeration (plan/search.py) and process-group start-up
+    (parallel/mesh.py validate_config_layout, parallel/parallelize.py init_parallel) call it, the
+    layout must also fit the world, the model's heads and widths, and DeepSpeed's ZeRO-3; these
+    wait for the launch, so a layout the world cannot hold is reported as that first.
+    """
+    _check_degrees(parallel)
+    _check_pipeline(parallel, model.depth, zero_stage, grad_accum)
+    _check_offload(parallel, zero_stage, offload_optimizer)
+    if world_size is None:
         return
-    _require(pp <= depth, f"parallel.pp={pp} exceeds model.depth={depth}: every pipeline stage needs at least "
-             f"one DiT block; use parallel.pp <= {depth}")
-    _require(cfg.train.grad_accum >= pp,
-             f"train.grad_accum={cfg.train.grad_accum} is the number of pipeline micro-batches per step and must "
-             f"be >= parallel.pp={pp} (1F1B idles (pp-1)/(grad_accum+pp-1) of the time); set train.grad_accum to "
-             f"a multiple of {pp} (e.g. {4 * pp}) and shrink train.micro_batch_size to keep the global batch")
-    _require(cfg.train.zero_stage in (1, 2),
-             f"train.zero_stage={cfg.train.zero_stage} with parallel.pp={pp}: pipeline stages support ZeRO stage 1 "
-             f"or 2 (docs/pipeline.md); set train.zero_stage=1 or 2")
-    if bounds:
-        _require(len(bounds) == pp - 1 and all(a < b for a, b in zip([0] + bounds, bounds + [depth])),
-                 f"parallel.pp_boundaries={bounds} must be {pp - 1} strictly increasing block indices in "
-                 f"(0, model.depth={depth}), the first block of stages 1..{pp - 1}")
+    _check_world(parallel, world_size)
+    _check_model_split(parallel, model)
+    _check_zero3(parallel, zero_stage)
+
+
+def model_parallel_size(parallel: ParallelConfig) -> int:
+    """Ranks one model replica spans (tp x ulysses x ring x pp); dp is the world divided by it."""
+    return parallel.tp * parallel.ulysses * parallel.ring * parallel.pp
+
+
+def _check_degrees(parallel: ParallelConfig) -> None:
+    for key in ("tp", "ulysses", "ring", "pp"):
+        value = getattr(parallel, key)
+        if value < 1:
+            raise LayoutError(f"parallel.{key}={value} must be >= 1 (1 = not split over {key})")
+
+
+def _check_pipeline(parallel: ParallelConfig, depth: int, zero_stage: int, grad_accum: int) -> None:
+    """docs/pipeline.md: blocks per stage, 1F1B's micro-batches, the ZeRO stages a stage supports."""
+    pp, bounds = parallel.pp, parallel.pp_boundaries
+    if pp == 1:
+        if bounds:
+            raise LayoutError(f"parallel.pp_boundaries={bounds} is set but parallel.pp=1; remove it or raise pp")
+        return
+    if pp > depth:
+        raise LayoutError(f"parallel.pp={pp} exceeds model.depth={depth}: every pipeline stage needs at least "
+                          f"one DiT block; use parallel.pp <= {depth}")
+    if grad_accum < pp:
+        raise LayoutError(
+            f"train.grad_accum={grad_accum} is the number of pipeline micro-batches per step and must be >= "
+            f"parallel.pp={pp} (1F1B idles (pp-1)/(grad_accum+pp-1) of the time); set train.grad_accum to a "
+            f"multiple of {pp} (e.g. {4 * pp}) and shrink train.micro_batch_size to keep the global batch")
+    if zero_stage not in (1, 2):
+        raise LayoutError(f"train.zero_stage={zero_stage} with parallel.pp={pp}: pipeline stages support ZeRO "
+                          f"stage 1 or 2 (docs/pipeline.md); set train.zero_stage=1 or 2")
+    if bounds and not (len(bounds) == pp - 1 and all(a < b for a, b in zip([0] + bounds, bounds + [depth]))):
+        raise LayoutError(f"parallel.pp_boundaries={bounds} must be {pp - 1} strictly increasing block indices "
+                          f"in (0, model.depth={depth}), the first block of stages 1..{pp - 1}")
+
+
+def _check_offload(parallel: ParallelConfig, zero_stage: int, offload_optimizer: str) -> None:
+    if offload_optimizer != "cpu":
+        return
+    if zero_stage < 1:
+        raise LayoutError("train.offload_optimizer=cpu is ZeRO-Offload and needs train.zero_stage 1, 2 or 3; "
+                          "set train.zero_stage=2")
+    if parallel.pp > 1:
+        raise LayoutError("train.offload_optimizer=cpu is not supported with parallel.pp > 1; set "
+                          "train.offload_optimizer=none or parallel.pp=1")
+
+
+def _check_world(parallel: ParallelConfig, world_size: int) -> None:
+    p, mp = parallel, model_parallel_size(parallel)
+    if world_size % mp:
+        raise LayoutError(
+            f"world size {world_size} is not divisible by parallel.tp={p.tp} * parallel.ulysses={p.ulysses} * "
+            f"parallel.ring={p.ring} * parallel.pp={p.pp} = {mp}; dp is derived as world / {mp}, so launch a "
+            f"multiple of {mp} processes or change the parallel.* degrees")
+
+
+def _check_model_split(parallel: ParallelConfig, model: ModelShape) -> None:
+    """tp splits heads and both widths; ulysses splits each tp rank's heads again."""
+    tp, ulysses, heads = parallel.tp, parallel.ulysses, model.heads
+    if heads % (tp * ulysses):
+        raise LayoutError(
+            f"model.heads={heads} is not divisible by parallel.tp*parallel.ulysses = {tp}*{ulysses} = "
+            f"{tp * ulysses}: tp splits heads across ranks and ulysses splits each rank's heads again; pick "
+            f"tp*ulysses dividing {heads} (use parallel.ring for the remaining sequence parallelism)")
+    if model.hidden % tp:
+        raise LayoutError(f"model.hidden={model.hidden} is not divisible by parallel.tp={tp}: tp splits the "
+                          f"attention width; pick parallel.tp dividing {model.hidden}")
+    mlp_hidden = int(model.hidden * model.mlp_ratio)
+    if mlp_hidden % tp:
+        raise LayoutError(f"the MLP width {mlp_hidden} (model.hidden*model.mlp_ratio) is not divisible by "
+                          f"parallel.tp={tp}: tp splits the MLP columns; change model.mlp_ratio or parallel.tp")
+
+
+def _check_zero3(parallel: ParallelConfig, zero_stage: int) -> None:
+    """DeepSpeed 0.19's ZeRO-3 partitions parameters over mpu.get_data_parallel_group() (dp)
+    but reduces and partitions gradients over the dp x sp group, which disagree when sp > 1."""
+    if zero_stage == 3 and parallel.ulysses * parallel.ring > 1:
+        raise LayoutError(
+            f"train.zero_stage=3 with sequence parallelism (parallel.ulysses={parallel.ulysses} * "
+            f"parallel.ring={parallel.ring} > 1) is not supported: DeepSpeed 0.19 shards ZeRO-3 parameters "
+            f"over dp only but gradients over dp x sp; use train.zero_stage=1 or 2 (optimizer state is still "
+            f"partitioned over dp x sp), or parallel.tp for the memory")
 
 
 # ---------------------------------------------------------------- docs
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:  # the choices; a `|` would split the table's cell
+        return " / ".join(f"`{c}`" for c in typing.get_args(annotation))
     if typing.get_origin(annotation) in (list, tuple):
         return f"list[{_type_name(typing.get_args(annotation)[0])}]"
     return getattr(annotation, "__name__", str(annotation))
@@ -492,7 +619,7 @@ def _doc_rows(prefix: str, cls: type, defaults: Any) -> list[str]:
     rows = []
     for f in dataclasses.fields(cls):
         annotation, default = _field_types(cls)[f.name], getattr(defaults, f.name)
-        if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             rows += _doc_rows(f"{prefix}.{f.name}", annotation, default)
             continue
         rows.append(f"| `{prefix}.{f.name}` | {_type_name(annotation)} | `{default!r}` | "

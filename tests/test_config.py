@@ -1,14 +1,16 @@
 """Config loading, overrides, validation messages and the generated reference."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
-from megasora.config import ConfigError, load_config, render_config_docs
+from megasora.config import Config, ConfigError, load_config, render_config_docs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -24,18 +26,53 @@ def test_tiny_preset_and_overrides() -> None:
     ("model.heads=5", "model.hidden=64 is not divisible by model.heads=5"),
     ("data.height=15", "data.height=15 is not divisible by the patch size 2"),
     ("train.nonsense=1", "unknown config key `train.nonsense`; valid keys in `train`: ac_every, "),  # sorted list
-    ("train.activation_checkpointing=some", "train.activation_checkpointing='some' must be one of: none, full, "
-                                            "selective"),
+    ("train.activation_checkpointing=some", "train.activation_checkpointing='some' must be none, full or "
+                                            "selective; choose one of those (the default is none"),
     ("train.ac_every=0", "train.ac_every=0 must be >= 1"),
     ("nosection.x=1", "unknown config key `nosection`"),
     ("train.precision=fp8", "train.precision='fp8' must be fp32 or bf16"),
     ("train.zero_stage=4", "train.zero_stage=4 must be 0, 1, 2 or 3"),
     ("train.steps=abc", "`train.steps` must be an integer"),
     ("parallel.tp=0", "parallel.tp=0 must be >= 1"),
+    ("train.zero_stage=true", "train.zero_stage` must be an integer"),
+    ("train.precision=16", "train.precision='16' must be fp32 or bf16"),
 ])
 def test_bad_configs_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(TINY, [override])
+
+
+def _literal_keys(cls: type, prefix: str) -> list[tuple[str, tuple]]:
+    out = []
+    for f in dataclasses.fields(cls):
+        annotation = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(annotation):
+            out += _literal_keys(annotation, f"{prefix}{f.name}.")
+        elif typing.get_origin(annotation) is typing.Literal:
+            out.append((prefix + f.name, typing.get_args(annotation)))
+    return out
+
+
+LITERAL_KEYS = _literal_keys(Config, "")
+
+
+def test_every_choice_key_is_checked_against_its_literal() -> None:
+    """The accepted values of a choice key are exactly its Literal's arguments, and the one-line
+    error lists them all."""
+    assert {key for key, _ in LITERAL_KEYS} >= {"model.kernels", "model.rope_layout", "data.kind", "train.precision",
+                                                "train.zero_stage", "train.optimizer", "train.offload_optimizer",
+                                                "train.activation_checkpointing"}
+    for key, choices in LITERAL_KEYS:
+        bogus = 7 if isinstance(choices[0], int) else "bogus"
+        with pytest.raises(ConfigError) as err:
+            load_config(TINY, [f"{key}={bogus}"])
+        listed = ", ".join(map(str, choices[:-1])) + " or " + str(choices[-1])
+        assert str(err.value).startswith(f"{key}={bogus!r} must be {listed}; choose one of those"), str(err.value)
+        for choice in choices:  # each choice passes the choice check (a later rule may still object)
+            try:
+                load_config(TINY, [f"{key}={choice}"])
+            except ConfigError as other:
+                assert "choose one of those" not in str(other), str(other)
 
 
 def test_missing_file() -> None:

@@ -1,4 +1,4 @@
-"""ParallelLayout validation (no process groups needed) and the groups build_mesh creates."""
+"""Layout validation (config.check_layout, no process groups needed) and the groups build_mesh creates."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megasora.config import load_config
+from megasora.config import ModelConfig, ParallelConfig, check_layout, load_config
 from megasora.models import build_dit
 from megasora.parallel import LayoutError, MeshMPU, ParallelLayout, build_mesh, init_parallel
+from megasora.parallel.mesh import validate_config_layout
 
 from parallel_utils import run_distributed
 
@@ -32,30 +33,47 @@ def tiny_model(*overrides: str):
 def test_invalid_layout_rejected_before_any_process_group(overrides, world, needle):
     cfg, model = tiny_model(*overrides)
     with pytest.raises(LayoutError) as err:
-        init_parallel(model, cfg.parallel, world)
+        init_parallel(model, cfg.parallel, world, cfg.train)
     assert needle in str(err.value)
     assert not dist.is_initialized()  # failed fast: no group was ever created
 
 
+def _check(world: int | None = 8, zero_stage: int = 2, grad_accum: int = 8, offload: str = "none",
+           model: ModelConfig | None = None, **degrees: int) -> None:
+    check_layout(ParallelConfig(**degrees), model or ModelConfig(hidden=32, heads=4, depth=2, mlp_ratio=4.0),
+                 zero_stage=zero_stage, grad_accum=grad_accum, offload_optimizer=offload, world_size=world)
+
+
 def test_error_messages_name_the_key_and_the_fix():
     with pytest.raises(LayoutError, match=r"parallel\.tp=3.*launch a multiple of 6"):
-        ParallelLayout.from_config(type("P", (), {"tp": 3, "ulysses": 2, "ring": 1, "pp": 1})(), 8)
+        _check(tp=3, ulysses=2)
     with pytest.raises(LayoutError, match=r"model\.hidden=30 is not divisible by parallel\.tp=4"):
-        ParallelLayout(tp=4).validate(4, heads=4, hidden=30, mlp_hidden=120, depth=2)
-    with pytest.raises(LayoutError, match=r"product of the parallel degrees must equal"):
-        ParallelLayout(dp=2, ring=2).validate(8, heads=4, hidden=32, mlp_hidden=128, depth=2)
-    with pytest.raises(LayoutError, match=r"parallel\.ring=0 must be an integer >= 1"):
-        ParallelLayout.from_config(type("P", (), {"tp": 1, "ulysses": 1, "ring": 0, "pp": 1})(), 4)
+        _check(world=4, tp=4, model=ModelConfig(hidden=30, heads=4, mlp_ratio=4.0))
+    with pytest.raises(LayoutError, match=r"parallel\.ring=0 must be >= 1 \(1 = not split over ring\)"):
+        _check(world=4, ring=0)
+    with pytest.raises(LayoutError, match=r"train\.offload_optimizer=cpu is ZeRO-Offload .* train\.zero_stage=2"):
+        _check(zero_stage=0, offload="cpu")
 
 
 def test_pipeline_deeper_than_model_and_zero3_with_sp_rejected():
     with pytest.raises(LayoutError, match=r"parallel\.pp=3 exceeds model\.depth=2"):
-        ParallelLayout(pp=3).validate(3, heads=4, hidden=32, mlp_hidden=128, depth=2)
+        _check(world=3, pp=3)
     with pytest.raises(LayoutError, match=r"train\.zero_stage=3 with sequence parallelism \(parallel\.ulysses=1 \* "
                                           r"parallel\.ring=2"):
-        ParallelLayout(ring=2).validate_zero_stage(3)
-    ParallelLayout(ring=2).validate_zero_stage(2)
-    ParallelLayout(tp=2).validate_zero_stage(3)
+        _check(zero_stage=3, ring=2)
+    _check(zero_stage=2, ring=2)
+    _check(zero_stage=3, tp=2)
+
+
+def test_config_loading_checks_what_needs_no_world_and_launch_checks_the_rest():
+    """Loading runs check_layout without a world size; the trainer's and submit's check adds it."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["parallel.ring=2", "train.zero_stage=3"])  # loads
+    with pytest.raises(LayoutError, match="train.zero_stage=3 with sequence parallelism"):
+        validate_config_layout(cfg, 2)
+    assert validate_config_layout(load_config(REPO / "configs" / "tiny.yaml", ["parallel.ring=2"]), 4) == \
+        ParallelLayout(dp=2, ring=2)
+    with pytest.raises(LayoutError, match=r"train\.grad_accum=1 is the number of pipeline micro-batches"):
+        load_config(REPO / "configs" / "tiny.yaml", ["parallel.pp=2"])
 
 
 def test_rank_order_tp_innermost_then_ulysses_ring_dp_pp():

@@ -12,7 +12,9 @@ The sequence of one sample is split over ring (outer) x ulysses x tp (inner): gl
 sequence chunk c = (ring * ULYSSES + ulysses) * TP + tp holds tokens [c*N/S, (c+1)*N/S),
 S = tp*ulysses*ring, which is exactly the order of the ranks of the `tpsp` group.
 
-`ParallelLayout` is validated before any process group exists; `build_mesh` then creates
+`validate_config_layout` checks a config's layout at a world size (config.check_layout, the
+one definition of a valid layout) before any process group exists and returns its
+`ParallelLayout`; `build_mesh` then creates
 every group on every rank in one agreed order and returns a `Mesh`, which is passed
 explicitly to whatever needs a group. `MeshMPU` adapts it to DeepSpeed's `mpu` interface.
 """
@@ -20,20 +22,21 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from megasora.errors import UserError
+from megasora.config import Config, LayoutError, ModelShape, ParallelConfig, check_layout, model_parallel_size
 
 AXES = ("tp", "ulysses", "ring", "dp", "pp")  # innermost first
 
 
-class LayoutError(UserError, ValueError):
-    """An impossible parallel layout; the message names the config key and the fix."""
-
-    kind = "parallel layout"
+def axis_name(axes: tuple[str, ...] | list[str], layout: ParallelLayout) -> str | None:
+    """The name communication on a group spanning `axes` is counted under (the counter in
+    parallel/comm_counter.py and the planner's plan/communication.py), or None if it has one rank."""
+    live = [a for a in AXES if a in axes and getattr(layout, a) > 1]
+    return "+".join(live) if live else None
 
 
 @dataclass(frozen=True)
@@ -57,58 +60,14 @@ class ParallelLayout:
         return getattr(self, axis)
 
     @classmethod
-    def from_config(cls, parallel: Any, world_size: int) -> "ParallelLayout":
-        """Derive dp = world / (tp*ulysses*ring*pp) from a config.ParallelConfig."""
-        for key in ("tp", "ulysses", "ring", "pp"):
-            value = getattr(parallel, key)
-            if not isinstance(value, int) or value < 1:
-                raise LayoutError(f"parallel.{key}={value!r} must be an integer >= 1")
-        model_ranks = parallel.tp * parallel.ulysses * parallel.ring * parallel.pp
-        if world_size % model_ranks:
-            raise LayoutError(
-                f"world size {world_size} is not divisible by parallel.tp={parallel.tp} * "
-                f"parallel.ulysses={parallel.ulysses} * parallel.ring={parallel.ring} * parallel.pp={parallel.pp} "
-                f"= {model_ranks}; dp is derived as world / {model_ranks}, so launch a multiple of "
-                f"{model_ranks} processes or change the parallel.* degrees")
-        return cls(dp=world_size // model_ranks, pp=parallel.pp, tp=parallel.tp,
+    def checked(cls, parallel: ParallelConfig, model: ModelShape, world_size: int, *, zero_stage: int,
+                grad_accum: int, offload_optimizer: str) -> "ParallelLayout":
+        """The layout of `parallel` on `world_size` ranks (dp = world / tp*ulysses*ring*pp), once
+        config.check_layout accepts it; raises LayoutError naming the key to change otherwise."""
+        check_layout(parallel, model, zero_stage=zero_stage, grad_accum=grad_accum,
+                     offload_optimizer=offload_optimizer, world_size=world_size)
+        return cls(dp=world_size // model_parallel_size(parallel), pp=parallel.pp, tp=parallel.tp,
                    ulysses=parallel.ulysses, ring=parallel.ring)
-
-    def validate(self, world_size: int, *, heads: int, hidden: int, mlp_hidden: int, depth: int) -> None:
-        """Every check that needs no process group. Raises LayoutError naming the key to change."""
-        for axis in AXES:
-            if self.size(axis) < 1:
-                raise LayoutError(f"parallel.{axis}={self.size(axis)} must be >= 1")
-        if self.world_size != world_size:
-            raise LayoutError(
-                f"dp*pp*tp*ulysses*ring = {self.dp}*{self.pp}*{self.tp}*{self.ulysses}*{self.ring} = "
-                f"{self.world_size} but the world size is {world_size}; the product of the parallel "
-                f"degrees must equal the number of processes")
-        if heads % (self.tp * self.ulysses):
-            raise LayoutError(
-                f"model.heads={heads} is not divisible by parallel.tp*parallel.ulysses = "
-                f"{self.tp}*{self.ulysses} = {self.tp * self.ulysses}: tp splits heads across ranks and "
-                f"ulysses splits each rank's heads again; pick tp*ulysses dividing {heads} "
-                f"(use parallel.ring for the remaining sequence parallelism)")
-        if hidden % self.tp:
-            raise LayoutError(f"model.hidden={hidden} is not divisible by parallel.tp={self.tp}: tp splits the "
-                              f"attention width; pick parallel.tp dividing {hidden}")
-        if mlp_hidden % self.tp:
-            raise LayoutError(
-                f"the MLP width {mlp_hidden} (model.hidden*model.mlp_ratio) is not divisible by "
-                f"parallel.tp={self.tp}: tp splits the MLP columns; change model.mlp_ratio or parallel.tp")
-        if self.pp > depth:
-            raise LayoutError(f"parallel.pp={self.pp} exceeds model.depth={depth}: every pipeline stage needs "
-                              f"at least one block; use parallel.pp <= {depth}")
-
-    def validate_zero_stage(self, zero_stage: int) -> None:
-        """DeepSpeed 0.19's ZeRO-3 partitions parameters over mpu.get_data_parallel_group() (dp)
-        but reduces and partitions gradients over the dp x sp group, which disagree when sp > 1."""
-        if zero_stage == 3 and self.sp > 1:
-            raise LayoutError(
-                f"train.zero_stage=3 with sequence parallelism (parallel.ulysses={self.ulysses} * "
-                f"parallel.ring={self.ring} > 1) is not supported: DeepSpeed 0.19 shards ZeRO-3 parameters "
-                f"over dp only but gradients over dp x sp; use train.zero_stage=1 or 2 (optimizer state "
-                f"is still partitioned over dp x sp), or parallel.tp for the memory")
 
     def coords(self, rank: int) -> dict[str, int]:
         """Rank -> coordinate on every axis (tp innermost)."""
@@ -174,15 +133,12 @@ class Mesh:
         return self.ranks[name].index(self.rank)
 
 
-def validate_config_layout(cfg: Any, world_size: int) -> ParallelLayout:
-    """Every layout check for a config at a world size, with no process group: used by the
-    trainer before start-up and by `megasora submit` before anything is queued."""
-    layout = ParallelLayout.from_config(cfg.parallel, world_size)
-    m = cfg.model
-    layout.validate(world_size, heads=m.heads, hidden=m.hidden, mlp_hidden=int(m.hidden * m.mlp_ratio),
-                    depth=m.depth)
-    layout.validate_zero_stage(cfg.train.zero_stage)
-    return layout
+def validate_config_layout(cfg: Config, world_size: int) -> ParallelLayout:
+    """The layout `cfg` runs as at `world_size`, every layout check passed, with no process group:
+    used by the trainer before start-up and by `megasora submit` before anything is queued."""
+    t = cfg.train
+    return ParallelLayout.checked(cfg.parallel, cfg.model, world_size, zero_stage=t.zero_stage,
+                                  grad_accum=t.grad_accum, offload_optimizer=t.offload_optimizer)
 
 
 def build_mesh(layout: ParallelLayout, rank: Optional[int] = None) -> Mesh:

@@ -1,6 +1,6 @@
 """Analytic communication volume of one optimizer step, per rank, per mesh axis and kind.
 
-Plain functions of a config, a layout and the token counts: no torch, no process group,
+Plain functions of a workload and a layout (plan/workload.py): no torch, no process group,
 microseconds to evaluate, so the planner, `megasora scale` and the tests can all call them.
 The counter in megasora/train/accounting.py measures the same quantity at the
 torch.distributed seam, and tests/test_accounting.py holds the two equal, byte for byte.
@@ -44,11 +44,15 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from collections.abc import Sequence
 
-AXES = ("tp", "ulysses", "ring", "dp", "pp")  # rank order, innermost first (megasora/parallel/mesh.py)
+from megasora.models.dit import DiTArch
+from megasora.models.flops import TIMESTEP_FREQ_DIM
+from megasora.parallel.activation_checkpointing import checkpointed_blocks
+from megasora.parallel.mesh import ParallelLayout, axis_name
+from megasora.plan.workload import Layout, Workload
+
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "reduce", "p2p")
-TIMESTEP_FREQ_DIM = 256  # models/embeddings.py TimestepEmbedder
 LOSS_BYTES = 8           # the logged loss travels as one float64
 NORM_BYTES = 4           # DeepSpeed's global gradient norm: one fp32 scalar
 ZERO3_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default (elements)
@@ -78,12 +82,6 @@ def transfer_seconds(kind: str, nbytes: float, group_size: int, bandwidth: float
     return latency + bus_factor(kind, group_size) * nbytes / bandwidth
 
 
-def axis_name(axes: tuple[str, ...] | list[str], layout: Any) -> str | None:
-    """The name a group spanning `axes` is accounted under, or None if it has one rank."""
-    live = [a for a in AXES if a in axes and getattr(layout, a) > 1]
-    return "+".join(live) if live else None
-
-
 # ------------------------------------------------------------------ model shapes
 
 
@@ -102,8 +100,8 @@ def stage_block_counts(depth: int, stages: int, boundaries: list[int] | None = N
     return counts
 
 
-def dit_param_counts(model: Any, text_dim: int, tp: int = 1) -> dict[str, dict[str, int]]:
-    """Parameters of the DiT's pieces on one tp rank (config.ModelConfig-like `model`).
+def dit_param_counts(arch: DiTArch, tp: int = 1) -> dict[str, dict[str, int]]:
+    """Parameters of the DiT's pieces on one tp rank.
 
     {piece: {"matrix": ..., "vector": ..., "replicated": ...}} for piece in block (one block),
     embed (patch, timestep and caption embeddings) and final. `matrix` are the weight matrices
@@ -111,17 +109,17 @@ def dit_param_counts(model: Any, text_dim: int, tp: int = 1) -> dict[str, dict[s
     (its no-decay group); `replicated` is what every tp rank holds whole (norms, qk-norms,
     adaLN, row-parallel biases, everything outside the blocks), whose gradients tp sums.
     """
-    d, h = model.hidden, model.heads
-    mlp = int(d * model.mlp_ratio)
-    patch_in = model.in_channels * math.prod(model.patch)
-    qk = 2 * (d // h) if model.qk_norm else 0
+    d, h, text_dim = arch.hidden, arch.heads, arch.text_dim
+    mlp = int(d * arch.mlp_ratio)
+    patch_in = arch.in_channels * math.prod(arch.patch)
+    qk = 2 * (d // h) if arch.qk_norm else 0
     sharded_matrix = 2 * 4 * d * d + 2 * d * mlp            # q, k, v, out of both attentions; fc1, fc2
     sharded_vector = 2 * 3 * d + mlp                        # column-parallel biases: q, k, v; fc1
     adaln = d * 6 * d
     replicated_vector = 2 * d + 2 * qk + 2 * d + d + 6 * d  # cross_norm, qk-norms, out biases, fc2 bias, adaLN bias
     block = {"matrix": sharded_matrix // tp + adaln, "vector": sharded_vector // tp + replicated_vector,
              "replicated": adaln + replicated_vector}
-    pooled = bool(getattr(model, "pooled_text", False))  # the pooled caption MLP (model.pooled_text)
+    pooled = int(arch.pooled_text)  # the pooled caption MLP (model.pooled_text)
     embed_matrix = patch_in * d + TIMESTEP_FREQ_DIM * d + d * d + (1 + pooled) * (text_dim * d + d * d)
     embed_vector = d + 2 * d + (1 + pooled) * 2 * d + text_dim  # biases; null caption embedding
     final_matrix, final_vector = 2 * d * d + d * patch_in, 2 * d + patch_in
@@ -130,34 +128,34 @@ def dit_param_counts(model: Any, text_dim: int, tp: int = 1) -> dict[str, dict[s
             "final": {"matrix": final_matrix, "vector": final_vector, "replicated": final_matrix + final_vector}}
 
 
-def stage_params(cfg: Any, layout: Any, stage: int) -> dict[str, int]:
+def stage_params(arch: DiTArch, layout: ParallelLayout, stage: int,
+                 boundaries: Sequence[int] = ()) -> dict[str, int]:
     """Local parameters of pipeline stage `stage` on one rank: {"matrix", "vector", "replicated"}, and
     `largest_matrix` (the adaLN, fc1/fc2 or caption projection, elements, upper bound for the stage)."""
-    counts = dit_param_counts(cfg.model, cfg.text.dim, layout.tp)
-    blocks = stage_block_counts(cfg.model.depth, layout.pp, cfg.parallel.pp_boundaries or None)[stage]
+    counts = dit_param_counts(arch, layout.tp)
+    blocks = stage_block_counts(arch.depth, layout.pp, list(boundaries) or None)[stage]
     pieces = [("block", blocks), ("embed", int(stage == 0)), ("final", int(stage == layout.pp - 1))]
     out = {key: sum(counts[piece][key] * k for piece, k in pieces) for key in ("matrix", "vector", "replicated")}
-    m = cfg.model
-    mlp = int(m.hidden * m.mlp_ratio)
-    out["largest_matrix"] = max(m.hidden * 6 * m.hidden, m.hidden * mlp // layout.tp, cfg.text.dim * m.hidden)
+    mlp = int(arch.hidden * arch.mlp_ratio)
+    out["largest_matrix"] = max(arch.hidden * 6 * arch.hidden, arch.hidden * mlp // layout.tp,
+                                arch.text_dim * arch.hidden)
     return out
 
 
-def checkpointed_blocks(cfg: Any, layout: Any, stage: int) -> int:
-    """Blocks of `stage` that activation checkpointing re-runs in backward (global index % ac_every == 0)."""
-    if getattr(cfg.train, "activation_checkpointing", "none") == "none":
-        return 0
-    every = max(1, getattr(cfg.train, "ac_every", 1))
-    counts = stage_block_counts(cfg.model.depth, layout.pp, cfg.parallel.pp_boundaries or None)
+def stage_checkpointed_blocks(depth: int, layout: Layout, stage: int, boundaries: Sequence[int] = ()) -> int:
+    """Blocks of pipeline stage `stage` that activation checkpointing re-runs in backward
+    (parallel/activation_checkpointing.py's rule: global index % ac_every == 0)."""
+    counts = stage_block_counts(depth, layout.pp, list(boundaries) or None)
     first = sum(counts[:stage])
-    return sum(1 for i in range(first, first + counts[stage]) if i % every == 0)
+    chosen = checkpointed_blocks(depth, layout.activation_checkpointing, layout.ac_every)
+    return sum(1 for i in chosen if first <= i < first + counts[stage])
 
 
 # ------------------------------------------------------------------ the volume
 
 
 class _Tally:
-    def __init__(self, layout: Any) -> None:
+    def __init__(self, layout: ParallelLayout) -> None:
         self.layout = layout
         self.volume: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
@@ -170,21 +168,22 @@ class _Tally:
         return {axis: dict(kinds) for axis, kinds in self.volume.items()}
 
 
-def comm_volume(cfg: Any, layout: Any, tokens_per_sample: int, text_tokens: int, *, stage: int = 0,
+def comm_volume(work: Workload, layout: Layout, *, stage: int = 0, pp_boundaries: Sequence[int] = (),
                 per_token_timesteps: bool = False) -> Volume:
     """Bytes one rank (of pipeline stage `stage`) hands to each kind of collective on each axis
     in one optimizer step: {axis: {kind: bytes}} (see the module docstring for the convention).
 
-    `cfg` is a config.Config (model, text, train, parallel), `layout` a ParallelLayout.
+    `work` gives the model, tokens and text tokens per sample and the dtype; `layout` the degrees,
+    ZeRO stage, checkpointing and micro-batching; `pp_boundaries` parallel.pp_boundaries (empty:
+    balanced stages).
     """
-    t = cfg.train
-    act = 2 if t.precision == "bf16" else 4       # activation / gradient element bytes
-    micro, b = t.grad_accum, t.micro_batch_size
-    d, shards = cfg.model.hidden, layout.tp * layout.sp
-    n = math.ceil(tokens_per_sample / shards) * shards     # tokens exchanged (padded)
-    blocks = stage_block_counts(cfg.model.depth, layout.pp, cfg.parallel.pp_boundaries or None)[stage]
-    recomputed = checkpointed_blocks(cfg, layout, stage)
-    full_ac = getattr(t, "activation_checkpointing", "none") == "full"
+    act = work.act_bytes                           # activation / gradient element bytes
+    micro, b = layout.grad_accum, layout.micro_batch_size
+    d, shards = work.arch.hidden, layout.tp * layout.sp
+    n = math.ceil(work.tokens / shards) * shards   # tokens exchanged (padded)
+    blocks = stage_block_counts(work.arch.depth, layout.pp, list(pp_boundaries) or None)[stage]
+    recomputed = stage_checkpointed_blocks(work.arch.depth, layout, stage, pp_boundaries)
+    full_ac = layout.activation_checkpointing == "full"
     tally = _Tally(layout)
 
     # Per micro-batch, per block: what its forward (f) and backward (b) pass exchange.
@@ -197,21 +196,21 @@ def comm_volume(cfg: Any, layout: Any, tokens_per_sample: int, text_tokens: int,
         tally.add(axes, kind, micro * runs * nbytes)
 
     if stage == layout.pp - 1 and shards > 1:  # final layer output gathered over tp x sp for the loss
-        patch_out = cfg.model.in_channels * math.prod(cfg.model.patch)
+        patch_out = work.arch.in_channels * math.prod(work.arch.patch)
         tally.add(("tp", "ulysses", "ring"), "all_gather", micro * b * n * patch_out * act)
 
-    params = stage_params(cfg, layout, stage)
+    params = stage_params(work.arch, layout, stage, pp_boundaries)
     tally.add(("tp",), "all_reduce", micro * params["replicated"] * act)  # tp hooks sum replicated grads
-    _deepspeed_traffic(tally, layout, t.zero_stage, micro, params, act)
+    _deepspeed_traffic(tally, layout, layout.zero_stage, micro, params, act, work.grad_reduce_bytes)
     if layout.pp > 1:
         _pipeline_traffic(tally, layout, stage, micro, b, n // shards, 1 if not per_token_timesteps else n // shards,
-                          text_tokens, d, act)
+                          work.text_tokens, d, act)
         tally.add(("pp",), "broadcast", LOSS_BYTES)                # the last stage's loss
     tally.add(("dp",), "all_reduce", LOSS_BYTES)                   # logged loss averaged over dp
     return tally.result()
 
 
-def _block_traffic(layout: Any, b: int, n: int, d: int, act: int) -> dict[tuple[tuple[str, ...], str, str], float]:
+def _block_traffic(layout: ParallelLayout, b: int, n: int, d: int, act: int) -> dict[tuple[tuple[str, ...], str, str], float]:
     """{(axes, kind, fwd|bwd): bytes} of one block for one micro-batch of b samples of n tokens."""
     out: dict[tuple[tuple[str, ...], str, str], float] = defaultdict(float)
     attn_tokens = n // layout.sp  # tokens a rank's attention chunk holds (tp gathers its residual pieces)
@@ -237,12 +236,13 @@ def _block_traffic(layout: Any, b: int, n: int, d: int, act: int) -> dict[tuple[
     return out
 
 
-def _deepspeed_traffic(tally: _Tally, layout: Any, zero_stage: int, micro: int, params: dict[str, int],
-                       act: int) -> None:
+def _deepspeed_traffic(tally: _Tally, layout: ParallelLayout, zero_stage: int, micro: int, params: dict[str, int],
+                       act: int, reduce_bytes: int) -> None:
     """DeepSpeed 0.19's gradient averaging over dp x sp (MeshMPU's sequence-data-parallel group),
-    the parameter gather of ZeRO and the global gradient norm, as its code issues them."""
+    the parameter gather of ZeRO and the global gradient norm, as its code issues them. Gradients
+    travel in `reduce_bytes` per element (train.grad_reduce_dtype), parameters in `act`."""
     dpsp, mp = ("ulysses", "ring", "dp"), ("tp", "pp")
-    grads = (params["matrix"] + params["vector"]) * act
+    grads = (params["matrix"] + params["vector"]) * reduce_bytes
     if zero_stage == 0:      # engine.allreduce_gradients at the boundary; utils.clip_grad_norm_
         tally.add(dpsp, "all_reduce", grads)
         tally.add(mp, "all_reduce", NORM_BYTES)
@@ -275,7 +275,7 @@ def _deepspeed_traffic(tally: _Tally, layout: Any, zero_stage: int, micro: int, 
     tally.add(mp, "all_reduce", 4 * NORM_BYTES)
 
 
-def _pipeline_traffic(tally: _Tally, layout: Any, stage: int, micro: int, b: int, n_local: int, cond: int,
+def _pipeline_traffic(tally: _Tally, layout: ParallelLayout, stage: int, micro: int, b: int, n_local: int, cond: int,
                       text_tokens: int, d: int, act: int) -> None:
     """1F1B: one (B, n + c + L, D) activation to the next stage and its gradient back, per micro-batch."""
     message = b * (n_local + cond + text_tokens) * d * act

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
+from megasora.models.dit import DiTArch
 from megasora.parallel.activation_checkpointing import checkpointed_blocks
 from megasora.plan.communication import dit_param_counts
 from megasora.plan.communication import stage_block_counts as _stage_block_counts
@@ -82,8 +83,8 @@ def stage_block_counts(depth: int, pp: int) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=4096)
-def _cached_param_counts(arch, tp: int) -> tuple[tuple[str, int], ...]:
-    counts = dit_param_counts(arch, arch.text_dim, tp)
+def _cached_param_counts(arch: DiTArch, tp: int) -> tuple[tuple[str, int], ...]:
+    counts = dit_param_counts(arch, tp)
     return tuple((piece, c["matrix"] + c["vector"]) for piece, c in counts.items())
 
 
@@ -190,14 +191,6 @@ def retained_block_bytes(work: Workload, layout: Layout) -> float:
     if mode == "selective":
         kept += (4 + (1 if layout.sp > 1 else 0)) * a * d / t * work.act_bytes + a * h / t * FP32
     return kept
-
-
-def stage_checkpointed_blocks(work: Workload, layout: Layout, stage: int) -> int:
-    """Checkpointed blocks of pipeline stage `stage` (the rule of parallel/activation_checkpointing.py)."""
-    counts = stage_block_counts(work.arch.depth, layout.pp)
-    first = sum(counts[:stage])
-    chosen = checkpointed_blocks(work.arch.depth, layout.activation_checkpointing, layout.ac_every)
-    return sum(1 for i in chosen if first <= i < first + counts[stage])
 
 
 def io_activation_bytes(work: Workload, layout: Layout, first: bool, last: bool) -> float:

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from megasora.plan.hardware import Hardware
+from megasora.config import Config
+from megasora.hardware import Hardware
 from megasora.plan.memory import MemoryBreakdown, memory_breakdown
 from megasora.plan.time_model import StepTime, model_flops_per_step, step_time
 from megasora.plan.workload import Layout, Workload, workload_from_config
@@ -34,10 +35,10 @@ class Prediction:
                 "tokens_per_s": self.tokens_per_s, "overrides": lay.as_overrides()}
 
 
-def predict_workload(cfg: Any, work: Workload, layout: Layout, hardware: Hardware, gpus_per_node: int,
+def predict_workload(work: Workload, layout: Layout, hardware: Hardware, gpus_per_node: int,
                      memory: MemoryBreakdown | None = None) -> Prediction:
     memory = memory or memory_breakdown(work, layout, allowance=hardware.allowance)
-    time = step_time(cfg, work, layout, hardware, gpus_per_node)
+    time = step_time(work, layout, hardware, gpus_per_node)
     samples = layout.micro_batch_size * layout.grad_accum * layout.dp
     mfu = model_flops_per_step(work, layout) / (time.total_s * hardware.peak_flops * layout.world_size)
     return Prediction(layout=layout, memory=memory, time=time, fits=memory.total_bytes <= hardware.memory_bytes,
@@ -45,28 +46,8 @@ def predict_workload(cfg: Any, work: Workload, layout: Layout, hardware: Hardwar
                       tokens_per_s=samples * work.tokens / time.total_s)
 
 
-def predict(cfg: Any, layout: Layout, hardware: Hardware, gpus_per_node: int, tokens: int | None = None) -> Prediction:
-    """Memory, step time, fit and MFU of `cfg` (a config.Config) run as `layout`."""
+def predict(cfg: Config, layout: Layout, hardware: Hardware, gpus_per_node: int,
+            tokens: int | None = None) -> Prediction:
+    """Memory, step time, fit and MFU of `cfg` run as `layout`."""
     work, _ = workload_from_config(cfg, tokens)
-    return predict_workload(cfg, work, layout, hardware, gpus_per_node)
-
-
-def fit_warning(cfg: Any, nodes: int, gpus_per_node: int, hardware: Hardware) -> str | None:
-    """For `megasora submit`: None when the config's own layout is predicted to fit, else one
-    line naming its largest memory term and the planner's best layout that fits."""
-    from megasora.plan.search import best_layout
-    from megasora.plan.workload import layout_from_config
-    work, micro = workload_from_config(cfg)
-    prediction = predict_workload(cfg, work, layout_from_config(cfg, nodes * gpus_per_node, micro), hardware,
-                                  gpus_per_node)
-    if prediction.fits:
-        return None
-    gib = 1024 ** 3
-    term, size = prediction.memory.largest_term()
-    best = best_layout(cfg, nodes, gpus_per_node, hardware)
-    advice = (f"the planner's best layout that fits: {best.layout.describe()} "
-              f"({best.memory.total_bytes / gib:.1f} GiB; --set " + " --set ".join(best.layout.as_overrides()) + ")"
-              if best else "no layout fits this many nodes (see `megasora plan`)")
-    return (f"this job's layout is predicted NOT to fit: {prediction.memory.total_bytes / gib:.1f} GiB per GPU > "
-            f"{hardware.memory_bytes / gib:.1f} GiB of {hardware.name} (largest term: {term} "
-            f"{size / gib:.1f} GiB); {advice}")
+    return predict_workload(work, layout, hardware, gpus_per_node)

@@ -3,7 +3,7 @@
 
 Per pipeline stage and micro-batch (b samples of N tokens, the rank's share 1/(tp*sp)):
 
-    compute   = 3 x forward FLOPs (train/flops.py) / (peak x efficiency)
+    compute   = 3 x forward FLOPs (models/flops.py) / (peak x efficiency)
     recompute = what activation checkpointing re-runs (full: the whole block forward,
                 selective: all but the self-attention products) / (peak x efficiency)
 
@@ -24,14 +24,13 @@ Pipeline: step = (grad_accum + pp - 1) x per-micro-batch stage time, the bubble 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any
 
-from megasora.plan.communication import AXES, bus_factor, comm_volume
-from megasora.plan.hardware import Hardware
-from megasora.plan.memory import stage_block_counts, stage_checkpointed_blocks
+from megasora.hardware import Hardware
+from megasora.models.flops import block_forward_flops, dit_train_flops, embed_forward_flops
+from megasora.parallel.mesh import AXES
+from megasora.plan.communication import bus_factor, comm_volume, stage_checkpointed_blocks
+from megasora.plan.memory import stage_block_counts
 from megasora.plan.workload import Layout, Workload
-from megasora.train.flops import block_forward_flops, dit_train_flops, embed_forward_flops
 
 
 @dataclass(frozen=True)
@@ -57,19 +56,11 @@ def axis_link(axis: str, layout: Layout, gpus_per_node: int, hw: Hardware) -> fl
     return raw * hw.link_efficiency
 
 
-def comm_config(cfg: Any, layout: Layout) -> Any:
-    """A config view with the candidate's train.* values, as communication.comm_volume reads them."""
-    t = cfg.train
-    train = SimpleNamespace(precision=t.precision, grad_accum=layout.grad_accum,
-                            micro_batch_size=layout.micro_batch_size, zero_stage=layout.zero_stage,
-                            activation_checkpointing=layout.activation_checkpointing, ac_every=layout.ac_every)
-    return SimpleNamespace(model=cfg.model, text=cfg.text, parallel=SimpleNamespace(pp_boundaries=[]), train=train)
-
-
-def comm_seconds(cfg: Any, work: Workload, layout: Layout, stage: int, gpus_per_node: int,
+def comm_seconds(work: Workload, layout: Layout, stage: int, gpus_per_node: int,
                  hw: Hardware) -> dict[tuple[str, str], float]:
-    """Bandwidth-bound seconds of one step for `stage`, per (axis, kind), ring factors applied."""
-    volume = comm_volume(comm_config(cfg, layout), layout, work.tokens, work.text_tokens, stage=stage)
+    """Bandwidth-bound seconds of one step for `stage`, per (axis, kind), ring factors applied
+    (balanced pipeline stages, as the planner's memory model assumes)."""
+    volume = comm_volume(work, layout, stage=stage)
     out = {}
     for axis, kinds in volume.items():
         group = 1
@@ -90,16 +81,16 @@ def stage_flops(work: Workload, layout: Layout, stage: int) -> tuple[float, floa
     forward = blocks * (block["self_attention"] + block["rest"])
     if stage in (0, layout.pp - 1):
         forward += embed_forward_flops(work.arch, n, l) / (2 if layout.pp > 1 else 1)
-    ckpt = stage_checkpointed_blocks(work, layout, stage)
+    ckpt = stage_checkpointed_blocks(work.arch.depth, layout, stage)
     recompute = ckpt * (block["rest"] + (block["self_attention"] if layout.activation_checkpointing == "full" else 0))
     return 3 * forward * share, recompute * share, 3 * blocks * block["self_attention"] * share
 
 
-def stage_time(cfg: Any, work: Workload, layout: Layout, hw: Hardware, gpus_per_node: int, stage: int) -> StepTime:
+def stage_time(work: Workload, layout: Layout, hw: Hardware, gpus_per_node: int, stage: int) -> StepTime:
     rate = hw.peak_flops * hw.efficiency
     flops, recompute, attention = stage_flops(work, layout, stage)
     m = layout.grad_accum
-    seconds = comm_seconds(cfg, work, layout, stage, gpus_per_node, hw)
+    seconds = comm_seconds(work, layout, stage, gpus_per_node, hw)
     if ("ring", "p2p") in seconds:  # K/V hops overlap the attention of the blocks already received
         hidden = m * attention / rate * (layout.ring - 1) / layout.ring
         seconds[("ring", "p2p")] = max(0.0, seconds[("ring", "p2p")] - hidden)
@@ -113,9 +104,9 @@ def stage_time(cfg: Any, work: Workload, layout: Layout, hw: Hardware, gpus_per_
     return StepTime(compute_s=m * flops / rate, recompute_s=m * recompute / rate, comm_s=comm, bubble_s=bubble)
 
 
-def step_time(cfg: Any, work: Workload, layout: Layout, hw: Hardware, gpus_per_node: int) -> StepTime:
+def step_time(work: Workload, layout: Layout, hw: Hardware, gpus_per_node: int) -> StepTime:
     """The slowest pipeline stage's step (all stages when pp > 1)."""
-    times = [stage_time(cfg, work, layout, hw, gpus_per_node, s) for s in range(layout.pp)]
+    times = [stage_time(work, layout, hw, gpus_per_node, s) for s in range(layout.pp)]
     return max(times, key=lambda t: t.total_s)
 
 

@@ -6,8 +6,8 @@ pure functions of (workload, layout, hardware) and run in microseconds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from megasora.config import CheckpointingMode, Config, DataConfig, model_parallel_size
 from megasora.models import dit_arch
 from megasora.models.dit import DiTArch
 from megasora.parallel.mesh import ParallelLayout
@@ -18,7 +18,7 @@ class Layout(ParallelLayout):
     """One candidate: the parallel degrees (mesh.py's ParallelLayout: dp, pp, tp, ulysses, ring,
     sp, world_size), plus the ZeRO stage, activation checkpointing and micro-batching."""
     zero_stage: int = 2
-    activation_checkpointing: str = "none"
+    activation_checkpointing: CheckpointingMode = "none"
     ac_every: int = 1
     micro_batch_size: int = 1
     grad_accum: int = 1      # micro-batches per step (pipeline micro-batches when pp > 1)
@@ -46,6 +46,7 @@ class Workload:
     bf16: bool
     ema: bool
     samples_per_rank: int    # samples per dp rank per optimizer step (micro_batch x grad_accum)
+    grad_reduce_bytes: int = 4  # element bytes DeepSpeed sums gradients in (train.grad_reduce_dtype)
 
     @property
     def act_bytes(self) -> int:
@@ -62,23 +63,22 @@ class Workload:
         return p[0] * p[1] * p[2]
 
 
-def config_tokens(cfg: Any) -> tuple[int, int]:
+def config_tokens(data: DataConfig, patch: list[int], micro_batch_size: int) -> tuple[int, int]:
     """(video tokens per sample, samples per micro-batch) the config trains on.
 
     Synthetic data: the fixed latent grid. Shards with data.tokens_per_microbatch: the longest
     clip the micro-batch budget admits (one sample filling it), the memory worst case.
     """
-    m, d = cfg.model, cfg.data
-    grid = (d.frames // m.patch[0]) * (d.height // m.patch[1]) * (d.width // m.patch[2])
-    if d.kind == "shards" and d.tokens_per_microbatch > 0:
-        return d.tokens_per_microbatch, 1
-    return grid, cfg.train.micro_batch_size
+    grid = (data.frames // patch[0]) * (data.height // patch[1]) * (data.width // patch[2])
+    if data.kind == "shards" and data.tokens_per_microbatch > 0:
+        return data.tokens_per_microbatch, 1
+    return grid, micro_batch_size
 
 
-def workload_from_config(cfg: Any, tokens: int | None = None) -> tuple[Workload, int]:
+def workload_from_config(cfg: Config, tokens: int | None = None) -> tuple[Workload, int]:
     """The config's workload and its micro-batch size; `tokens` overrides tokens per sample
     (the micro-batch then follows data.tokens_per_microbatch when that is set)."""
-    n, micro = config_tokens(cfg)
+    n, micro = config_tokens(cfg.data, cfg.model.patch, cfg.train.micro_batch_size)
     if tokens is not None:
         n = tokens
         budget = cfg.data.tokens_per_microbatch if cfg.data.kind == "shards" else 0
@@ -87,15 +87,14 @@ def workload_from_config(cfg: Any, tokens: int | None = None) -> tuple[Workload,
             micro = min(micro, cfg.data.max_micro_batch)
     work = Workload(arch=dit_arch(cfg), tokens=n, text_tokens=cfg.text.max_length,
                     bf16=cfg.train.precision == "bf16", ema=cfg.train.ema_decay > 0,
-                    samples_per_rank=micro * cfg.train.grad_accum)
+                    samples_per_rank=micro * cfg.train.grad_accum,
+                    grad_reduce_bytes=4 if cfg.train.grad_reduce_dtype == "fp32" else 2)
     return work, micro
 
 
-def layout_from_config(cfg: Any, world_size: int, micro_batch_size: int | None = None) -> Layout:
+def layout_from_config(cfg: Config, world_size: int, micro_batch_size: int | None = None) -> Layout:
     """The layout a config would run at `world_size` (dp derived as in parallel/mesh.py)."""
     p, t = cfg.parallel, cfg.train
-    mp = p.tp * p.ulysses * p.ring * p.pp
-    return Layout(tp=p.tp, ulysses=p.ulysses, ring=p.ring, pp=p.pp, dp=max(1, world_size // mp),
-                  zero_stage=t.zero_stage, activation_checkpointing=getattr(t, "activation_checkpointing", "none"),
-                  ac_every=getattr(t, "ac_every", 1),
+    return Layout(tp=p.tp, ulysses=p.ulysses, ring=p.ring, pp=p.pp, dp=max(1, world_size // model_parallel_size(p)),
+                  zero_stage=t.zero_stage, activation_checkpointing=t.activation_checkpointing, ac_every=t.ac_every,
                   micro_batch_size=micro_batch_size or t.micro_batch_size, grad_accum=t.grad_accum)
