@@ -14,31 +14,31 @@ score matrix never exists (each block kernel is itself flash-style).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from megasora import kernels
 from megasora.parallel.block_attention import block_backward, block_forward, key_padding_bias
+from megasora.parallel.p2p import Exchange, exchange
 
-KV_TAG, DKV_TAG = 0, 8  # distinct p2p tags: K/V and dK/dV transfers can be in flight together
+# K/V and dK/dV hops can be in flight together: gloo tells them apart by tag, NCCL (which ignores
+# tags) by issue order, which is the same on every rank of the ring
+KV_TAG, DKV_TAG = 0, 8
 
 
 def ring_exchange(tensors: list[torch.Tensor], group: ProcessGroup, tag: int
-                  ) -> tuple[list[torch.Tensor], list[dist.Work]]:
-    """Start sending `tensors` to the next rank of the ring and receiving the previous rank's."""
+                  ) -> tuple[list[torch.Tensor], Exchange]:
+    """Start sending `tensors` to the next rank of the ring and receiving the previous rank's,
+    as one exchange: every rank sends and receives in the same call, so no order of the ranks
+    can leave two of them waiting on each other (megasora/parallel/p2p.py)."""
     ranks = dist.get_process_group_ranks(group)
     me = dist.get_rank(group)
     nxt, prv = ranks[(me + 1) % len(ranks)], ranks[(me - 1) % len(ranks)]
     recv = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group, tag + i) for i, t in enumerate(tensors)]
-    ops += [dist.P2POp(dist.irecv, r, prv, group, tag + i) for i, r in enumerate(recv)]
-    return recv, dist.batch_isend_irecv(ops)
-
-
-def _wait(works: list[dist.Work]) -> None:
-    for w in works:
-        w.wait()
+    return recv, exchange([(t, nxt) for t in tensors], [(r, prv) for r in recv], group, tag)
 
 
 class _RingAttentionFn(torch.autograd.Function):
@@ -46,19 +46,21 @@ class _RingAttentionFn(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, group: ProcessGroup, backend: str):
         world = dist.get_world_size(group)
         blocks = [k, v] if bias is None else [k, v, bias]  # what travels: (B, H, n, D) x2, (B, n)
-        out = lse = None
+        out: Optional[torch.Tensor] = None  # fp32 (B, H, n, D) merged over the blocks so far, and its LSE
+        lse: Optional[torch.Tensor] = None
         for step in range(world):
             if step + 1 < world:
-                incoming, works = ring_exchange(blocks, group, KV_TAG)  # overlap with this block
+                incoming, hop = ring_exchange(blocks, group, KV_TAG)  # overlap with this block
             b_cur = blocks[2] if bias is not None else None
             blk_out, blk_lse = block_forward(q, blocks[0], blocks[1], b_cur, backend)  # (B, H, n, D), (B, H, n)
-            if out is None:
+            if out is None or lse is None:
                 out, lse = blk_out.float(), blk_lse
             else:
                 out, lse = kernels.merge_attention_partials(out, lse, blk_out, blk_lse)
             if step + 1 < world:
-                _wait(works)
+                hop.wait()
                 blocks = incoming
+        assert out is not None  # world >= 1 blocks
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.group, ctx.backend = group, backend
@@ -70,26 +72,28 @@ class _RingAttentionFn(torch.autograd.Function):
         group, world = ctx.group, dist.get_world_size(ctx.group)
         blocks = [k, v] if bias is None else [k, v, bias]
         dq = torch.zeros_like(q, dtype=torch.float32)
-        dkv, dkv_works = None, []
+        dkv: Optional[list[torch.Tensor]] = None  # fp32 dK, dV of the block in hand, from the ranks it visited
+        dkv_hop = Exchange()
         for step in range(world):
             if step + 1 < world:
-                incoming, kv_works = ring_exchange(blocks, group, KV_TAG)
+                incoming, kv_hop = ring_exchange(blocks, group, KV_TAG)
             b_cur = blocks[2] if bias is not None else None
             dq_b, dk_b, dv_b = block_backward(dout, q, blocks[0], blocks[1], b_cur, out, lse, ctx.backend)
             dq += dq_b.float()
             dk_acc, dv_acc = dk_b.float(), dv_b.float()
             if dkv is not None:  # accumulators of this block from the ranks it visited before
-                _wait(dkv_works)
+                dkv_hop.wait()
                 dk_acc += dkv[0]
                 dv_acc += dkv[1]
             if world > 1:  # pass them on; after the last step they arrive home
-                dkv, dkv_works = ring_exchange([dk_acc, dv_acc], group, DKV_TAG)
+                dkv, dkv_hop = ring_exchange([dk_acc, dv_acc], group, DKV_TAG)
             else:
                 dkv = [dk_acc, dv_acc]
             if step + 1 < world:
-                _wait(kv_works)
+                kv_hop.wait()
                 blocks = incoming
-        _wait(dkv_works)
+        dkv_hop.wait()
+        assert dkv is not None  # world >= 1 blocks
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
