@@ -149,6 +149,23 @@ def test_gated_residual_modulated_norm(device, dtype, shape, norm, per_token):
             [x, gate, y, shift, scale, w, b], dtype, summed_grad_idx=(1, 3, 4, 5, 6))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_norms_of_wide_rows(device, dtype, norm):
+    """dit-30b's D = 6144 is past the rows the CUDA norms cache in shared memory (6080): the
+    uncached kernels must give the same results (fused.* calls the op itself, no fallback)."""
+    torch.manual_seed(0)
+    B, N, D = 2, 3, 6144
+    x, shift, scale, w, b = norm_inputs((B, N, D), dtype, device, per_token=False, noncontig=False, affine=True)
+    compare(lambda *a: fused.modulated_norm(*a, 1e-6, norm), lambda *a: reference.modulated_norm(*a, 1e-6, norm),
+            [x, shift, scale, w, b], dtype, summed_grad_idx=(1, 2, 3, 4))
+    gate, y = make(shift.shape, dtype, device), make((B, N, D), dtype, device)
+    compare(lambda *a: fused.gated_residual_modulated_norm(*a, 1e-6, norm),
+            lambda *a: reference.gated_residual_modulated_norm(*a, 1e-6, norm),
+            [x, gate, y, shift, scale, w, b], dtype, summed_grad_idx=(1, 3, 4, 5, 6))
+
+
 def rope_tables(N, half, device):
     theta = torch.rand(N, half, device=device) * 6.3
     return theta.cos(), theta.sin()

@@ -89,7 +89,8 @@ struct MergeArgs {
   DType dtype = DType::kFloat32;
 };
 
-// Largest row the norm kernels cache in shared memory (backward keeps two fp32 rows).
+// Largest row the norm kernels cache in shared memory (backward keeps two fp32 rows); wider
+// rows take the uncached kernels, which re-read global memory on each pass (any D works).
 constexpr int64_t kMaxNormDim = 6080;  // (2 * D + 32) fp32 must fit in 48 KiB
 
 cudaError_t norm_fwd(const NormFwdArgs& a, cudaStream_t stream);

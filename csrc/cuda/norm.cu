@@ -1,8 +1,9 @@
 // CUDA kernels: (gated residual +) adaLN modulated LayerNorm/RMSNorm, forward and backward,
 // and the plain gated residual. Semantics: megasora/kernels/reference.py.
 //
-// Forward: one block per row; the row is cached in shared memory as fp32 so x is read
-// from global memory once and the variance is an exact two-pass sum.
+// Forward: one block per row, the variance an exact two-pass sum. Rows of D <= kMaxNormDim
+// are cached in shared memory as fp32 (x read from global memory once); wider rows (dit-30b
+// has D = 6144) are re-read from global memory on each pass instead, same arithmetic.
 // Backward: a row kernel (grad of x, per-token modulation grads) and, for the sums over
 // rows (weight/bias grads, per-sample modulation grads), a column kernel that writes one
 // partial per chunk of rows into a workspace, then a finalize kernel that adds the chunks.
@@ -12,11 +13,18 @@
 namespace megasora::cuda {
 namespace {
 
+// The value the norm normalizes at row offset i: h as stored (the residual variant) or x.
+// Each thread re-reads only elements it wrote itself, so no barrier is needed.
 template <typename T>
+__device__ __forceinline__ float norm_input(const NormFwdArgs& a, int64_t i) {
+  return a.gate != nullptr ? ld<T>(a.h, i) : ld<T>(a.x, i);
+}
+
+template <typename T, bool kCached>
 __global__ void norm_fwd_kernel(NormFwdArgs a) {
   extern __shared__ float smem[];
-  float* row = smem;
-  float* red = smem + a.D;
+  float* red = smem;
+  float* row = smem + 32;  // kCached only
   const int64_t D = a.D, r = blockIdx.x, o = r * D;
   const int64_t mo = a.rows_per_mod ? (r / a.rows_per_mod) * D : 0;
   float s = 0.f;
@@ -29,13 +37,13 @@ __global__ void norm_fwd_kernel(NormFwdArgs a) {
     } else {
       v = ld<T>(a.x, o + d);
     }
-    row[d] = v;
+    if (kCached) row[d] = v;
     s += v;
   }
   const float mu = a.rms ? 0.f : block_sum(s, red) / static_cast<float>(D);
   float v2 = 0.f;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    const float t = row[d] - mu;
+    const float t = (kCached ? row[d] : norm_input<T>(a, o + d)) - mu;
     v2 += t * t;
   }
   const float rs = rsqrtf(block_sum(v2, red) / static_cast<float>(D) + a.eps);
@@ -44,7 +52,7 @@ __global__ void norm_fwd_kernel(NormFwdArgs a) {
     a.rstd[r] = rs;
   }
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float n = (row[d] - mu) * rs;
+    float n = ((kCached ? row[d] : norm_input<T>(a, o + d)) - mu) * rs;
     if (a.w != nullptr) n *= a.w[d];
     if (a.b != nullptr) n += a.b[d];
     if (a.scale != nullptr) n = n * (1.f + ld<T>(a.scale, mo + d)) + ld<T>(a.shift, mo + d);
@@ -56,39 +64,52 @@ __host__ __device__ inline bool per_sample(const NormBwdArgs& a) {
   return a.rows_per_mod > 0 && a.rows_per_mod == a.N;
 }
 
+// The normalized input xh and the gradient reaching it through modulation and weight, at
+// column d of the row at offset o (modulation row at mo).
+struct NormedGrad {
+  float xh, g;
+};
+
 template <typename T>
+__device__ __forceinline__ NormedGrad normed_grad(const NormBwdArgs& a, int64_t o, int64_t mo, int64_t d, float mu,
+                                                  float rs) {
+  const float xh = (ld<T>(a.xn, o + d) - mu) * rs;
+  float g = ld<T>(a.gout, o + d);
+  if (a.scale != nullptr) g *= 1.f + ld<T>(a.scale, mo + d);
+  return {xh, g * (a.w != nullptr ? a.w[d] : 1.f)};
+}
+
+template <typename T, bool kCached>
 __global__ void norm_bwd_rows(NormBwdArgs a) {
   extern __shared__ float smem[];
-  float* xhat = smem;
-  float* gxh = smem + a.D;
-  float* red = smem + 2 * a.D;
+  float* red = smem;
+  float* xhat = smem + 32;  // kCached only
+  float* gxh = xhat + a.D;
   const int64_t D = a.D, r = blockIdx.x, o = r * D;
   const int64_t mo = a.rows_per_mod ? (r / a.rows_per_mod) * D : 0;
   const bool by_sample = per_sample(a);
   const float mu = a.mean[r], rs = a.rstd[r];
   float s1 = 0.f, s2 = 0.f;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    const float xh = (ld<T>(a.xn, o + d) - mu) * rs;
-    const float w = a.w != nullptr ? a.w[d] : 1.f;
-    float g = ld<T>(a.gout, o + d);
-    if (a.scale != nullptr) {
-      if (!by_sample) {
-        st<T>(a.gshift, o + d, g);
-        st<T>(a.gscale, o + d, g * (xh * w + (a.b != nullptr ? a.b[d] : 0.f)));
-      }
-      g *= 1.f + ld<T>(a.scale, mo + d);
+    const NormedGrad n = normed_grad<T>(a, o, mo, d, mu, rs);
+    if (a.scale != nullptr && !by_sample) {
+      const float g = ld<T>(a.gout, o + d);
+      st<T>(a.gshift, o + d, g);
+      st<T>(a.gscale, o + d, g * (n.xh * (a.w != nullptr ? a.w[d] : 1.f) + (a.b != nullptr ? a.b[d] : 0.f)));
     }
-    g *= w;
-    xhat[d] = xh;
-    gxh[d] = g;
-    s1 += g;
-    s2 += g * xh;
+    if (kCached) {
+      xhat[d] = n.xh;
+      gxh[d] = n.g;
+    }
+    s1 += n.g;
+    s2 += n.g * n.xh;
   }
   const float inv_d = 1.f / static_cast<float>(D);
   const float m1 = a.rms ? 0.f : block_sum(s1, red) * inv_d;
   const float m2 = block_sum(s2, red) * inv_d;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float g = rs * (gxh[d] - m1 - xhat[d] * m2);
+    const NormedGrad n = kCached ? NormedGrad{xhat[d], gxh[d]} : normed_grad<T>(a, o, mo, d, mu, rs);
+    float g = rs * (n.g - m1 - n.xh * m2);
     if (a.gh != nullptr) g += ld<T>(a.gh, o + d);
     st<T>(a.gx, o + d, g);
     if (a.gate != nullptr) {
@@ -202,21 +223,30 @@ __global__ void gated_residual_bwd_kernel(NormBwdArgs a) {
 
 cudaError_t norm_fwd(const NormFwdArgs& a, cudaStream_t stream) {
   if (a.R == 0) return cudaSuccess;
-  if (a.D > kMaxNormDim) return cudaErrorInvalidValue;
   const int threads = row_threads(a.D);
-  const size_t smem = (a.D + 32) * sizeof(float);
-  MEGASORA_DISPATCH(a.dtype, (norm_fwd_kernel<T><<<static_cast<unsigned int>(a.R), threads, smem, stream>>>(a)));
+  const auto blocks = static_cast<unsigned int>(a.R);
+  if (a.D <= kMaxNormDim) {
+    const size_t smem = (a.D + 32) * sizeof(float);
+    MEGASORA_DISPATCH(a.dtype, (norm_fwd_kernel<T, true><<<blocks, threads, smem, stream>>>(a)));
+  } else {
+    MEGASORA_DISPATCH(a.dtype, (norm_fwd_kernel<T, false><<<blocks, threads, 32 * sizeof(float), stream>>>(a)));
+  }
   return cudaGetLastError();
 }
 
 cudaError_t norm_bwd(const NormBwdArgs& a, cudaStream_t stream) {
   if (a.R == 0) return cudaSuccess;
-  if (a.D > kMaxNormDim) return cudaErrorInvalidValue;
   const int threads = row_threads(a.D);
-  const size_t smem = (2 * a.D + 32) * sizeof(float);
+  const auto blocks = static_cast<unsigned int>(a.R);
   // Row kernel first: the column kernel's gate grad reads the finished grad of h.
-  MEGASORA_DISPATCH(a.dtype, norm_bwd_rows<T><<<static_cast<unsigned int>(a.R), threads, smem, stream>>>(a);
-                    column_reductions<T>(a, stream));
+  if (a.D <= kMaxNormDim) {
+    const size_t smem = (2 * a.D + 32) * sizeof(float);
+    MEGASORA_DISPATCH(a.dtype, norm_bwd_rows<T, true><<<blocks, threads, smem, stream>>>(a);
+                      column_reductions<T>(a, stream));
+  } else {
+    MEGASORA_DISPATCH(a.dtype, norm_bwd_rows<T, false><<<blocks, threads, 32 * sizeof(float), stream>>>(a);
+                      column_reductions<T>(a, stream));
+  }
   return cudaGetLastError();
 }
 

@@ -44,11 +44,6 @@ int64_t chunk_rows(const at::Tensor& x, const std::optional<at::Tensor>& mod) {
   return std::max<int64_t>(1, (N + per_sample - 1) / per_sample);
 }
 
-void check_dim(const at::Tensor& x) {
-  TORCH_CHECK(x.size(-1) <= mc::kMaxNormDim, "megasora CUDA norms support D <= ", mc::kMaxNormDim, ", got ",
-              x.size(-1));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_norm_fwd(
     const at::Tensor& x_, const std::optional<at::Tensor>& shift_, const std::optional<at::Tensor>& scale_,
     const std::optional<at::Tensor>& weight_, const std::optional<at::Tensor>& bias_, double eps, bool rms) {
@@ -63,7 +58,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_norm_fwd(
   }
   check_acc(weight, x, "weight");
   check_acc(bias, x, "bias");
-  check_dim(x);
   const RowLayout l = make_layout(x, scale, 1);
   at::Tensor out = at::empty_like(x);
   at::Tensor mean = at::empty({l.R}, x.options().dtype(at::kFloat)), rstd = at::empty_like(mean);
@@ -115,7 +109,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> modulated
   if (scale) check_mod(x, *scale, "scale");
   check_acc(weight, x, "weight");
   check_acc(bias, x, "bias");
-  check_dim(x);
   const RowLayout l = make_layout(x, scale, chunk_rows(x, scale));
   at::Tensor gx = at::empty_like(x);
   at::Tensor gshift = scale ? at::empty_like(*scale) : none_like(x);
@@ -156,7 +149,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_residual_modula
   TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type(), "megasora: y must match x");
   check_acc(weight, x, "weight");
   check_acc(bias, x, "bias");
-  check_dim(x);
   const RowLayout l = make_layout(x, scale, 1);
   at::Tensor h = at::empty_like(x), out = at::empty_like(x);
   at::Tensor mean = at::empty({l.R}, x.options().dtype(at::kFloat)), rstd = at::empty_like(mean);
@@ -201,7 +193,6 @@ gated_residual_modulated_norm_bwd(const std::optional<at::Tensor>& grad_h_, cons
   if (gh) TORCH_CHECK(gh->sizes() == h.sizes(), "megasora: grad_h must match h");
   check_acc(weight, h, "weight");
   check_acc(bias, h, "bias");
-  check_dim(h);
   const RowLayout l = make_layout(h, scale, chunk_rows(h, scale));
   at::Tensor gx = at::empty_like(h), gy = at::empty_like(h);
   at::Tensor ggate = at::empty_like(gate), gshift = at::empty_like(scale), gscale = at::empty_like(scale);

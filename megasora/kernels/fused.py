@@ -39,7 +39,6 @@ def ensure_loaded() -> None:
         CUDA_AVAILABLE, CUDA_LOAD_ERROR, CUDA_HOW = cuda.available, cuda.error or None, cuda.how
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CUDA_MAX_NORM_DIM = 6080  # the CUDA norms cache rows in shared memory (csrc/cuda/launch.h)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -218,7 +217,7 @@ def _mod_ok(x: torch.Tensor, *mods: torch.Tensor) -> bool:
 
 
 def supports_normalize(x, weight, bias) -> bool:
-    if x.dim() == 0 or x.shape[-1] == 0 or (x.is_cuda and x.shape[-1] > CUDA_MAX_NORM_DIM):
+    if x.dim() == 0 or x.shape[-1] == 0:
         return False
     return AVAILABLE and _dtype_ok(x) and device_ok(x) and _param_ok(weight, x) and _param_ok(bias, x)
 

@@ -11,6 +11,12 @@ decay, eps 1e-8), so a run can switch between them without changing its checkpoi
 
 `check_optimizer` tells, before any process group exists, whether this machine can run the
 choice; config.validate() has already rejected contradictory combinations.
+
+Gradient reduction: DeepSpeed sums gradients over dp x sp in `train.grad_reduce_dtype`, fp32 by
+default (as Megatron and torchtitan do): a bf16 run casts each bucket to fp32 for the
+all-reduce / reduce-scatter and back, so sums over hundreds of ranks do not round at every
+step of the ring, for twice the bytes (measured: bench/bench_grad_reduce.py, docs/benchmarks.md).
+`bf16` halves the bytes. On CUDA the reduction overlaps backward (`overlap_comm`, ZeRO 1-3).
 """
 from __future__ import annotations
 
@@ -29,9 +35,15 @@ EPS = 1e-8
 def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) -> dict[str, Any]:
     t = cfg.train
     zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage > 0:  # ZeRO-0 has no reduction to overlap
+        zero["overlap_comm"] = overlap_comm()
     if t.offload_optimizer == "cpu":  # ZeRO-Offload: fp32 master weights + Adam state live on the host
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
+        # Gradients are summed over dp x sp in this dtype whatever the model's (engine.py module
+        # docstring); DeepSpeed reads the second key instead of the first when sp > 1.
+        "communication_data_type": t.grad_reduce_dtype,
+        "seq_parallel_communication_data_type": t.grad_reduce_dtype,
         # Resuming under a different layout reads a universal checkpoint (see train/universal.py).
         "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -45,6 +57,13 @@ def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) ->
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+
+
+def overlap_comm() -> bool:
+    """Whether DeepSpeed overlaps the gradient reduction with backward: on CUDA, where it has a
+    side stream to run it on. Its CPU accelerator has no streams to overlap with, and ZeRO-1/2
+    would keep a second reduce bucket (5e8 elements) for nothing."""
+    return torch.cuda.is_available()
 
 
 def check_optimizer(cfg: Config) -> None:
@@ -72,7 +91,7 @@ def check_optimizer(cfg: Config) -> None:
 
 def load_deepspeed_op(builder_name: str) -> Any:
     """Build (JIT, into TORCH_EXTENSIONS_DIR, cached) and load one of DeepSpeed's ops for this accelerator."""
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # lazy: DeepSpeed takes ~1 s; every command imports this
     builder = get_accelerator().create_op_builder(builder_name)
     if builder is None:
         raise RuntimeError(f"accelerator {get_accelerator().device_name()} has no {builder_name}")
@@ -96,10 +115,10 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     betas = tuple(t.betas)
     if t.optimizer == "cpu_adam":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: DeepSpeed, ~1 s (see load_deepspeed_op)
         return DeepSpeedCPUAdam(groups, lr=t.lr, betas=betas, eps=EPS, adamw_mode=True)
     if t.optimizer == "fused_adam":
-        from deepspeed.ops.adam import FusedAdam
+        from deepspeed.ops.adam import FusedAdam  # lazy: DeepSpeed, ~1 s (see load_deepspeed_op)
         return FusedAdam(groups, lr=t.lr, betas=betas, eps=EPS, adam_w_mode=True)
     if t.optimizer == "apex_adam":
         return apex_fused_adam()(groups, lr=t.lr, betas=betas, eps=EPS, adam_w_mode=True)
@@ -108,7 +127,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def build_engine(cfg: Config, model: nn.Module, dp_size: int, mpu: Any = None, load_universal: bool = False) -> Any:
-    import deepspeed
+    import deepspeed  # lazy: DeepSpeed, ~1 s (see load_deepspeed_op)
     t = cfg.train
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
