@@ -8,8 +8,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
+import signal
 import sys
+import time
+from collections.abc import Mapping
+
+from megasora.errors import USER_ERROR_EXIT_CODE, UserError
+from megasora.launcher.env import launcher_rank
 
 COMMAND_MODULES = [
     "megasora.commands.train",
@@ -17,12 +22,12 @@ COMMAND_MODULES = [
     "megasora.commands.ckpt",
     "megasora.commands.config_docs",
     "megasora.commands.env",
-    "megasora.data.preprocess",
+    "megasora.commands.preprocess",
     "megasora.commands.train_vae",
-    "megasora.launcher.submit",
+    "megasora.commands.submit",
     "megasora.commands.scale",
     "megasora.commands.plan",
-    "megasora.eval.command",
+    "megasora.commands.eval",
 ]
 
 
@@ -39,18 +44,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging() -> None:
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
-    level = logging.INFO if rank == "0" else logging.WARNING
+    rank = launcher_rank()
+    level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("matplotlib", "PIL", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def report(err: UserError, environ: Mapping[str, str] | None = None, grace_s: float = 3.0) -> int:
+    """Print `err` as one line on global rank 0 (other ranks stay quiet); returns the exit status.
+
+    Every rank checks the same config, so all of them raise the same error. A launcher tears the
+    job down when its first rank exits; if that were rank 1, rank 0 could be killed before it
+    printed. So the other ranks first give rank 0 `grace_s` seconds (a SIGTERM from the launcher
+    ends the wait: the default handler replaces the preemption flag's).
+    """
+    if launcher_rank(environ) == 0:
+        print(err.line(), file=sys.stderr, flush=True)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(grace_s)
+    return USER_ERROR_EXIT_CODE
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run one command. A UserError (megasora/errors.py) becomes one line on global rank 0 and
     exit status 2 on every rank; any other exception is a bug and keeps its traceback."""
-    from megasora.errors import UserError, report
     args = build_parser().parse_args(argv)
     setup_logging()
     try:

@@ -6,18 +6,15 @@ empty data directory, a machine that cannot run the chosen option) raises a `Use
 
     megasora: <kind> error: <what went wrong>; <how to fix it>
 
-on stderr and exit status 2; under torchrun / srun / mpirun only global rank 0 prints it.
+on stderr and exit status USER_ERROR_EXIT_CODE; under torchrun / srun / mpirun only global rank 0
+prints it.
 Anything else is a programming error and keeps its traceback.
 """
 from __future__ import annotations
 
-import os
-import signal
-import sys
-import time
-from collections.abc import Mapping
-
-USER_ERROR_EXIT_CODE = 2
+# Exit statuses a launcher or script may act on (the sbatch template requeues on PREEMPTED).
+USER_ERROR_EXIT_CODE = 2  # a UserError: one line on stderr, nothing to retry until the input changes
+PREEMPTED_EXIT_CODE = 3   # SIGTERM/SIGUSR1 during training: checkpoint saved, stopped on purpose
 
 
 class UserError(Exception):
@@ -53,34 +50,3 @@ class EnvironmentProblem(UserError):
     """This machine cannot run what the config asks for (missing extension, GPU, package)."""
 
     kind = "environment"
-
-
-def launcher_rank(environ: Mapping[str, str] | None = None) -> int:
-    """Global rank from the launcher's environment, without any rendezvous (0 when unknown).
-
-    Same precedence as megasora.launcher.env.discover: torchrun/deepspeed, then MPI, then srun.
-    """
-    env = os.environ if environ is None else environ
-    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if key == "SLURM_PROCID" and "SLURM_STEP_ID" not in env:
-            continue  # a batch script or salloc shell is one process, not rank N of a step
-        value = env.get(key, "")
-        if value.isdigit():
-            return int(value)
-    return 0
-
-
-def report(err: UserError, environ: Mapping[str, str] | None = None, grace_s: float = 3.0) -> int:
-    """Print `err` as one line on global rank 0 (other ranks stay quiet); returns the exit status.
-
-    Every rank checks the same config, so all of them raise the same error. A launcher tears the
-    job down when its first rank exits; if that were rank 1, rank 0 could be killed before it
-    printed. So the other ranks first give rank 0 `grace_s` seconds (a SIGTERM from the launcher
-    ends the wait: the default handler replaces the preemption flag's).
-    """
-    if launcher_rank(environ) == 0:
-        print(err.line(), file=sys.stderr, flush=True)
-    else:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        time.sleep(grace_s)
-    return USER_ERROR_EXIT_CODE

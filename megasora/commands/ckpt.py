@@ -13,6 +13,19 @@ import argparse
 import json
 from pathlib import Path
 
+from safetensors.torch import save_file
+
+from megasora.train.checkpoint import (
+    TAG_RE,
+    CheckpointError,
+    CheckpointInfo,
+    find_resumable,
+    list_tags,
+    read_model_weights,
+    verify,
+)
+from megasora.train.universal import convert_to_universal
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ckpt", help="inspect / export / convert checkpoints", description=__doc__,
@@ -35,7 +48,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def checkpoints_root(path: Path) -> tuple[Path, str | None]:
     """(checkpoints directory, tag or None) of a run dir, its checkpoints/ dir or one step_X dir."""
-    from megasora.train.checkpoint import TAG_RE, CheckpointError
     if not path.exists():
         raise CheckpointError(f"{path} does not exist", "pass a run directory (run.dir), its checkpoints/ "
                               "directory or one step_XXXXXXXX directory")
@@ -51,7 +63,6 @@ def _size(path: Path) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from megasora.train.checkpoint import CheckpointError, list_tags, verify
     root, _ = checkpoints_root(Path(args.dir))
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
     tags = list_tags(root)
@@ -74,13 +85,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
 
-    from megasora.train.checkpoint import read_model_weights
     root, tag = checkpoints_root(Path(args.dir))
     weights, cfg, used_ema = read_model_weights(root, args.tag or tag, ema=args.ema)
     if args.ema and not used_ema:
-        from megasora.train.checkpoint import CheckpointError
         raise CheckpointError("ckpt export --ema: this checkpoint has no EMA weights (it was trained with "
                               "train.ema_decay=0)", "drop --ema to export the raw weights")
     out = Path(args.out)
@@ -92,8 +100,6 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from megasora.train.checkpoint import CheckpointError, CheckpointInfo, find_resumable, verify
-    from megasora.train.universal import convert_to_universal
     root, tag = checkpoints_root(Path(args.dir))
     tag = args.tag or tag
     info = CheckpointInfo(root, tag, verify(root / tag)) if tag else find_resumable(root)

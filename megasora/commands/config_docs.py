@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megasora.config import render_config_docs
+from megasora.errors import UserError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("config-docs", help="print the configuration reference (docs/config.md)",
@@ -13,13 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megasora.config import render_config_docs
     text = render_config_docs() + "\n"
     if args.out:
         try:
             Path(args.out).write_text(text)
         except OSError as err:
-            from megasora.errors import UserError
             raise UserError(f"cannot write --out {args.out} ({err.strerror})",
                             "pass a path in an existing, writable directory") from err
     else:

@@ -18,6 +18,14 @@ import subprocess
 import sys
 from typing import Any
 
+import torch
+
+import megasora
+from megasora import kernels
+from megasora.kernels import fused
+from megasora.launcher.env import LaunchError, discover
+from megasora.train.engine import apex_fused_adam
+
 PACKAGES = [("deepspeed", "deepspeed"), ("transformers", "transformers"), ("diffusers", "diffusers"),
             ("webdataset", "webdataset"), ("av", "PyAV"), ("mpi4py", "mpi4py"), ("numpy", "numpy"),
             ("safetensors", "safetensors")]
@@ -57,21 +65,19 @@ def openmpi_version() -> str:
 
 
 def torch_section() -> dict[str, Any]:
-    import torch
     nccl = "n/a"
     if torch.cuda.is_available():
         try:
             nccl = ".".join(map(str, torch.cuda.nccl.version()))
         except Exception as err:  # CUDA build without NCCL
             nccl = f"unavailable ({type(err).__name__})"
-    from torch.utils.cpp_extension import CUDA_HOME
+    from torch.utils.cpp_extension import CUDA_HOME  # lazy: loads setuptools (0.3 s) for one line of `env`
     return {"torch": torch.__version__, "torch CUDA build": torch.version.cuda or "none (CPU build)",
             "CUDA toolkit (CUDA_HOME)": CUDA_HOME or "not found", "NCCL": nccl,
             "torch threads": torch.get_num_threads()}
 
 
 def devices() -> list[str]:
-    import torch
     if not torch.cuda.is_available():
         return [f"cpu ({os.cpu_count()} cores); no CUDA device visible"]
     out = []
@@ -82,8 +88,6 @@ def devices() -> list[str]:
 
 
 def kernels_section(build: bool) -> dict[str, Any]:
-    from megasora import kernels
-    from megasora.kernels import fused
     if build:
         fused.ensure_loaded()  # JIT-builds a missing extension, as training would
     return {"CPU extension": fused.HOW if fused.AVAILABLE else f"unavailable: {fused.LOAD_ERROR}",
@@ -92,7 +96,6 @@ def kernels_section(build: bool) -> dict[str, Any]:
 
 
 def optimizer_section() -> dict[str, Any]:
-    from megasora.train.engine import apex_fused_adam
     apex = apex_fused_adam()
     return {"NVIDIA apex FusedAdam": f"importable ({apex.__module__})" if apex else "not importable "
             "(train.optimizer=apex_adam unavailable)",
@@ -103,7 +106,7 @@ def optimizer_section() -> dict[str, Any]:
 def deepspeed_op_status(name: str) -> str:
     """Whether DeepSpeed could build the op here (its own compatibility check; no build)."""
     try:
-        from deepspeed.accelerator import get_accelerator
+        from deepspeed.accelerator import get_accelerator  # lazy: DeepSpeed takes seconds; a broken install is reported
         builder = get_accelerator().create_op_builder(name)
         if builder is None:
             return f"not offered by the {get_accelerator().device_name()} accelerator"
@@ -115,7 +118,6 @@ def deepspeed_op_status(name: str) -> str:
 
 
 def launcher_section() -> dict[str, Any]:
-    from megasora.launcher.env import LaunchError, discover
     try:
         found = discover()
         launch = (f"{found.launcher}: rank {found.rank}/{found.world_size}, local rank {found.local_rank}/"
@@ -126,7 +128,6 @@ def launcher_section() -> dict[str, Any]:
 
 
 def collect(build: bool = True) -> dict[str, dict[str, Any]]:
-    import megasora
     packages = {label: version_of(module) for module, label in PACKAGES}
     return {
         "system": {"megasora": f"{version_of('megasora')} at {os.path.dirname(megasora.__file__)}",

@@ -14,6 +14,9 @@ import json
 import time
 
 from megasora.config import load_config
+from megasora.plan.hardware import PlanError, load_hardware
+from megasora.plan.search import search, smallest_fitting_nodes
+from megasora.plan.workload import workload_from_config
 
 GIB = 1024 ** 3
 
@@ -79,9 +82,6 @@ def _per_sample_terms(p) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megasora.plan.hardware import PlanError, load_hardware
-    from megasora.plan.search import search, smallest_fitting_nodes
-    from megasora.plan.workload import workload_from_config
     cfg = load_config(args.config, list(args.set))
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise PlanError(f"--nodes={args.nodes} and --gpus-per-node={args.gpus_per_node} must be >= 1")

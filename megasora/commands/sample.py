@@ -14,8 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from megasora.config import Config
+from megasora.commands.ckpt import checkpoints_root
+from megasora.config import Config, apply_overrides, config_from_dict
+from megasora.data.video_io import tensor_to_frames, write_video
+from megasora.diffusion import modes
+from megasora.diffusion.modes import Codec, InputError, InputLoader
+from megasora.launcher.env import discover
+from megasora.models import build_dit
+from megasora.models.text import TextEncoder, check_text_path
+from megasora.models.vae import check_vae_path
+from megasora.parallel import init_parallel
+from megasora.parallel.mesh import LayoutError, validate_config_layout
+from megasora.train.checkpoint import CheckpointError, read_model_weights
+from megasora.train.distributed import device_for, init_distributed
 
 log = logging.getLogger("megasora")
 
@@ -76,10 +90,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_sampling_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Config, Path]:
     """The DiT and its config (with --set applied) from a run's checkpoint or an exported safetensors file."""
-    from megasora.commands.ckpt import checkpoints_root
-    from megasora.config import apply_overrides, config_from_dict
-    from megasora.models import build_dit
-    from megasora.train.checkpoint import read_model_weights
     if args.weights:
         path = _existing(args.weights, "--weights")
         weights, cfg_dict = read_exported(path)
@@ -97,10 +107,6 @@ def load_sampling_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Conf
 
 def read_exported(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Weights and config of `megasora ckpt export` output (F.safetensors + F.json), or one clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from megasora.train.checkpoint import CheckpointError
     fix = "pass a file written by `megasora ckpt export`, with its .json beside it"
     try:
         weights = load_file(str(path))
@@ -114,14 +120,12 @@ def read_exported(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _existing(path: str, flag: str) -> Path:
-    from megasora.diffusion.modes import InputError
     if not Path(path).is_file():
         raise InputError(f"{flag} {path} does not exist", f"pass an existing file to {flag}")
     return Path(path)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    from megasora.diffusion.modes import InputError
     prompts = list(args.prompt)
     if args.prompts:
         prompts += [line.strip() for line in _existing(args.prompts, "--prompts").read_text().splitlines()
@@ -136,7 +140,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def check_request(args: argparse.Namespace, cfg: Config) -> None:
     """Every size / flag combination the mode needs, as one InputError line."""
-    from megasora.diffusion.modes import InputError
     pt, ph, pw = cfg.model.patch
     needs = {"i2v": ["image"], "extend": ["video"], "loop": ["video"], "connect": ["video", "video2"],
              "edit": ["video"]}.get(args.mode, [])
@@ -158,11 +161,12 @@ def check_request(args: argparse.Namespace, cfg: Config) -> None:
                          f"pass --window {2 * pt} or more")
     if not 0.0 <= args.strength <= 1.0:
         raise InputError(f"--strength {args.strength} is outside [0, 1]", "pass e.g. --strength 0.6")
+    check_vae_path(cfg.vae.path)  # the run's VAE decodes the samples: a moved one fails here, not after sampling
+    check_text_path(cfg.text.path)
 
 
 def check_world(cfg: Config, world: int) -> None:
     """Sampling shards one clip over sequence / tensor parallel ranks; it has no dp or pp."""
-    from megasora.parallel.mesh import LayoutError, validate_config_layout
     p = cfg.parallel
     model_ranks = p.tp * p.ulysses * p.ring
     if p.pp != 1 or world != model_ranks:
@@ -176,8 +180,6 @@ def check_world(cfg: Config, world: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megasora.diffusion import modes
-    from megasora.launcher.env import discover
     world = discover().world_size
     prompts = read_prompts(args)
     model, cfg, out_dir = load_sampling_model(args)
@@ -190,7 +192,6 @@ def run(args: argparse.Namespace) -> int:
         rank = start_sequence_parallel(model, cfg, world)
     elif torch.cuda.is_available():
         model.cuda()
-    from megasora.models.text import TextEncoder
     text, mask = TextEncoder(cfg.text.path or None, cfg.text.max_length).encode(prompts)
     window = args.window or cfg.data.frames
     context = modes.context_frames(args.mode, window, cfg.model.patch[0])
@@ -205,7 +206,6 @@ def run(args: argparse.Namespace) -> int:
 
 def encode_inputs(args: argparse.Namespace, cfg: Config) -> dict[str, torch.Tensor]:
     """The mode's image / video inputs as latents at one size."""
-    from megasora.diffusion.modes import Codec, InputLoader
     if args.mode in ("t2v", "t2i"):
         return {}
     size = (args.height or None, args.width or None)
@@ -226,10 +226,8 @@ def encode_inputs(args: argparse.Namespace, cfg: Config) -> dict[str, torch.Tens
 
 def start_sequence_parallel(model: torch.nn.Module, cfg: Config, world: int) -> int:
     """Process group + mesh; the model's sequence is sharded over tp x ulysses x ring. Returns the rank."""
-    from megasora.parallel import init_parallel
-    from megasora.train.distributed import device_for, init_distributed
     env = init_distributed()
-    init_parallel(model, cfg.parallel, world)
+    init_parallel(model, cfg.parallel, world, cfg.train)
     model.to(device_for(env))
     log.info("sampling with the sequence sharded over %d ranks (tp=%d ulysses=%d ring=%d)", world,
              cfg.parallel.tp, cfg.parallel.ulysses, cfg.parallel.ring)
@@ -244,7 +242,6 @@ def windows_needed(args: argparse.Namespace, cfg: Config, window: int, context: 
 
 def run_mode(s, args: argparse.Namespace, cfg: Config, inputs: dict[str, torch.Tensor], window: int,
              context: int) -> torch.Tensor:
-    from megasora.diffusion import modes
     frames, pt = args.frames or cfg.data.frames, cfg.model.patch[0]
     if args.mode == "t2v":
         return modes.t2v(s, frames, args.height or cfg.data.height, args.width or cfg.data.width)
@@ -268,8 +265,6 @@ def run_mode(s, args: argparse.Namespace, cfg: Config, inputs: dict[str, torch.T
 
 def write_outputs(args: argparse.Namespace, cfg: Config, out_dir: Path, prompts: list[str],
                   latents: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
-    from megasora.data.video_io import tensor_to_frames, write_video
-    from megasora.diffusion.modes import Codec
     codec = Codec(cfg) if cfg.vae.path or cfg.model.in_channels == 3 else None
     pixels = codec.decode(latents) if codec is not None else latents[:, :3].clamp(-1, 1)
     upscale = args.upscale if not cfg.vae.path else 1

@@ -7,6 +7,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from megasora.commands.submit import add_slurm_arguments, prepare_job, submit_script
+from megasora.scale.launch import run_points
+from megasora.scale.markdown import table
+from megasora.scale.predict import planned_layouts
+from megasora.scale.report import report
+from megasora.scale.status import DONE, point_status
+from megasora.scale.study import Point, Study, StudyError, describe, plan_study
+
 log = logging.getLogger("megasora")
 
 EPILOG = """examples:
@@ -52,7 +60,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Plan the study, check every point, then sbatch one job per node count.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _study_arguments(s, "--nodes", "node counts, e.g. --nodes 1 2 4 8")
-    from megasora.launcher.submit import add_slurm_arguments
     add_slurm_arguments(s)
     s.add_argument("--dry-run", action="store_true", help="print every point's sbatch script, submit nothing")
     s.set_defaults(func=run_submit)
@@ -79,8 +86,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _plan(args: argparse.Namespace, launcher: str, procs_per_node: int, gpu: str | None):
     """Plan (or find again) the study; `gpu` None = CPU, predicted from measured numbers."""
-    from megasora.scale.predict import planned_layouts
-    from megasora.scale.study import Study, StudyError, describe, plan_study
     layouts = planned_layouts(args.config, args.sizes, procs_per_node, launcher, args.set, gpu) \
         if args.plan else None
     study = plan_study(args.config, args.sizes, procs_per_node, args.mode, args.steps, args.warmup, args.out,
@@ -97,8 +102,6 @@ def _plan(args: argparse.Namespace, launcher: str, procs_per_node: int, gpu: str
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from megasora.scale.launch import submit_points
-    from megasora.scale.study import StudyError
     study = _plan(args, "slurm", args.tasks_per_node or args.gpus_per_node or 1,
                   (args.gpu or "h100") if args.gpus_per_node else None)
     if any(p.job_id for p in study.points) and not args.dry_run:
@@ -113,9 +116,31 @@ def run_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def point_job_args(args: argparse.Namespace, study: Study, point: Point) -> argparse.Namespace:
+    """`megasora submit`'s arguments for one point: its nodes, overrides, job name and log dir."""
+    base_name = args.job_name or Path(study.config).stem
+    log_dir = Path(args.log_dir) / point.name if args.log_dir else Path(point.run_dir) / "slurm"
+    return argparse.Namespace(**{**vars(args), "config": study.config, "nodes": point.nodes,
+                                 "tasks_per_node": point.procs_per_node, "set": list(point.overrides),
+                                 "job_name": f"{base_name}-{point.name}", "log_dir": str(log_dir)})
+
+
+def submit_points(study: Study, args: argparse.Namespace, dry_run: bool) -> None:
+    """One sbatch job per point; the job ids are saved in study.json as they are queued."""
+    jobs = [(point, *prepare_job(point_job_args(args, study, point))) for point in study.points]
+    for point, spec, script, notes in jobs:  # every point checked before the first is queued
+        for note in notes:
+            print(f"note: {point.name}: {note}", file=sys.stderr)
+        if dry_run:
+            print(f"# ---- {point.name}: {spec.job_name}\n{script}", end="")
+            continue
+        job_id, path = submit_script(spec, script)
+        point.job_id = job_id
+        study.save()
+        print(f"{point.name}: submitted job {job_id} ({point.nodes} node(s)), script {path}", file=sys.stderr)
+
+
 def run_local(args: argparse.Namespace) -> int:
-    from megasora.scale.launch import run_points
-    from megasora.scale.status import DONE, point_status
     study = _plan(args, "local", 1, args.gpu)
     study.save()
     todo = [p for p in study.points if point_status(study, p).state != DONE]
@@ -129,8 +154,6 @@ def run_local(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from megasora.scale.status import point_status
-    from megasora.scale.study import Study
     study = Study.load(args.dir)
     print(f"{'point':<7} {'ranks':>5}  {'job':<9} {'state':<8} {'steps':>9}  reason")
     for point in study.points:
@@ -141,9 +164,6 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from megasora.scale.markdown import table
-    from megasora.scale.report import report
-    from megasora.scale.study import Study
     rows, files = report(Study.load(args.dir))
     print("\n".join(table(rows)))
     print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)

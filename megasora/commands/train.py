@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from megasora.config import load_config
+from megasora.train.preemption import process_flag
+from megasora.train.trainer import train
+
 EPILOG = """examples:
   megasora train --config configs/tiny.yaml --set train.steps=20 --set run.dir=runs/try
   torchrun --standalone --nproc_per_node 2 -m megasora train --config configs/tiny.yaml
@@ -31,9 +35,6 @@ def add_training_arguments(p: argparse.ArgumentParser, example_config: str) -> N
 
 
 def run(args: argparse.Namespace) -> int:
-    from megasora.train.preemption import process_flag
-    process_flag().install()  # before heavy imports: early SIGUSR1/SIGTERM still save cleanly
-    from megasora.config import load_config
+    process_flag().install()  # before DeepSpeed starts (seconds): an early SIGUSR1/SIGTERM still saves
     cfg = load_config(args.config, args.overrides)  # fails before any process group starts
-    from megasora.train.trainer import train
     return train(cfg, resume=args.resume).exit_code

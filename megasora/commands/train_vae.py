@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+from megasora.commands.train import add_training_arguments
+from megasora.config import load_config
+from megasora.train.preemption import process_flag
+from megasora.train.vae import train_vae
+
 EPILOG = """examples:
   megasora train-vae --config configs/quickstart.yaml --set run.dir=runs/vae
   torchrun --standalone --nproc_per_node 2 -m megasora train-vae --config configs/quickstart.yaml
@@ -20,15 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train-vae", help="train the causal video VAE on real clips (reconstruction + KL)",
                               description=__doc__, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    from megasora.commands.train import add_training_arguments
     add_training_arguments(p, "configs/quickstart-vae.yaml")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from megasora.train.preemption import process_flag
-    process_flag().install()  # before heavy imports: early SIGUSR1/SIGTERM still save cleanly
-    from megasora.config import load_config
+    process_flag().install()  # before DeepSpeed starts (seconds): an early SIGUSR1/SIGTERM still saves
     cfg = load_config(args.config, args.overrides)
-    from megasora.train.vae import train_vae
     return train_vae(cfg, resume=args.resume).exit_code

@@ -29,11 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from megasora.config import Config
+from megasora.data.video_io import is_image, iter_video_clips, read_image
 from megasora.diffusion.masks import frame_mask, latent_frame_mask
 from megasora.diffusion.sampler import FrameCondition, Progress, sample_euler
 from megasora.errors import UserError
+from megasora.models.vae import latents_to_pixels, pixels_to_latents, vae_from_config
 
 log = logging.getLogger("megasora")
 
@@ -56,7 +59,6 @@ class Codec:
         self.vae = None
         self.temporal, self.spatial = 1, 1
         if cfg.vae.path:
-            from megasora.models.vae import vae_from_config
             self.vae = vae_from_config(cfg.vae).eval()
             self.temporal, self.spatial = self.vae.temporal_factor, self.vae.spatial_factor
         elif cfg.model.in_channels != 3:
@@ -73,14 +75,12 @@ class Codec:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return pixels.float()
-        from megasora.models.vae import pixels_to_latents
         return pixels_to_latents(self.vae, pixels)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return latents.clamp(-1, 1)
-        from megasora.models.vae import latents_to_pixels
         return latents_to_pixels(self.vae, latents)
 
 
@@ -111,7 +111,6 @@ def _check_path(path: str, flag: str) -> Path:
 
 def decode_frames(path: str, flag: str, max_frames: int, fps: float) -> np.ndarray:
     """The first `max_frames` frames (at `fps`) of a video, or an image as one frame: uint8 (T, H, W, 3)."""
-    from megasora.data.video_io import is_image, iter_video_clips, read_image
     p = _check_path(path, flag)
     try:
         if is_image(p):
@@ -143,7 +142,6 @@ class InputLoader:
 
     def video(self, path: str, flag: str, latent_frames: int) -> torch.Tensor:
         """(1, C, T, h, w) latents of the first `latent_frames` (a multiple of pt) of a video."""
-        from megasora.data.video_io import is_image
         if is_image(path):
             _check_path(path, flag)
             raise InputError(f"{flag} {path} is an image, but this mode continues or edits a video",
@@ -203,6 +201,8 @@ class ModeSampler:
         """Sample one `window`-frame clip whose first (`head`) / last (`tail`) frames are given."""
         head, tail = known.get("head"), known.get("tail")
         ref = head if head is not None else tail
+        if ref is None:
+            raise ValueError("window_with needs known head or tail frames")
         _, c, _, h, w = ref.shape
         latents = torch.zeros(self.batch, c, window, h, w)
         mask = torch.zeros(window, dtype=torch.bool)
@@ -285,7 +285,8 @@ class StepProgress:
     """tqdm on a terminal, a log line per quarter of the steps otherwise (Slurm logs); rank 0 only."""
 
     def __init__(self, enabled: bool, windows: int) -> None:
-        self.enabled, self.windows, self._bar = enabled, windows, None
+        self.enabled, self.windows = enabled, windows
+        self._bar: tqdm | None = None
 
     def __call__(self, window: int) -> Progress:
         def update(done: int, total: int) -> None:
@@ -293,7 +294,6 @@ class StepProgress:
                 return
             if sys.stderr.isatty():
                 if self._bar is None:
-                    from tqdm import tqdm
                     self._bar = tqdm(total=total * self.windows, desc="sample", unit="step", dynamic_ncols=True)
                 self._bar.update(1)
             elif done == total or done % max(1, total // 4) == 0:

@@ -15,8 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from megasora.data.synthetic import COLORS, DIRECTIONS, SHAPES
+from megasora.diffusion.sampler import sample_euler
+from megasora.models.text import TextEncoder
 
 BACKGROUND = -0.9  # the renderer's background value in every channel
 
@@ -145,10 +148,6 @@ def score_clips(videos: np.ndarray, captions: list[str], min_speed: float = 0.5)
 def sample_prompts(model, cfg, captions: list[str], seed: int = 0, steps: int = 30,
                    guidance: float = 4.0, batch: int = 8) -> np.ndarray:
     """One text-to-video sample per caption from a pixel-space synthetic model: (B, 3, T, H, W) in [-1, 1]."""
-    import torch
-
-    from megasora.diffusion.sampler import sample_euler
-    from megasora.models.text import TextEncoder
     if cfg.vae.path:
         raise ValueError("prompt scoring needs a pixel-space synthetic run (vae.path empty), "
                          f"this run decodes through {cfg.vae.path}")

@@ -82,6 +82,44 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
     raise LaunchError(f"MEGASORA_LAUNCHER={launcher!r}; expected one of {LAUNCHERS}")
 
 
+def launcher_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's global rank from the launcher's variables alone, before or without
+    `discover`: no rendezvous, never raises, 0 when unknown. Logging and error reports use it; it
+    reads the variable `discover` takes the rank from, so the two cannot disagree."""
+    env = os.environ if environ is None else environ
+    try:
+        keys = _rank_keys(env)
+    except LaunchError:  # a batch shell of a many-task job is one process; `discover` says what is wrong
+        return 0
+    value = env.get(keys[0], "") if keys else ""
+    return int(value) if value.isdigit() else 0
+
+
+def rank_and_world(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world size) for ranks that share work but never rendezvous (`megasora preprocess`);
+    (0, 1) for a single process. Raises LaunchError where `discover` would."""
+    env = os.environ if environ is None else environ
+    keys = _rank_keys(env)
+    if keys is None:
+        return 0, 1
+    rank, world = _int(env, keys[0], "launcher"), _int(env, keys[1], "launcher")
+    if not 0 <= rank < world:
+        raise LaunchError(f"{keys[0]}={rank} is outside {keys[1]}={world}")
+    return rank, world
+
+
+def _rank_keys(env: Mapping[str, str]) -> tuple[str, str] | None:
+    """The (rank, world size) variables of the launcher that started this process; None if single."""
+    launcher = env.get("MEGASORA_LAUNCHER") or detect_launcher(env)
+    if launcher in ("torchrun", "deepspeed"):
+        return "RANK", "WORLD_SIZE"
+    if launcher == "mpi":
+        return MPI_KEYS[_mpi_flavour(env)][:2]
+    if launcher == "slurm":
+        return "SLURM_PROCID", "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    return None
+
+
 def detect_launcher(env: Mapping[str, str]) -> str:
     if "RANK" in env or "WORLD_SIZE" in env:
         # DeepSpeed's launcher sets these on top of the torch variables; torchrun does not.
@@ -225,8 +263,7 @@ MPI_KEYS = {  # rank, size, local rank, local size
 
 
 def _from_mpi(env: Mapping[str, str]) -> DistEnv:
-    flavour = "openmpi" if "OMPI_COMM_WORLD_RANK" in env else "mpich"
-    rank_k, size_k, lrank_k, lsize_k = MPI_KEYS[flavour]
+    rank_k, size_k, lrank_k, lsize_k = MPI_KEYS[_mpi_flavour(env)]
     rank, world = _int(env, rank_k, "mpi"), _int(env, size_k, "mpi")
     master_addr, master_port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if master_addr is None or master_port is None:
@@ -243,10 +280,14 @@ def _from_mpi(env: Mapping[str, str]) -> DistEnv:
     )
 
 
+def _mpi_flavour(env: Mapping[str, str]) -> str:
+    return "openmpi" if "OMPI_COMM_WORLD_RANK" in env else "mpich"
+
+
 def _mpi_rendezvous(master_addr: str | None) -> tuple[str, int]:
     """Rank 0 picks its address and a free port and broadcasts both over MPI."""
     try:
-        from mpi4py import MPI
+        from mpi4py import MPI  # lazy: optional (dev extra), only mpirun without MASTER_ADDR needs it
     except ImportError as err:
         raise LaunchError("mpi: launched by mpirun but mpi4py is not installed; "
                           "`pip install mpi4py` or set MASTER_ADDR and MASTER_PORT") from err

@@ -1,6 +1,7 @@
 """Plain single-device models: the DiT, its embeddings, the text encoder."""
 from __future__ import annotations
 
+from megasora import kernels
 from megasora.config import Config
 from megasora.models.dit import DiT, DiTArch
 
@@ -14,6 +15,5 @@ def dit_arch(cfg: Config) -> DiTArch:
 
 
 def build_dit(cfg: Config) -> DiT:
-    from megasora import kernels
     kernels.set_backend(cfg.model.kernels)  # a process-wide choice of op implementation, not model state
     return DiT(dit_arch(cfg))

@@ -6,7 +6,7 @@
     megasora scale report DIR      # DIR/scaling.csv, DIR/scaling.md, DIR/*.png
 
 study.py   the plan: points, layouts, weak/strong batch arithmetic, study.json
-launch.py  Slurm jobs through megasora.launcher.submit, or local torchrun runs
+launch.py  local torchrun runs (Slurm jobs: commands/scale.py, through `megasora submit`)
 status.py  pending / running / done / failed (+ reason) from Slurm and the run directories
 report.py  steady-state numbers per point, efficiency, scaling.csv
 predict.py the planner's (megasora.plan) step time and layout for a point

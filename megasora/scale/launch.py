@@ -1,4 +1,5 @@
-"""Launching a study's points: Slurm jobs through `megasora submit`'s path, or local torchrun runs.
+"""Running a study's points locally, one torchrun after another (Slurm jobs: commands/scale.py
+queues them through `megasora submit`'s checks and rendering).
 
 Each point trains in its own run directory, <out>/points/<name>/, with the usual contents
 (config.yaml, metrics.jsonl, ...). Local runs also leave launch.json (pid, command) while
@@ -6,7 +7,6 @@ running and exit.json (return code, seconds) when done, which `megasora scale st
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -21,35 +21,6 @@ from megasora.scale.study import EXIT_FILE, LAUNCH_FILE, LOCAL_LOG, TIMEOUT_RC, 
 
 log = logging.getLogger("megasora")
 
-
-# --- Slurm ----------------------------------------------------------------------------------
-
-def point_job_args(args: argparse.Namespace, study: Study, point: Point) -> argparse.Namespace:
-    """`megasora submit`'s arguments for one point: its nodes, overrides, job name and log dir."""
-    base_name = args.job_name or Path(study.config).stem
-    log_dir = Path(args.log_dir) / point.name if args.log_dir else Path(point.run_dir) / "slurm"
-    return argparse.Namespace(**{**vars(args), "config": study.config, "nodes": point.nodes,
-                                 "tasks_per_node": point.procs_per_node, "set": list(point.overrides),
-                                 "job_name": f"{base_name}-{point.name}", "log_dir": str(log_dir)})
-
-
-def submit_points(study: Study, args: argparse.Namespace, dry_run: bool) -> None:
-    """One sbatch job per point; the job ids are saved in study.json as they are queued."""
-    from megasora.launcher.submit import prepare_job, submit_script
-    jobs = [(point, *prepare_job(point_job_args(args, study, point))) for point in study.points]
-    for point, spec, script, notes in jobs:  # every point checked before the first is queued
-        for note in notes:
-            print(f"note: {point.name}: {note}", file=sys.stderr)
-        if dry_run:
-            print(f"# ---- {point.name}: {spec.job_name}\n{script}", end="")
-            continue
-        job_id, path = submit_script(spec, script)
-        point.job_id = job_id
-        study.save()
-        print(f"{point.name}: submitted job {job_id} ({point.nodes} node(s)), script {path}", file=sys.stderr)
-
-
-# --- local torchrun -------------------------------------------------------------------------
 
 def torchrun_command(study: Study, point: Point, python: str = sys.executable) -> list[str]:
     args = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={point.procs_per_node}",

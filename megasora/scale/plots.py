@@ -20,10 +20,15 @@ from megasora.scale.study import Study
 GiB = 1024 ** 3
 
 
+def comm_axes(rows: list[dict[str, Any]]) -> list[str]:
+    """Axes with a `comm_s/<axis>` total (not the `comm_s/<axis>/<kind>` parts of it)."""
+    return sorted({k.split("/")[1] for r in rows for k in r if k.startswith("comm_s/") and k.count("/") == 1})
+
+
 def _pyplot():
-    import matplotlib
+    import matplotlib  # lazy: ~1 s to import, and only `scale report` draws
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after choosing the Agg backend
     return plt
 
 
@@ -114,7 +119,6 @@ def _draw_step_time(ax, done: list[dict[str, Any]]) -> None:
 
 
 def plot_comm_share(study: Study, rows: list[dict[str, Any]], path: Path) -> Path:
-    from megasora.scale.report import comm_axes
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     done = _done(rows, "step_time_s")

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from megasora.config import load_config
+from megasora.plan.hardware import load_hardware
+from megasora.plan.predict import predict
+from megasora.plan.search import best_layout
+from megasora.plan.workload import layout_from_config, workload_from_config
 from megasora.scale.study import Point, Study, StudyError, point_config, point_shape, split_overrides
 
 # The layout keys --plan takes from the planner. Not micro_batch_size / grad_accum: the
@@ -25,7 +29,6 @@ PLANNED_KEYS = ("parallel.tp", "parallel.ulysses", "parallel.ring", "parallel.pp
 
 @functools.lru_cache(maxsize=None)
 def _hardware(name: str) -> Any:
-    from megasora.plan.hardware import load_hardware
     return load_hardware(name)  # "cpu" measures this machine once per process
 
 
@@ -39,16 +42,11 @@ def point_hardware(study: Study, records: list[dict[str, Any]]) -> Any:
 
 
 def predicted_columns(study: Study, point: Point, records: list[dict[str, Any]]) -> dict[str, float]:
-    """The planner's step time for this point and its parts, as report columns; {} if it can't say.
+    """The planner's step time for this point and its parts, as report columns.
 
     predicted_step_time_s = predicted/compute_s + predicted/recompute_s + the sum of
     predicted/comm_s/<axis> + predicted/bubble_s, next to the measured time/* and comm_s/<axis>.
     """
-    try:
-        from megasora.plan.predict import predict
-        from megasora.plan.workload import layout_from_config, workload_from_config
-    except ImportError:
-        return {}
     cfg = point_config(study, point)
     _, micro = workload_from_config(cfg)
     layout = layout_from_config(cfg, point.world_size, micro)
@@ -61,11 +59,6 @@ def predicted_columns(study: Study, point: Point, records: list[dict[str, Any]])
 def planned_layouts(config: str, sizes: list[int], procs_per_node: int, launcher: str, overrides: list[str],
                     gpu: str | None) -> dict[int, list[str]]:
     """Per size, the overrides of the planner's fastest layout that fits (PLANNED_KEYS only)."""
-    try:
-        from megasora.plan.search import best_layout
-    except ImportError as err:
-        raise StudyError(f"--plan needs the planner's layout search (megasora.plan.search): {err}",
-                         "set each point's layout with --set N:parallel.KEY=VALUE instead") from err
     common, _ = split_overrides(overrides, sorted(sizes))
     cfg = load_config(config, common)
     hardware = _hardware(gpu or "cpu")

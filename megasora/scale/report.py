@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from megasora.scale.markdown import write_markdown
+from megasora.scale.plots import comm_axes, write_plots
 from megasora.scale.predict import predicted_columns
 from megasora.scale.status import DONE, point_status
 from megasora.scale.study import Point, Study
@@ -95,11 +97,6 @@ def add_scaling(rows: list[dict[str, Any]]) -> None:
         row["efficiency"] = row["samples_per_s"] / row["ideal_samples_per_s"]
 
 
-def comm_axes(rows: list[dict[str, Any]]) -> list[str]:
-    """Axes with a `comm_s/<axis>` total (not the `comm_s/<axis>/<kind>` parts of it)."""
-    return sorted({k.split("/")[1] for r in rows for k in r if k.startswith("comm_s/") and k.count("/") == 1})
-
-
 def collect(study: Study) -> list[dict[str, Any]]:
     rows = [point_row(study, p) for p in study.points]
     add_scaling(rows)
@@ -125,8 +122,6 @@ def _csv_value(value: Any) -> Any:
 
 def report(study: Study) -> tuple[list[dict[str, Any]], list[Path]]:
     """Write scaling.csv, scaling.md and the plots into the study directory; return rows and files."""
-    from megasora.scale.markdown import write_markdown
-    from megasora.scale.plots import write_plots
     out = Path(study.out)
     rows = collect(study)
     write_csv(rows, out / "scaling.csv")

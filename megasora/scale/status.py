@@ -15,6 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from megasora.errors import PREEMPTED_EXIT_CODE
 from megasora.scale.study import EXIT_FILE, LAUNCH_FILE, LOCAL_LOG, TIMEOUT_RC, Point, Study
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
@@ -83,7 +84,6 @@ def _local_status(point: Point) -> PointStatus:
 
 
 def _exit_reason(rc: int, timed_out: bool) -> str:
-    from megasora.train.preemption import PREEMPTED_EXIT_CODE
     if timed_out:
         return "timeout (--timeout reached)"
     if rc == PREEMPTED_EXIT_CODE:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from megasora.config import Config, ConfigError, load_config
 from megasora.errors import UserError
+from megasora.parallel.mesh import LayoutError, validate_config_layout
 
 MODES = ("weak", "strong")
 STUDY_FILE = "study.json"
@@ -124,7 +125,6 @@ def _load(config: str, overrides: list[str], where: str) -> Config:
 
 
 def _layout(cfg: Config, world: int, where: str) -> dict[str, int]:
-    from megasora.parallel.mesh import LayoutError, validate_config_layout
     try:
         layout = validate_config_layout(cfg, world)
     except LayoutError as err:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megasora.errors import UserError
+from megasora.train.universal import convert_to_universal
 
 log = logging.getLogger("megasora")
 
@@ -260,7 +261,6 @@ def read_model_weights(root: Path, tag: str | None = None, ema: bool = True
 
 def _weights_via_universal(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     """TP-sharded or ZeRO-3 weights: DeepSpeed's universal conversion holds full fp32 tensors."""
-    from megasora.train.universal import convert_to_universal
     uni = info.root / f"{info.tag}.universal"
     if not uni.is_dir():
         convert_to_universal(info.path, uni)

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 log = logging.getLogger("megasora")
 
 
@@ -28,10 +30,9 @@ class MetricsLogger:
         if not enabled:
             return
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazy: ~1.4 s to import; only rank 0 writes
         self._tb = SummaryWriter(str(run_dir / "tensorboard"))
         if sys.stderr.isatty():
-            from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -67,9 +68,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def plot_loss(metrics_path: Path, out_path: Path) -> None:
     """Loss and learning-rate curves, because people look at curves, not tables."""
-    import matplotlib
+    import matplotlib  # lazy: ~1 s to import, and only rank 0 draws, once at the end
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after choosing the Agg backend
     records = read_metrics(metrics_path)
     if not records:
         return

@@ -1,16 +1,13 @@
 """Preemption signals: SIGTERM / SIGUSR1 ask the trainer to save and exit cleanly.
 
 The handler only records the request; the training loop checks it after each optimizer
-step, saves a checkpoint, and exits with PREEMPTED_EXIT_CODE so a launcher (Slurm
+step, saves a checkpoint, and exits with PREEMPTED_EXIT_CODE (megasora/errors.py) so a launcher (Slurm
 requeue logic in slurm/) knows the job stopped on purpose and should be requeued.
 """
 from __future__ import annotations
 
 import signal
 import threading
-
-# Documented in README and docs/: "exit 3 = checkpoint saved after a preemption signal".
-PREEMPTED_EXIT_CODE = 3
 
 
 class PreemptionFlag:

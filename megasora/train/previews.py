@@ -14,24 +14,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from megasora.config import Config
+from megasora.data.video_io import write_video
+from megasora.diffusion.modes import Codec
+from megasora.diffusion.sampler import sample_euler
+from megasora.models import build_dit
+from megasora.models.text import TextEncoder
 
 log = logging.getLogger("megasora")
 
 
 @lru_cache(maxsize=2)
 def _text_encoder(path: str, max_length: int):
-    from megasora.models.text import TextEncoder
     return TextEncoder(path or None, max_length)
 
 
 @torch.no_grad()
 def sample_previews(cfg: Config, weights: dict[str, torch.Tensor], device: torch.device) -> np.ndarray:
     """uint8 (T, H, B*W, 3): the prompts' clips side by side, at the training clip size."""
-    from megasora.diffusion.modes import Codec
-    from megasora.diffusion.sampler import sample_euler
-    from megasora.models import build_dit
     model = build_dit(cfg)
     model.load_state_dict({k: v.float() for k, v in weights.items()})
     model.to(device).eval()
@@ -48,7 +50,6 @@ def sample_previews(cfg: Config, weights: dict[str, torch.Tensor], device: torch
 def write_previews(cfg: Config, weights: dict[str, torch.Tensor], step: int, device: torch.device,
                    writer=None) -> Path:
     """Sample and write run/samples/step_N.mp4 (+ TensorBoard through `writer`); returns the mp4 path."""
-    from megasora.data.video_io import write_video
     frames = sample_previews(cfg, weights, device)
     zoom = max(1, 64 // frames.shape[1])  # tiny pixel-space clips are unwatchable at 16 px
     frames = frames.repeat(zoom, axis=1).repeat(zoom, axis=2)
@@ -64,10 +65,9 @@ def write_previews(cfg: Config, weights: dict[str, torch.Tensor], step: int, dev
 def add_video(writer, tag: str, frames: np.ndarray, step: int, fps: float) -> None:
     """SummaryWriter.add_video, with a Pillow GIF encoder when moviepy (its encoder) is missing."""
     try:
-        import moviepy  # noqa: F401
+        import moviepy  # noqa: F401  # lazy: optional, only asked whether TensorBoard can encode video
     except ImportError:
-        from PIL import Image
-        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.compat.proto.summary_pb2 import Summary  # lazy: TensorBoard takes ~1 s to import
         buffer = io.BytesIO()
         images = [Image.fromarray(f) for f in frames]
         images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],
@@ -84,5 +84,5 @@ def add_video(writer, tag: str, frames: np.ndarray, step: int, fps: float) -> No
 @lru_cache(maxsize=4)
 def preview_writer(run_dir: Path):
     """A TensorBoard writer for the previews beside the metrics' one (its own event file)."""
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # lazy: ~1.4 s to import; only rank 0 writes
     return SummaryWriter(str(run_dir / "tensorboard"), filename_suffix=".samples")

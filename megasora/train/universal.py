@@ -28,7 +28,7 @@ def universal_checkpoint_info(model: nn.Module) -> dict[str, Any]:
     Recorded from the model's TP plan, not from the current tp degree: a checkpoint saved at
     tp=1 must still tell DeepSpeed how to slice row-parallel weights for a tp=2 resume.
     """
-    from deepspeed.checkpoint import constants as c
+    from deepspeed.checkpoint import constants as c  # lazy: DeepSpeed takes ~1 s; `megasora ckpt` imports this module
     split = tp_partition_dims(model)
     replicated, row_parallel = [], []
     for name, _ in model.named_parameters():
@@ -44,7 +44,7 @@ def universal_checkpoint_info(model: nn.Module) -> dict[str, Any]:
 
 def convert_to_universal(tag_dir: Path, out_dir: Path) -> None:
     """Run DeepSpeed's ds_to_universal (one process); atomic: written to a temp dir, then renamed."""
-    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint import ds_to_universal  # lazy: DeepSpeed, ~1 s (see above)
     tmp = out_dir.with_name(out_dir.name + ".converting")
     shutil.rmtree(tmp, ignore_errors=True)
     args = ds_to_universal.argparse.Namespace(

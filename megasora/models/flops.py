@@ -7,16 +7,13 @@ timestep MLP then run once per sample. tests/test_flops.py checks this against a
 and against torch.utils.flop_counter.FlopCounterMode on the tiny model.
 
 Model FLOPs (MFU) are forward + backward, backward = 2 x forward (grad of input and of
-weight). Hardware FLOPs (HFU) add what activation checkpointing re-runs in backward:
-`full` repeats a checkpointed block's whole forward, `selective` all of it except the
-self-attention products (its output and log-sum-exp are kept).
+weight). What activation checkpointing re-runs on top (HFU) is train/recompute.py.
 """
 from __future__ import annotations
 
 import math
 
 from megasora.models.dit import DiTArch
-from megasora.parallel.activation_checkpointing import checkpointed_blocks
 
 TIMESTEP_FREQ_DIM = 256  # models/embeddings.py TimestepEmbedder's sinusoidal width
 
@@ -61,10 +58,3 @@ def dit_forward_flops(arch: DiTArch, tokens: int, text_tokens: int) -> float:
 def dit_train_flops(arch: DiTArch, tokens: int, text_tokens: int) -> float:
     """Model FLOPs of one training sample: forward + backward (backward = 2 x forward)."""
     return 3.0 * dit_forward_flops(arch, tokens, text_tokens)
-
-
-def dit_recompute_flops(arch: DiTArch, tokens: int, text_tokens: int, mode: str, every: int = 1) -> float:
-    """Forward FLOPs re-run in backward by activation checkpointing, for one sample."""
-    blocks = len(checkpointed_blocks(arch.depth, mode, every))
-    block = block_forward_flops(arch, tokens, text_tokens)
-    return blocks * (block["rest"] + (block["self_attention"] if mode == "full" else 0.0))

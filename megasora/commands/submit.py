@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megasora.config import Config, load_config
-from megasora.errors import UserError
-from megasora.train.preemption import PREEMPTED_EXIT_CODE
+from megasora.errors import PREEMPTED_EXIT_CODE, UserError
+from megasora.parallel.mesh import LayoutError, validate_config_layout
+from megasora.plan.hardware import load_hardware
+from megasora.plan.search import fit_warning
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TEMPLATE = REPO_ROOT / "slurm" / "templates" / "train.sbatch"
@@ -82,7 +84,6 @@ def check_layout(spec: JobSpec, cfg: Config) -> list[str]:
             f"not divisible by the model-parallel size {layout}; with {spec.tasks_per_node} "
             f"tasks per node use a multiple of {step} nodes (e.g. --nodes {step * max(1, spec.nodes // step)})"
             f" or change parallel.* in the config")
-    from megasora.parallel.mesh import LayoutError, validate_config_layout
     try:  # the model-dependent checks the trainer would make at start-up (heads, widths, ZeRO-3 x sp)
         validate_config_layout(cfg, spec.world_size)
     except LayoutError as err:
@@ -209,8 +210,6 @@ def fit_notes(spec: JobSpec, cfg: Config, gpu: str) -> list[str]:
     """The planner's memory check (megasora/plan) of a GPU job's layout: a warning if it won't fit."""
     if not spec.gpus_per_node:
         return []
-    from megasora.plan.hardware import load_hardware
-    from megasora.plan.predict import fit_warning
     warning = fit_warning(cfg, spec.nodes, spec.gpus_per_node, load_hardware(gpu))
     return [f"warning: {warning}"] if warning else []
 

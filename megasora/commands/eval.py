@@ -11,6 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
+from megasora.commands.sample import contact_sheet, load_sampling_model, zoom_frames
+from megasora.data.video_io import tensor_to_frames, write_video
+from megasora.errors import UserError
+from megasora.eval.motion_probe import probe_losses
+from megasora.eval.prompt_score import prompt_grid, sample_prompts, score_clips
+
 EPILOG = """examples:
   megasora eval-prompts --run runs/tiny-prompt
   megasora eval-prompts --run runs/tiny-prompt --prompts 48 --probe --min-match 0.9 --json scores.json
@@ -41,7 +49,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from megasora.errors import UserError
     if args.prompts < 1 or args.steps < 1 or args.upscale < 1:
         raise UserError(f"--prompts {args.prompts} / --steps {args.steps} / --upscale {args.upscale} must be >= 1",
                         "pass positive counts")
@@ -50,7 +57,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _check_run(cfg) -> None:
-    from megasora.errors import UserError
     if cfg.data.kind != "synthetic" or cfg.vae.path:
         raise UserError(f"this run trains on data.kind={cfg.data.kind!r} (vae.path={cfg.vae.path!r}); the prompt "
                         "score reads synthetic-shape clips in pixel space", "pass a run of data.kind=synthetic")
@@ -58,18 +64,12 @@ def _check_run(cfg) -> None:
 
 def write_sheet(path: str, videos, upscale: int) -> None:
     """(B, 3, T, H, W) clips in [-1, 1] -> a PNG with one row of frames per clip."""
-    import torch
-
-    from megasora.commands.sample import contact_sheet, zoom_frames
-    from megasora.data.video_io import tensor_to_frames, write_video
     clips = [zoom_frames(tensor_to_frames(torch.from_numpy(v)), upscale) for v in videos]
     write_video(path, contact_sheet(clips)[None], 1.0)
     print(f"wrote {path}  (one row per prompt, in the order above)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from megasora.commands.sample import load_sampling_model
-    from megasora.eval.prompt_score import prompt_grid, sample_prompts, score_clips
     _check_args(args)
     model, cfg, _ = load_sampling_model(args)
     _check_run(cfg)
@@ -85,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
     print(grid.summary())
     result = {"colour": grid.rate("color_ok"), "direction": grid.rate("direction_ok"), "match": grid.rate("match")}
     if args.probe:
-        from megasora.eval.motion_probe import probe_losses
         result["probe"] = probe_losses(model, cfg)
         print("loss probe: " + ", ".join(f"{k} {v:.5f}" for k, v in result["probe"].items()))
     if args.json:
