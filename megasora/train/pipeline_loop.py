@@ -68,8 +68,8 @@ class PipelineTrainingLoop(TrainingLoop):
     def stage_input(self, micro: dict[str, Any], step: int) -> StageInput:
         """Exactly what FlowMatchingObjective feeds the model and the loss."""
         x0 = micro["latents"].to(device=self.device, dtype=self.dtype)
-        noised = noise_batch(x0, micro["ids"], step, self.cfg.train.seed, self.cfg.diffusion,
-                             tuple(self.cfg.model.patch))
+        pt, ph, pw = self.cfg.model.patch
+        noised = noise_batch(x0, micro["ids"], step, self.cfg.train.seed, self.cfg.diffusion, (pt, ph, pw))
         return StageInput(noised.x_t, noised.t_tokens.to(self.dtype),
                           micro["text_emb"].to(device=self.device, dtype=self.dtype),
                           micro["text_mask"].to(self.device), noised.drop_text, noised.target, noised.loss_mask)

@@ -14,7 +14,7 @@ from torch import nn
 from megasora.config import Config
 from megasora.data.sources import check_source
 from megasora.launcher.env import DistEnv, discover
-from megasora.models import build_dit
+from megasora.models import DiT, build_dit
 from megasora.parallel import MeshMPU, init_parallel
 from megasora.parallel.activation_checkpointing import apply_activation_checkpointing
 from megasora.parallel.mesh import validate_config_layout
@@ -28,10 +28,10 @@ from megasora.train.throughput import DiTWork
 log = logging.getLogger("megasora")
 
 
-def setup_parallel(cfg: Config, model: nn.Module, world_size: int) -> DataParallel:
+def setup_parallel(cfg: Config, model: DiT, world_size: int) -> DataParallel:
     """Mesh + tp/ulysses/ring applied to `model` (megasora/parallel), then activation checkpointing
     (it wraps the parallel attention); dp is what remains of the world."""
-    mesh = init_parallel(model, cfg.parallel, world_size, cfg.train)
+    mesh = init_parallel(model, cfg.parallel, world_size, cfg.train, cfg.model.attention_kernel)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
     return DataParallel(rank=mesh.rank_in("dp"), size=mesh.size("dp"), group=mesh.group("dp"), mpu=MeshMPU(mesh),
                         tp_group=mesh.group("tp"))
