@@ -36,7 +36,7 @@ import torch.multiprocessing as mp
 from megasora.config import load_config
 from megasora.models import build_dit
 from megasora.parallel.activation_checkpointing import apply_activation_checkpointing
-from megasora.parallel.mesh import ParallelLayout, build_mesh
+from megasora.parallel.mesh import build_mesh, validate_config_layout
 from megasora.parallel.parallelize import parallelize
 from megasora.train.memory_probe import LiveTensorBytes
 
@@ -66,7 +66,7 @@ class ModeRun:
 
     def __init__(self, cfg, mesh, mode: str, device: torch.device) -> None:
         torch.manual_seed(cfg.train.seed)
-        self.model = parallelize(build_dit(cfg), mesh, cfg.parallel).to(device)
+        self.model = parallelize(build_dit(cfg), mesh).to(device)
         apply_activation_checkpointing(self.model, mode)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.mode = mode
@@ -124,7 +124,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: 
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world)
     cfg = bench_config(args)
-    mesh = build_mesh(ParallelLayout.from_config(cfg.parallel, world))
+    mesh = build_mesh(validate_config_layout(cfg, world))
     inputs = make_inputs(cfg, args.batch, device)
     runs = [ModeRun(cfg, mesh, mode, device) for mode in MODES]
     memory = {run.mode: measure_memory(run, inputs, device) for run in runs}

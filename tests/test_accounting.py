@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from megasora.parallel.mesh import ParallelLayout
 from megasora.plan.communication import bus_factor, comm_volume, stage_block_counts, transfer_seconds
+from megasora.plan.workload import layout_from_config, workload_from_config
 
 from parallel_utils import run_distributed, run_launched
 
@@ -146,8 +147,10 @@ def runs(tmp_path_factory) -> dict:
 def _analytic(name: str) -> dict[str, int]:
     from megasora.config import load_config
     cfg = load_config(REPO / "configs" / "tiny.yaml", BASE + CASES[name])
-    layout = ParallelLayout.from_config(cfg.parallel, 2)
-    volume = comm_volume(cfg, layout, TOKENS, TEXT, stage=0)  # global rank 0 writes metrics.jsonl
+    work, micro = workload_from_config(cfg)
+    assert (work.tokens, work.text_tokens) == (TOKENS, TEXT)
+    volume = comm_volume(work, layout_from_config(cfg, 2, micro), stage=0,  # global rank 0 writes metrics.jsonl
+                         pp_boundaries=cfg.parallel.pp_boundaries)
     out = {f"comm_bytes/{axis}/{kind}": nbytes for axis, kinds in volume.items() for kind, nbytes in kinds.items()}
     out.update({f"comm_bytes/{axis}": sum(kinds.values()) for axis, kinds in volume.items()})
     return out

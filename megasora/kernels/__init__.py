@@ -18,8 +18,9 @@ import logging
 
 import torch
 
-from megasora.errors import EnvironmentProblem, launcher_rank
+from megasora.errors import EnvironmentProblem
 from megasora.kernels import fused, reference
+from megasora.launcher.env import launcher_rank
 
 __all__ = [
     "apply_rope",

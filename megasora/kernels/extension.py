@@ -16,6 +16,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from megasora.launcher.env import launcher_rank
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"  # present in a checkout / editable install
@@ -40,7 +44,7 @@ def jit_enabled() -> bool:
 
 
 def build_dir() -> str:
-    from torch.utils.cpp_extension import _get_build_directory
+    from torch.utils.cpp_extension import _get_build_directory  # lazy: loads setuptools (0.3 s), for builds only
     return os.path.dirname(_get_build_directory("megasora_jit_cpu", verbose=False))
 
 
@@ -60,9 +64,7 @@ def jit_build(name: str, sources: list[str], cuda: bool, prebuilt: Extension) ->
     if missing:
         return Extension(False, error=f"{prebuilt.error}; cannot JIT-build: {CSRC / missing[0]} not found "
                                       "(csrc/ ships with a checkout, not with a wheel)")
-    from torch.utils import cpp_extension
-
-    from megasora.errors import launcher_rank
+    from torch.utils import cpp_extension  # lazy: loads setuptools (0.3 s), for builds only
     if launcher_rank() == 0:  # every rank builds or waits for the build (a file lock); one says so
         log.warning("megasora.kernels: %s; JIT-building %s from csrc/ into %s (once per checkout, "
                     "minutes)", prebuilt.error, name, build_dir())
@@ -83,13 +85,12 @@ def load_cpu() -> Extension:
 
 def load_cuda() -> Extension:
     """The CUDA kernels; only tried on a CUDA build of torch with a CUDA device and toolkit."""
-    import torch
     found = import_prebuilt("megasora._C_cuda")
     if found.available:
         return found
     if torch.version.cuda is None or not torch.cuda.is_available():
         return Extension(False, error=f"{found.error}; no CUDA device or CUDA build of torch")
-    from torch.utils.cpp_extension import CUDA_HOME
+    from torch.utils.cpp_extension import CUDA_HOME  # lazy: loads setuptools (0.3 s), for builds only
     if CUDA_HOME is None:
         return Extension(False, error=f"{found.error}; no CUDA toolkit (CUDA_HOME) to JIT-build it")
     return jit_build("megasora_jit_cuda", CUDA_SOURCES, True, found)

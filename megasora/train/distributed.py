@@ -12,7 +12,7 @@ def init_distributed() -> DistEnv:
     env = discover()
     export_torch_env(env)
     if not dist.is_initialized():
-        import deepspeed
+        import deepspeed  # lazy: DeepSpeed takes ~1 s to import, and every `megasora` command imports this module
         from deepspeed.accelerator import get_accelerator
         backend = get_accelerator().communication_backend_name()  # nccl on CUDA, gloo on CPU
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,

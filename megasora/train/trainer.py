@@ -8,7 +8,9 @@ parallelize -> DeepSpeed engine -> resume) -> data stream at the resumed global 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
+import torch
 from torch import nn
 
 from megasora.config import Config
@@ -17,6 +19,7 @@ from megasora.launcher.env import DistEnv, discover
 from megasora.models import DiT, build_dit
 from megasora.parallel import MeshMPU, init_parallel
 from megasora.parallel.activation_checkpointing import apply_activation_checkpointing
+from megasora.parallel.materialize import materialize
 from megasora.parallel.mesh import validate_config_layout
 from megasora.train.engine import check_optimizer
 from megasora.train.loop import TrainingLoop, TrainResult
@@ -38,12 +41,15 @@ def setup_parallel(cfg: Config, model: DiT, world_size: int) -> DataParallel:
 
 
 def build_parallel_dit(cfg: Config, env: DistEnv) -> tuple[nn.Module, DataParallel]:
-    """The whole DiT, sliced by parallelize; with parallel.pp > 1 only this rank's stage (docs/pipeline.md)."""
-    model = build_dit(cfg)
+    """This rank's part of the DiT (its tp shard; with parallel.pp > 1 only its stage, docs/pipeline.md):
+    built, parallelized and cut on the meta device, then given the values of the seeded
+    single-process init (megasora/parallel/materialize.py), so no rank holds the whole model."""
+    with torch.device("meta"):
+        model = build_dit(cfg)
     parallel = setup_parallel(cfg, model, env.world_size)
-    if cfg.parallel.pp > 1:
-        return pipeline_stage(cfg, model, parallel.mpu.mesh), parallel
-    return model, parallel
+    local = pipeline_stage(cfg, model, parallel.mpu.mesh) if cfg.parallel.pp > 1 else model
+    materialize(local, partial(build_dit, cfg), parallel.mpu.mesh.rank_in("tp"))
+    return local, parallel
 
 
 def train(cfg: Config, resume: str | None = None) -> TrainResult:
