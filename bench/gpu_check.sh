@@ -13,6 +13,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFF
 # JIT builds of the csrc extension land here and are reused by the pytest the check starts
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 export MEGASORA_CACHE="${MEGASORA_CACHE:-$PWD/.cache}"
+# Every tensor a collective gets must live on the training device (parallel/device_check.py): on the
+# GPU a host tensor reaching NCCL is a failure here, not a hang on the first cluster.
+export MEGASORA_CHECK_COLLECTIVE_DEVICES="${MEGASORA_CHECK_COLLECTIVE_DEVICES:-1}"
 if [[ " $* " == *" --dry "* ]]; then export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=""; fi
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 exec "$PYTHON" bench/gpu_check.py "$@"
