@@ -5,6 +5,7 @@ two at a time), then a few of them again under a 2-rank torchrun, where only ran
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -16,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from megasora.errors import UserError, launcher_rank, report
+from megasora.cli import build_parser, report
+from megasora.errors import MissingPathError, UserError
+from megasora.launcher.env import launcher_rank
+from megasora.models.vae import load_vae
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny.yaml"
@@ -141,6 +145,48 @@ def cases(f: dict[str, Path]) -> list[Case]:
              "config", "config file not found"),
         Case("plan a missing config", ["plan", "--config", "configs/nope.yaml", "--nodes", "1",
                                        "--gpus-per-node", "8"], "config", "config file not found"),
+        *path_cases(f),
+    ]
+
+
+def path_cases(f: dict[str, Path]) -> list[Case]:
+    """A path in a config or an argument that does not exist (or is not what it should be), per command."""
+    root, out = f["root"], str(f["root"] / "out")
+    vae = str(root / "vae" / "vae.safetensors")  # as in configs/quickstart.yaml before train-vae ran
+    preprocess = ["preprocess", "--config", "configs/quickstart.yaml", "--out", out]
+    previews = ["--set", "train.sample_every=1", "--set", "train.ema_decay=0.9"]
+    sample = ["sample", "--run", str(f["run"]), "--prompt", "x", "--steps", "1", "--out", f"{out}/s.mp4"]
+    return [
+        Case("preprocess before the VAE is trained", [*preprocess, "--set", f"vae.path={vae}", "some/missing/path"],
+             "config", f"vae.path='{vae}' does not exist; train one first with `megasora train-vae"),
+        Case("preprocess with a VAE directory that is not one",
+             [*preprocess, "--set", f"vae.path={f['empty']}", str(f["empty"])], "config", "not a diffusers VAE"),
+        Case("preprocess with a corrupt VAE file",
+             [*preprocess, "--set", f"vae.path={root / 'corrupt.safetensors'}", str(f["empty"])], "config",
+             "is not a readable .safetensors file"),
+        Case("preprocess with a missing text encoder", [*preprocess, "--set", "vae.path=", "--set",
+                                                       "text.path=/nonexistent/t5", str(f["empty"])],
+             "config", "text.path='/nonexistent/t5' is not a directory"),
+        Case("preprocess without --out", ["preprocess", "--config", TINY, str(f["empty"])], "usage",
+             "needs an output directory"),
+        Case("train with a missing text encoder", ["train", "--config", TINY, "--set", "text.path=/nonexistent/t5"],
+             "config", "text.path='/nonexistent/t5' is not a directory"),
+        Case("train previews through a missing VAE",
+             ["train", "--config", TINY, *previews, "--set", f"vae.path={vae}"], "config",
+             f"vae.path='{vae}' does not exist"),
+        Case("sample through a missing VAE", [*sample, "--set", f"vae.path={vae}"], "config",
+             f"vae.path='{vae}' does not exist"),
+        Case("sample with a missing text encoder", [*sample, "--set", "text.path=/nonexistent/t5"], "config",
+             "text.path='/nonexistent/t5' is not a directory"),
+        Case("scale run on missing shards", ["scale", "run", "--config", TINY, "--procs", "1", "--steps", "4",
+                                             "--out", f"{out}/study", "--set", "data.kind=shards", "--set",
+                                             "data.shards=/nonexistent/shards"], "data", "is not a directory"),
+        Case("scale status of a missing study", ["scale", "status", "/nonexistent/study"], "study",
+             "study.json not found"),
+        Case("eval-prompts from a missing run", ["eval-prompts", "--run", "/nonexistent/run"], "checkpoint",
+             "does not exist"),
+        Case("eval-prompts from missing weights", ["eval-prompts", "--weights", "/nonexistent.safetensors"], "input",
+             "does not exist"),
     ]
 
 
@@ -169,12 +215,15 @@ def check_one_line(case: Case, proc: subprocess.CompletedProcess) -> str | None:
     return f"{case.name}: {', '.join(problems)}\n{output[-1500:]}"
 
 
-COMMANDS = ["train", "train-vae", "sample", "preprocess", "ckpt", "submit", "plan", "config-docs"]
+COMMANDS = ["train", "train-vae", "sample", "preprocess", "ckpt", "submit", "plan", "config-docs", "scale",
+            "eval-prompts"]
 
 
 def test_the_table_covers_every_command() -> None:
+    """Every subcommand that reads something a user names (all but `env`) has bad-input cases."""
     table = cases({name: Path("/x") for name in ("root", "empty", "run", "ckpt", "truncated", "garbage")})
-    assert len(table) >= 25 and {c.args[0] for c in table} == set(COMMANDS)
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert len(table) >= 25 and {c.args[0] for c in table} == set(COMMANDS) == set(subcommands) - {"env"}
 
 
 @pytest.mark.slow
@@ -218,3 +267,12 @@ def test_line_format_and_rank_detection(capsys: pytest.CaptureFixture) -> None:
     assert launcher_rank({"SLURM_PROCID": "2", "SLURM_STEP_ID": "0"}) == 2
     assert report(err, {"RANK": "0"}) == 2 and capsys.readouterr().err == err.line() + "\n"
     assert report(err, {"RANK": "1"}, grace_s=0) == 2 and capsys.readouterr().err == ""
+
+
+def test_a_missing_vae_names_the_key_and_how_to_get_one(tmp_path: Path) -> None:
+    missing = str(tmp_path / "vae.safetensors")
+    with pytest.raises(MissingPathError) as err:
+        load_vae(missing)
+    line = err.value.line()
+    assert line.startswith(f"megasora: config error: vae.path='{missing}' does not exist; "), line
+    assert "megasora train-vae" in line

@@ -8,6 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from megasora.commands.submit import add_slurm_arguments, prepare_job, submit_script
+from megasora.config import load_config
+from megasora.data.sources import check_source
 from megasora.scale.launch import run_points
 from megasora.scale.markdown import table
 from megasora.scale.predict import planned_layouts
@@ -142,6 +144,8 @@ def submit_points(study: Study, args: argparse.Namespace, dry_run: bool) -> None
 
 def run_local(args: argparse.Namespace) -> int:
     study = _plan(args, "local", 1, args.gpu)
+    for point in study.points:  # one line now, rather than each point's torchrun failing into its log
+        check_source(load_config(study.config, point.overrides))
     study.save()
     todo = [p for p in study.points if point_status(study, p).state != DONE]
     if len(todo) < len(study.points):

@@ -19,11 +19,16 @@ def _pick(row: dict, keys: tuple[str, ...], where: str) -> str:
     raise DataError(f"{where}: no column among {keys} in {sorted(row)}", "name the columns path and caption")
 
 
-def load_captions(path: str | Path) -> dict[str, str]:
-    """Read `path` -> caption. Relative media paths are resolved against the caption file's folder."""
+def check_caption_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise MissingPathError(f"caption file {path} does not exist", "fix data.captions / --captions")
+    return path
+
+
+def load_captions(path: str | Path) -> dict[str, str]:
+    """Read `path` -> caption. Relative media paths are resolved against the caption file's folder."""
+    path = check_caption_file(path)
     if path.suffix.lower() in (".jsonl", ".json"):
         try:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from megasora.data.video_io import tensor_to_frames, write_video
+from megasora.models.vae import latents_to_pixels
 
 
 @torch.no_grad()
@@ -16,8 +17,6 @@ def decode_to_files(vae, latents: torch.Tensor, out: str | Path, fps: float = 8.
     `out` is a file path for B == 1, else a directory receiving sample_000.mp4, ... A
     one-frame latent (an image) is written as .png whatever the suffix.
     """
-    from megasora.models.vae import latents_to_pixels
-
     pixels = latents_to_pixels(vae, latents.float().to(next(vae.parameters()).device)).cpu()  # (B, 3, T, H, W)
     out = Path(out)
     if latents.shape[0] == 1 and out.suffix:

@@ -1,4 +1,5 @@
-"""`megasora preprocess`: videos/images + captions -> VAE latents + text embeddings in webdataset shards.
+"""Videos/images + captions -> VAE latents + text embeddings in webdataset shards (the library of
+`megasora preprocess`, megasora/commands/preprocess.py).
 
 Work unit = a shard = `inputs_per_shard` consecutive input files (sorted), so the split
 across ranks (shard i goes to rank i % world) and the resume check (shard i's index file
@@ -7,23 +8,24 @@ report (report.json, or report-rank{r}.json when multi-process) lists them.
 """
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
 import logging
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
+from tqdm import tqdm
 
-from megasora.data.captions import caption_for, load_captions
+from megasora.config import Config
+from megasora.data.captions import caption_for, check_caption_file, load_captions
 from megasora.data.shards import Sample, finished_shards, shard_name, write_json_atomic, write_shard
 from megasora.data.video_io import clip_to_tensor, is_media, iter_clips
-from megasora.errors import MissingPathError
+from megasora.errors import MissingPathError, UserError
+from megasora.models.text import check_text_path
+from megasora.models.vae import check_vae_path, pixels_to_latents
 
 log = logging.getLogger("megasora.preprocess")
 
@@ -51,8 +53,6 @@ class PreprocessSpec:
 
 def file_identity(path: str) -> str:
     """sha256 of a weights file, or of a directory's config.json plus its file names and sizes."""
-    import hashlib
-
     digest = hashlib.sha256()
     target = Path(path)
     if target.is_file():
@@ -60,11 +60,11 @@ def file_identity(path: str) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     else:
-        for f in sorted(target.rglob("*")):
-            if f.is_file():
-                digest.update(f"{f.relative_to(target)}:{f.stat().st_size}".encode())
-                if f.name == "config.json":
-                    digest.update(f.read_bytes())
+        for member in sorted(target.rglob("*")):
+            if member.is_file():
+                digest.update(f"{member.relative_to(target)}:{member.stat().st_size}".encode())
+                if member.name == "config.json":
+                    digest.update(member.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -90,18 +90,38 @@ class Report:
         return d
 
 
+def check_inputs_exist(paths: list[str]) -> None:
+    for p in paths:
+        if not Path(p).exists():
+            raise MissingPathError(f"input {p!r} does not exist", "fix the path in data.inputs (or the "
+                                   "positional inputs)")
+
+
+def check_request(cfg: Config, inputs: list[str], captions: str, out: str) -> None:
+    """Everything `megasora preprocess` reads exists: one line before the encoders load (seconds).
+
+    The VAE first: a missing one means the inputs would be encoded with nothing useful anyway.
+    """
+    check_vae_path(cfg.vae.path)
+    check_text_path(cfg.text.path)
+    if not out or not (inputs or captions):
+        raise UserError("preprocess needs an output directory and inputs", "pass --out (or set data.shards) "
+                        "and input paths (or data.inputs, or a caption file)")
+    check_inputs_exist(inputs)
+    if captions:
+        check_caption_file(captions)
+
+
 def collect_inputs(paths: list[str], captions: dict[str, str]) -> list[str]:
     """Media files from paths (files or directories, recursive) and the caption table, sorted and deduplicated."""
+    check_inputs_exist(paths)
     found: set[str] = set()
     for p in paths:
         path = Path(p)
         if path.is_dir():
             found.update(str(f.resolve()) for f in path.rglob("*") if f.is_file() and is_media(f))
-        elif path.exists():
-            found.add(str(path.resolve()))
         else:
-            raise MissingPathError(f"input {p!r} does not exist", "fix the path in data.inputs (or the "
-                                   "positional inputs)")
+            found.add(str(path.resolve()))
     found.update(captions)
     return sorted(found)
 
@@ -114,7 +134,6 @@ class Progress:
         self.done, self.start, self.last = 0, time.time(), time.time()
         self.bar = None
         if sys.stderr.isatty():
-            from tqdm import tqdm
             self.bar = tqdm(total=total, desc=desc, unit="input")
 
     def update(self, n: int, clips: int, failed: int) -> None:
@@ -135,8 +154,6 @@ class Progress:
 
 def encode_clip(vae, frames: np.ndarray) -> np.ndarray:
     """uint8 (T, H, W, 3) -> normalized latent mean (C, T', H', W') float32."""
-    from megasora.models.vae import pixels_to_latents
-
     pixels = clip_to_tensor(frames)[None].to(next(vae.parameters()).device)
     return pixels_to_latents(vae, pixels)[0].float().cpu().numpy()
 
@@ -229,72 +246,3 @@ def run_preprocess(spec: PreprocessSpec, vae, text_encoder) -> Report:
              "(%.1f s); report in %s", spec.rank, report.shards_written, report.shards_skipped, report.clips,
              report.failed, report.seconds, out / name)
     return report
-
-
-# ---------------------------------------------------------------- command line
-
-
-def _rank_from_env() -> tuple[int, int]:
-    """torchrun / mpirun / srun all set one of these; a plain run is rank 0 of 1."""
-    for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-                                ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank_key in os.environ and world_key in os.environ:
-            return int(os.environ[rank_key]), int(os.environ[world_key])
-    return 0, 1
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "preprocess",
-        help="encode videos/images + captions into webdataset shards (VAE latents, text embeddings)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Read videos (mp4/webm/mov/mkv/avi via PyAV) and images, cut clips of data.clip_frames frames at\n"
-            "data.fps, resize each source to the nearest bucket within data.max_area keeping its aspect\n"
-            "ratio, encode latents with the VAE (vae.path) and captions with the text encoder (text.path),\n"
-            "and write shard-NNNNNN.tar + shard-NNNNNN.json into --out.\n\n"
-            "Resumable: shards whose index json exists are skipped. Multi-process: launch N copies with\n"
-            "RANK/WORLD_SIZE (torchrun), OMPI_COMM_WORLD_* (mpirun) or SLURM_PROCID/SLURM_NTASKS (srun);\n"
-            "shard i is written by rank i mod N. Unreadable inputs are skipped and listed in report.json.\n\n"
-            "example:\n"
-            "  megasora preprocess --config configs/quickstart.yaml --out data/shards clips/ \\\n"
-            "      --captions captions.jsonl --set vae.path=runs/vae/vae.safetensors"),
-    )
-    p.add_argument("inputs", nargs="*", help="video/image files or directories (default: data.inputs)")
-    p.add_argument("--config", default=None, help="YAML preset supplying the data/vae/text/model sections")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable, e.g. --set data.fps=12")
-    p.add_argument("--out", default=None, help="output shard directory (default: data.shards)")
-    p.add_argument("--captions", default=None, help="JSONL/CSV of path -> caption (default: data.captions)")
-    p.add_argument("--inputs-per-shard", type=int, default=8, help="input files per shard (default 8)")
-    p.add_argument("--max-clips-per-video", type=int, default=0, help="0 = cut every full clip")
-    p.add_argument("--device", default="cpu", help="device for the VAE and text encoder (cpu, cuda)")
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    from megasora.config import load_config
-    from megasora.models.text import TextEncoder
-    from megasora.models.vae import vae_from_config
-
-    cfg = load_config(args.config, args.overrides)
-    out = args.out or cfg.data.shards
-    inputs = args.inputs or cfg.data.inputs
-    if not out or not (inputs or args.captions or cfg.data.captions):
-        log.error("need an output directory (--out or data.shards) and inputs (paths, data.inputs or captions)")
-        return 2
-    if not cfg.vae.path:
-        log.warning("vae.path is empty: encoding with a randomly initialised VideoVAE (fine for tests only)")
-    rank, world = _rank_from_env()
-    torch.manual_seed(cfg.train.seed)
-    vae = vae_from_config(cfg.vae).to(args.device)
-    text = TextEncoder(cfg.text.path or None, cfg.text.max_length, args.device)
-    encoders = encoder_identity(cfg.vae.path, cfg.train.seed, text.path, cfg.text.max_length)
-    spec = PreprocessSpec(inputs=list(inputs), out=out, captions=args.captions or cfg.data.captions,
-                          fps=cfg.data.fps, clip_frames=cfg.data.clip_frames, max_area=cfg.data.max_area,
-                          patch=math.lcm(*cfg.model.patch[1:]), inputs_per_shard=args.inputs_per_shard,
-                          max_clips_per_video=args.max_clips_per_video, rank=rank, world_size=world,
-                          encoders=encoders)
-    report = run_preprocess(spec, vae, text)
-    print(json.dumps({k: v for k, v in report.as_dict().items() if k != "failures"}))
-    return 0

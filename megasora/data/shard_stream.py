@@ -17,8 +17,9 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ class ShardStream:
         self.corrupt_samples = 0
         self.substituted_microbatches = 0
         self._plans: dict[int, list[list[int]]] = {}
-        self._handles: dict[int, object] = {}
+        self._handles: dict[int, BinaryIO] = {}
 
     @property
     def num_samples(self) -> int:
@@ -125,7 +126,10 @@ class ShardStream:
             group = [next(stream) for _ in range(per_step)]
             mine = [ids for ids, _ in group[self.dp_rank * self.grad_accum:(self.dp_rank + 1) * self.grad_accum]]
             after = group[-1][1]
-            yield (lambda mine=mine, after=after: [self._load_or_substitute(ids, after) for ids in mine]), after
+            yield partial(self._load_all, mine, after), after
+
+    def _load_all(self, mine: list[list[int]], after: int) -> list[dict]:
+        return [self._load_or_substitute(ids, after) for ids in mine]
 
     def steps(self, start_sample: int = 0) -> Iterator[StepBatch]:
         jobs = self._step_jobs(start_sample)

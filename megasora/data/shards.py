@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
 
 FIELDS = ("latents.npy", "text_emb.npy", "text_mask.npy", "json")
 INDEX_VERSION = 1
@@ -60,8 +61,6 @@ def encode_sample(sample: Sample) -> dict[str, bytes]:
 
 def write_shard(directory: str | Path, index: int, samples: list[Sample], extra: dict | None = None) -> Path:
     """Write tar then index, each to a temp name renamed into place, so a crash leaves no finished shard."""
-    import webdataset as wds
-
     directory = Path(directory)
     tar_path = directory / f"{shard_name(index)}.tar"
     tmp = tar_path.with_suffix(".tar.tmp")

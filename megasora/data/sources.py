@@ -8,9 +8,15 @@ import numpy as np
 import torch
 
 from megasora.config import Config
+from megasora.data.clips import build_clip_source
+from megasora.data.preprocess import collect_inputs
+from megasora.data.shard_stream import build_shard_stream
+from megasora.data.shards import finished_shards
 from megasora.data.stream import SampleStream
 from megasora.data.synthetic import CaptionEmbeddings, render_clip
 from megasora.errors import DataError, MissingPathError
+from megasora.models.text import check_text_path
+from megasora.models.vae import check_vae_path
 
 
 class SyntheticVideos:
@@ -29,10 +35,14 @@ class SyntheticVideos:
 
 
 def check_source(cfg: Config) -> None:
-    """The configured data exists: checked before any process group, so a wrong path is one line."""
+    """The configured data and the encoders training reads exist: checked before any process group,
+    so a wrong path is one line."""
     d = cfg.data
+    if d.kind == "synthetic" or cfg.train.sample_every:  # captions encoded at start-up / for previews
+        check_text_path(cfg.text.path)
+    if d.kind != "clips" and cfg.train.sample_every:  # previews decode through the VAE (train-vae, on
+        check_vae_path(cfg.vae.path)                 # clips, writes vae.path instead of reading it)
     if d.kind == "shards":
-        from megasora.data.shards import finished_shards
         if not Path(d.shards).is_dir():
             raise MissingPathError(f"data.shards={d.shards!r} is not a directory",
                                    "point it at the output directory of `megasora preprocess`")
@@ -40,7 +50,6 @@ def check_source(cfg: Config) -> None:
             raise DataError(f"data.shards={d.shards!r} holds no finished shard (shard-*.tar + shard-*.json)",
                             "point it at the output directory of `megasora preprocess`, or run it first")
     if d.kind == "clips":
-        from megasora.data.preprocess import collect_inputs
         if not collect_inputs(list(d.inputs), {}):
             raise DataError(f"data.inputs={list(d.inputs)} holds no video or image file",
                             "list video/image files or directories that contain them")
@@ -48,12 +57,10 @@ def check_source(cfg: Config) -> None:
 
 def build_stream(cfg: Config, dp_rank: int, dp_size: int) -> Any:
     if cfg.data.kind == "shards":  # preprocessed real data: bucketed micro-batches (data/shard_stream.py)
-        from megasora.data.shard_stream import build_shard_stream
         return build_shard_stream(cfg, dp_rank, dp_size)
     if cfg.data.kind == "clips":  # pixels for train-vae (data/clips.py)
-        from megasora.data.clips import build_clip_source
-        load = build_clip_source(cfg)
-        return SampleStream(load, len(load), cfg.train.seed, cfg.train.micro_batch_size,
+        clips = build_clip_source(cfg)
+        return SampleStream(clips, len(clips), cfg.train.seed, cfg.train.micro_batch_size,
                             cfg.train.grad_accum, dp_rank, dp_size)
     if cfg.data.kind == "synthetic":
         load, num_samples = SyntheticVideos(cfg), cfg.data.num_samples

