@@ -36,7 +36,7 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
+        if self._jsonl is None or self._tb is None:  # not enabled (not rank 0)
             return
         record = {"step": step, **metrics}
         self._jsonl.write(json.dumps(record) + "\n")
@@ -53,7 +53,7 @@ class MetricsLogger:
                      metrics["samples_per_s"], metrics["flops_per_s"])
 
     def close(self) -> None:
-        if not self.enabled:
+        if self._jsonl is None or self._tb is None:
             return
         if self._bar is not None:
             self._bar.close()
