@@ -10,9 +10,26 @@ The all-gather is a forward pre-hook on the sublayer (one gather shared by q, k 
 its backward is a reduce-scatter that sums every rank's partial input gradient. Text K/V
 in cross-attention read the replicated text tokens directly: no communication.
 
+adaLN (each block's and the final layer's SiLU + Linear(D, k*D), 6 D^2 per block) is
+column-parallel too: rank r holds rows [r, r+1) * kD/tp of the weight, the contiguous slice,
+so a checkpoint's tp shards concatenate along dim 0 back into the single-process weight and
+the shift/scale/gate chunk order survives any reshard. Every rank needs all k*D features
+for ITS tokens, so ModulationLinear runs
+
+    silu(cond) (B, c, D) --all-gather(seq)--> (B, tp*c, D) --its kD/tp columns--> (B, tp*c, kD/tp)
+      --all-to-all (tokens out, features in)--> (B, c, kD) for this rank's c tokens
+
+c is 1 for a per-sample timestep (the gathered rows are tp copies: a few KiB) or the rank's
+residual chunk N/(tp*sp) for per-token timesteps (conditioning masks). One path for both:
+at one token per rank the two have the same shape, and this path is exact for either. Per
+block it moves B*c*(tp + 6)*D elements forward (as many backward): a few KiB per sample,
+or for per-token cond B*(N/sp)*(1 + 6/tp)*D, less than gathering the block's weight (6D^2)
+while B*N/sp < 6*tp*D/(tp + 6). (Handing each rank cond at attention granularity, N/sp
+rows like the RoPE tables, would drop the per-block gather: the sequence hook's change.)
+
 Gradients. A column/row-parallel weight shard sees all tokens of its sequence chunk, so its
-gradient is complete. Every other parameter (norms, qk-norm, adaLN, embeddings, row biases,
-final layer) is replicated but each tp rank only back-propagates its own tokens or heads
+gradient is complete. Every other parameter (norms, qk-norm, embeddings, row biases, the
+final linear) is replicated but each tp rank only back-propagates its own tokens or heads
 through it, so its gradient is a partial sum: a hook all-reduces (sums) it over tp before it
 reaches .grad, i.e. before DeepSpeed's own reduction hooks run.
 """
@@ -27,7 +44,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from megasora.models.dit import DiT
-from megasora.parallel.comm import gather_seq_for_tp, reduce_scatter_seq_for_tp
+from megasora.parallel.comm import all_to_all, gather_seq_for_tp, reduce_scatter_seq_for_tp
 from megasora.parallel.mesh import Mesh
 
 
@@ -75,6 +92,25 @@ class RowParallelLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+class ModulationLinear(ColumnParallelLinear):
+    """adaLN's linear, output features split over tp: silu(cond) (B, c, D) -> (B, c, k*D) for this rank's tokens.
+
+    See the module docstring: gather cond over tp, compute this rank's kD/tp features of
+    every rank's tokens, all-to-all each rank's tokens back with all features (rank order =
+    feature order). Backward: the all-to-all's inverse, then a reduce-scatter that sums
+    every rank's partial gradient of this rank's cond rows.
+    """
+
+    def __init__(self, linear: nn.Linear, tp_rank: int, tp_size: int, group: ProcessGroup) -> None:
+        super().__init__(linear, tp_rank, tp_size)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gathered = gather_seq_for_tp(x, self.group)                         # (B, tp*c, D)
+        local = super().forward(gathered)                                   # (B, tp*c, kD/tp)
+        return all_to_all(local, self.group, scatter_dim=1, gather_dim=2)  # (B, c, kD)
+
+
 def _gather_first_arg(group: ProcessGroup, module: nn.Module, args: tuple) -> tuple:
     return (gather_seq_for_tp(args[0], group),) + tuple(args[1:])  # (B, N/tp, D) -> (B, N, D)
 
@@ -100,6 +136,15 @@ TP_PLAN: dict[str, tuple[list[str], list[str]]] = {
     "attn": (["q", "k", "v"], ["out"]),
     "mlp": (["fc1"], ["fc2"]),
 }
+MODULATION_LINEAR = 1  # adaLN = Sequential(SiLU, Linear): the index of its Linear
+
+
+def _modulations(model: DiT) -> dict[str, nn.Sequential]:
+    """Name -> adaLN (SiLU, Linear) of every block this model (or pipeline stage) holds, and the final layer's."""
+    found = {f"blocks.{i}.adaln": block.adaln for i, block in model.blocks.named_children()}
+    if hasattr(model, "final"):  # a pipeline stage holds it only if it is the last
+        found["final.adaln"] = model.final.adaln
+    return found
 
 
 def tp_partition_dims(model: DiT) -> dict[str, int]:
@@ -118,15 +163,20 @@ def tp_partition_dims(model: DiT) -> dict[str, int]:
                 dims[f"blocks.{i}.{sublayer}.{name}.bias"] = 0
             for name in row:
                 dims[f"blocks.{i}.{sublayer}.{name}.weight"] = 1
+    for name in _modulations(model):  # column-parallel: the Linear after the SiLU
+        dims[f"{name}.{MODULATION_LINEAR}.weight"] = 0
+        dims[f"{name}.{MODULATION_LINEAR}.bias"] = 0
     return dims
 
 
 def apply_tensor_parallel(model: DiT, mesh: Mesh) -> DiT:
-    """Shard every block's attention heads and MLP columns over mesh 'tp' (in place)."""
+    """Shard every block's attention heads, MLP columns and adaLN outputs over mesh 'tp' (in place)."""
     for block in model.blocks:
         for sublayer, (column, row) in TP_PLAN.items():
             _split_sublayer(getattr(block, sublayer), column, row, mesh)
-    group = mesh.group("tp")
+    rank, size, group = mesh.rank_in("tp"), mesh.size("tp"), mesh.group("tp")
+    for adaln in _modulations(model).values():
+        adaln[MODULATION_LINEAR] = ModulationLinear(adaln[MODULATION_LINEAR], rank, size, group)
     for param in model.parameters():
         if not is_tensor_parallel(param):
             param.register_hook(partial(_sum_over_tp, group))

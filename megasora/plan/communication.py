@@ -107,25 +107,26 @@ def dit_param_counts(arch: DiTArch, tp: int = 1) -> dict[str, dict[str, int]]:
     embed (patch, timestep and caption embeddings) and final. `matrix` are the weight matrices
     (train/engine.py's weight-decay group), `vector` the biases, norms and the null caption
     (its no-decay group); `replicated` is what every tp rank holds whole (norms, qk-norms,
-    adaLN, row-parallel biases, everything outside the blocks), whose gradients tp sums.
+    row-parallel biases, everything outside the blocks but the final adaLN), whose gradients
+    tp sums. adaLN is column-parallel like q/k/v (parallel/tensor.py: ModulationLinear).
     """
     d, h, text_dim = arch.hidden, arch.heads, arch.text_dim
     mlp = int(d * arch.mlp_ratio)
     patch_in = arch.in_channels * math.prod(arch.patch)
     qk = 2 * (d // h) if arch.qk_norm else 0
-    sharded_matrix = 2 * 4 * d * d + 2 * d * mlp            # q, k, v, out of both attentions; fc1, fc2
-    sharded_vector = 2 * 3 * d + mlp                        # column-parallel biases: q, k, v; fc1
-    adaln = d * 6 * d
-    replicated_vector = 2 * d + 2 * qk + 2 * d + d + 6 * d  # cross_norm, qk-norms, out biases, fc2 bias, adaLN bias
-    block = {"matrix": sharded_matrix // tp + adaln, "vector": sharded_vector // tp + replicated_vector,
-             "replicated": adaln + replicated_vector}
+    sharded_matrix = 2 * 4 * d * d + 2 * d * mlp + 6 * d * d  # q, k, v, out of both attentions; fc1, fc2; adaLN
+    sharded_vector = 2 * 3 * d + mlp + 6 * d                  # column-parallel biases: q, k, v; fc1; adaLN
+    replicated_vector = 2 * d + 2 * qk + 2 * d + d            # cross_norm, qk-norms, out biases, fc2 bias
+    block = {"matrix": sharded_matrix // tp, "vector": sharded_vector // tp + replicated_vector,
+             "replicated": replicated_vector}
     pooled = int(arch.pooled_text)  # the pooled caption MLP (model.pooled_text)
     embed_matrix = patch_in * d + TIMESTEP_FREQ_DIM * d + d * d + (1 + pooled) * (text_dim * d + d * d)
     embed_vector = d + 2 * d + (1 + pooled) * 2 * d + text_dim  # biases; null caption embedding
-    final_matrix, final_vector = 2 * d * d + d * patch_in, 2 * d + patch_in
+    final_replicated = d * patch_in + patch_in  # the output linear; its adaLN (2D x D) is column-parallel
+    final = {"matrix": 2 * d * d // tp + d * patch_in, "vector": 2 * d // tp + patch_in, "replicated": final_replicated}
     return {"block": block,
             "embed": {"matrix": embed_matrix, "vector": embed_vector, "replicated": embed_matrix + embed_vector},
-            "final": {"matrix": final_matrix, "vector": final_vector, "replicated": final_matrix + final_vector}}
+            "final": final}
 
 
 def stage_params(arch: DiTArch, layout: ParallelLayout, stage: int,
@@ -137,7 +138,7 @@ def stage_params(arch: DiTArch, layout: ParallelLayout, stage: int,
     pieces = [("block", blocks), ("embed", int(stage == 0)), ("final", int(stage == layout.pp - 1))]
     out = {key: sum(counts[piece][key] * k for piece, k in pieces) for key in ("matrix", "vector", "replicated")}
     mlp = int(arch.hidden * arch.mlp_ratio)
-    out["largest_matrix"] = max(arch.hidden * 6 * arch.hidden, arch.hidden * mlp // layout.tp,
+    out["largest_matrix"] = max(arch.hidden * 6 * arch.hidden // layout.tp, arch.hidden * mlp // layout.tp,
                                 arch.text_dim * arch.hidden)
     return out
 
@@ -186,8 +187,9 @@ def comm_volume(work: Workload, layout: Layout, *, stage: int = 0, pp_boundaries
     full_ac = layout.activation_checkpointing == "full"
     tally = _Tally(layout)
 
+    cond = 1 if not per_token_timesteps else n // shards  # adaLN input tokens per rank
     # Per micro-batch, per block: what its forward (f) and backward (b) pass exchange.
-    per_mb = _block_traffic(layout, b, n, d, act)
+    per_mb = _block_traffic(layout, b, n, d, act, cond)
     for kind_key, nbytes in per_mb.items():
         axes, kind, when = kind_key
         runs = blocks
@@ -198,20 +200,24 @@ def comm_volume(work: Workload, layout: Layout, *, stage: int = 0, pp_boundaries
     if stage == layout.pp - 1 and shards > 1:  # final layer output gathered over tp x sp for the loss
         patch_out = work.arch.in_channels * math.prod(work.arch.patch)
         tally.add(("tp", "ulysses", "ring"), "all_gather", micro * b * n * patch_out * act)
+    if stage == layout.pp - 1 and layout.tp > 1:  # the final layer's adaLN, forward and backward
+        for (kind, _), nbytes in _modulation_traffic(layout.tp, b * cond, d, 2 * d, act).items():
+            tally.add(("tp",), kind, micro * nbytes)
 
     params = stage_params(work.arch, layout, stage, pp_boundaries)
     tally.add(("tp",), "all_reduce", micro * params["replicated"] * act)  # tp hooks sum replicated grads
     _deepspeed_traffic(tally, layout, layout.zero_stage, micro, params, act, work.grad_reduce_bytes)
     if layout.pp > 1:
-        _pipeline_traffic(tally, layout, stage, micro, b, n // shards, 1 if not per_token_timesteps else n // shards,
-                          work.text_tokens, d, act)
+        _pipeline_traffic(tally, layout, stage, micro, b, n // shards, cond, work.text_tokens, d, act)
         tally.add(("pp",), "broadcast", LOSS_BYTES)                # the last stage's loss
     tally.add(("dp",), "all_reduce", LOSS_BYTES)                   # logged loss averaged over dp
     return tally.result()
 
 
-def _block_traffic(layout: ParallelLayout, b: int, n: int, d: int, act: int) -> dict[tuple[tuple[str, ...], str, str], float]:
-    """{(axes, kind, fwd|bwd): bytes} of one block for one micro-batch of b samples of n tokens."""
+def _block_traffic(layout: ParallelLayout, b: int, n: int, d: int, act: int,
+                   cond: int = 1) -> dict[tuple[tuple[str, ...], str, str], float]:
+    """{(axes, kind, fwd|bwd): bytes} of one block for one micro-batch of b samples of n tokens
+    (`cond`: adaLN input tokens per rank, 1 for per-sample timesteps)."""
     out: dict[tuple[tuple[str, ...], str, str], float] = defaultdict(float)
     attn_tokens = n // layout.sp  # tokens a rank's attention chunk holds (tp gathers its residual pieces)
     if layout.tp > 1:
@@ -220,6 +226,8 @@ def _block_traffic(layout: ParallelLayout, b: int, n: int, d: int, act: int) -> 
         for when in ("fwd", "bwd"):
             out[(("tp",), "all_gather", when)] += 3 * chunk
             out[(("tp",), "reduce_scatter", when)] += 3 * chunk
+        for (kind, when), nbytes in _modulation_traffic(layout.tp, b * cond, d, 6 * d, act).items():
+            out[(("tp",), kind, when)] += nbytes
     heads_width = d // layout.tp  # this rank's heads after tp, times head dim
     if layout.ulysses > 1:
         # q, k, v in and out: 4 all-to-alls of the (B, H, N_ring, Dh) chunk, each way
@@ -234,6 +242,15 @@ def _block_traffic(layout: ParallelLayout, b: int, n: int, d: int, act: int) -> 
         # backward: K/V travel again (r-1 hops) and fp32 dK/dV accumulators make r hops
         out[(("ring",), "p2p", "bwd")] += (r - 1) * kv + r * 2 * ring_chunk * 4
     return out
+
+
+def _modulation_traffic(tp: int, rows: int, d: int, width: int, act: int) -> dict[tuple[str, str], float]:
+    """{(kind, fwd|bwd): bytes} of one adaLN under tp (parallel/tensor.py ModulationLinear) for `rows` =
+    B x cond tokens: silu(cond) all-gathered in (tp x rows x D), the (rows, width) modulation
+    all-to-all'd out; backward the reduce-scatter and the all-to-all back."""
+    gathered, modulation = tp * rows * d * act, rows * width * act
+    return {("all_gather", "fwd"): gathered, ("all_to_all", "fwd"): modulation,
+            ("reduce_scatter", "bwd"): gathered, ("all_to_all", "bwd"): modulation}
 
 
 def _deepspeed_traffic(tally: _Tally, layout: ParallelLayout, zero_stage: int, micro: int, params: dict[str, int],

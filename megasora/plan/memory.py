@@ -11,7 +11,7 @@ H heads; t = tp, s = ulysses*ring (sp). A rank holds r = b*N/(t*s) tokens of the
 stream and a = b*N/s tokens inside tensor-parallel regions (tp all-gathers its chunks),
 with D/t and M/t of the widths there (docs/planning.md explains each term).
 
-Model state (Psi = parameters on the rank: tp shards q/k/v/out and fc1/fc2, adaLN, norms,
+Model state (Psi = parameters on the rank: tp shards q/k/v/out, fc1/fc2 and adaLN; norms,
 row biases and embeddings are replicated; pp keeps one stage's blocks), ZeRO partitions over
 Z = dp*sp ranks (DeepSpeed reduces gradients over dp x sp; mesh.py `dpsp`):
 
@@ -170,7 +170,8 @@ def block_activation_bytes(work: Workload, layout: Layout) -> float:
     r, a, lt = _regions(work, layout)
     head_sharded = 9 + (1 if layout.sp > 1 else 0)
     elements = 5 * r * d + 3 * a * d + head_sharded * a * d / t + 2 * a * m / t + 3 * lt * d / t
-    elements += 8 * layout.micro_batch_size * d   # adaLN input, SiLU, 6-way modulation (per sample)
+    # adaLN (per sample): input, SiLU output (gathered over tp: t rows), 6-way modulation
+    elements += (7 + t) * layout.micro_batch_size * d
     stats = 6 * r + 8 * a * h / t + 2 * lt * h / t
     return elements * work.act_bytes + stats * FP32
 
