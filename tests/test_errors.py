@@ -187,6 +187,9 @@ def path_cases(f: dict[str, Path]) -> list[Case]:
              "does not exist"),
         Case("eval-prompts from missing weights", ["eval-prompts", "--weights", "/nonexistent.safetensors"], "input",
              "does not exist"),
+        Case("eval-prompts scores into a missing directory", ["eval-prompts", "--run", str(f["run"]), "--json",
+                                                              "/nonexistent/dir/scores.json"], "usage",
+             "cannot write --json /nonexistent/dir/scores.json"),
     ]
 
 

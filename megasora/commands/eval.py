@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -54,6 +55,10 @@ def _check_args(args: argparse.Namespace) -> None:
                         "pass positive counts")
     if args.min_match is not None and not 0 <= args.min_match <= 1:
         raise UserError(f"--min-match {args.min_match} is not a fraction", "pass a value in [0, 1]")
+    for flag, out in (("--json", args.json), ("--sheet", args.sheet)):  # written after minutes of sampling
+        if out and not Path(out).resolve().parent.is_dir():
+            raise UserError(f"cannot write {flag} {out}: its directory does not exist", "create it, or pass a path "
+                            "in an existing directory")
 
 
 def _check_run(cfg) -> None:
