@@ -77,6 +77,12 @@ class ModelConfig:
         "kernel the GPU cannot run is an error naming the ones it can. Without sequence parallelism `auto` "
         "keeps torch's SDPA dispatch (megasora/parallel/block_attention.py).", default="auto")
 
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """`patch` as the (pt, ph, pw) tuple the model takes (validate() checks it has three entries)."""
+        pt, ph, pw = self.patch
+        return pt, ph, pw
+
 
 @dataclass
 class TextConfig:

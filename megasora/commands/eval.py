@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'ok  ' if s.match else 'MISS'} {caption:32s} colour={s.color} direction={s.direction} "
               f"(dy {dy:+.2f}, dx {dx:+.2f} px/frame)")
     print(grid.summary())
-    result = {"colour": grid.rate("color_ok"), "direction": grid.rate("direction_ok"), "match": grid.rate("match")}
+    result: dict[str, Any] = {"colour": grid.rate("color_ok"), "direction": grid.rate("direction_ok"), "match": grid.rate("match")}
     if args.probe:
         result["probe"] = probe_losses(model, cfg)
         print("loss probe: " + ", ".join(f"{k} {v:.5f}" for k, v in result["probe"].items()))

@@ -24,6 +24,7 @@ from megasora.diffusion import modes
 from megasora.diffusion.modes import Codec, InputError, InputLoader
 from megasora.launcher.env import discover
 from megasora.models import build_dit
+from megasora.models.dit import DiT
 from megasora.models.text import TextEncoder, check_text_path
 from megasora.models.vae import check_vae_path
 from megasora.parallel import init_parallel
@@ -88,12 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_sampling_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Config, Path]:
+def load_sampling_model(args: argparse.Namespace) -> tuple[DiT, Config, Path]:
     """The DiT and its config (with --set applied) from a run's checkpoint or an exported safetensors file."""
     if args.weights:
         path = _existing(args.weights, "--weights")
         weights, cfg_dict = read_exported(path)
-        source, out_dir = path, path.parent
+        source, out_dir = str(path), path.parent
     else:
         root, tag = checkpoints_root(Path(args.run))
         weights, cfg_dict, used_ema = read_model_weights(root, args.tag or tag, not args.no_ema)
@@ -208,13 +209,13 @@ def encode_inputs(args: argparse.Namespace, cfg: Config) -> dict[str, torch.Tens
     """The mode's image / video inputs as latents at one size."""
     if args.mode in ("t2v", "t2i"):
         return {}
-    size = (args.height or None, args.width or None)
-    loader = InputLoader(Codec(cfg), tuple(cfg.model.patch), cfg.data.height * cfg.data.width,
+    height, width = args.height or None, args.width or None
+    loader = InputLoader(Codec(cfg), cfg.model.patch_size, cfg.data.height * cfg.data.width,
                          args.fps or cfg.data.fps)
-    if size[0] and size[1]:
-        loader.size = size
-    elif size[0] or size[1]:
-        loader.area = (size[0] or cfg.data.height) * (size[1] or cfg.data.width)
+    if height and width:
+        loader.size = (height, width)
+    elif height or width:
+        loader.area = (height or cfg.data.height) * (width or cfg.data.width)
     if args.mode == "i2v":
         return {"image": loader.image(args.image)}
     read = args.frames if args.mode == "edit" and args.frames else args.window or cfg.data.frames
@@ -224,7 +225,7 @@ def encode_inputs(args: argparse.Namespace, cfg: Config) -> dict[str, torch.Tens
     return inputs
 
 
-def start_sequence_parallel(model: torch.nn.Module, cfg: Config, world: int) -> int:
+def start_sequence_parallel(model: DiT, cfg: Config, world: int) -> int:
     """Process group + mesh; the model's sequence is sharded over tp x ulysses x ring. Returns the rank."""
     env = init_distributed()
     init_parallel(model, cfg.parallel, world, cfg.train)

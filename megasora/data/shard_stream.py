@@ -203,7 +203,7 @@ class ShardStream:
 
 def build_shard_stream(cfg, dp_rank: int, dp_size: int) -> ShardStream:
     """The `data.kind=shards` source for a `megasora.config.Config`."""
-    rule = BucketRule(patch=tuple(cfg.model.patch), micro_batch_size=cfg.train.micro_batch_size,
+    rule = BucketRule(patch=cfg.model.patch_size, micro_batch_size=cfg.train.micro_batch_size,
                       tokens_per_microbatch=cfg.data.tokens_per_microbatch,
                       max_micro_batch=cfg.data.max_micro_batch)
     index = ShardIndex.load(cfg.data.shards, rule)

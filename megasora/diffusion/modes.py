@@ -184,7 +184,7 @@ class ModeSampler:
 
     @property
     def patch(self) -> tuple[int, int, int]:
-        return tuple(self.cfg.model.patch)  # type: ignore[return-value]
+        return self.cfg.model.patch_size
 
     def generate(self, frames: int, height: int, width: int, condition: Optional[FrameCondition] = None,
                  init: Optional[torch.Tensor] = None, strength: float = 1.0) -> torch.Tensor:

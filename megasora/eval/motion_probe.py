@@ -51,7 +51,7 @@ def probe_losses(model: nn.Module, cfg: Config, num_clips: int = 256, batch: int
         ids = list(range(start, min(start + batch, num_clips)))
         for name, (x0, captions) in _variants(cfg, ids).items():
             text, mask = table.lookup(captions)
-            noised = noise_batch(x0, torch.tensor(ids), step, cfg.train.seed, diffusion, tuple(cfg.model.patch))
+            noised = noise_batch(x0, torch.tensor(ids), step, cfg.train.seed, diffusion, cfg.model.patch_size)
             pred = model(noised.x_t, noised.t_tokens, text, mask, None)
             loss = masked_mse(pred, noised.target, noised.loss_mask).item()
             totals[name] = totals.get(name, 0.0) + loss * len(ids)

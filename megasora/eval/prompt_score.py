@@ -79,7 +79,12 @@ def phase_shift(a: np.ndarray, b: np.ndarray, eps: float = 1e-3) -> tuple[int, i
     corr = np.fft.ifft2(cross).real
     dy, dx = np.unravel_index(int(np.argmax(corr)), corr.shape)
     h, w = corr.shape
-    return (dy - h if dy > h // 2 else dy), (dx - w if dx > w // 2 else dx)
+    return _wrapped(int(dy), h), _wrapped(int(dx), w)
+
+
+def _wrapped(shift: int, size: int) -> int:
+    """A circular shift in [-size/2, size/2]."""
+    return shift - size if shift > size // 2 else shift
 
 
 def mean_displacement(weight: np.ndarray) -> tuple[float, float]:
@@ -159,7 +164,7 @@ def sample_prompts(model, cfg, captions: list[str], seed: int = 0, steps: int = 
         shape = (len(chunk), cfg.model.in_channels, d.frames, d.height, d.width)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
         latents = sample_euler(model, shape, text, mask, cfg.diffusion, steps=steps, guidance=guidance,
-                               patch=tuple(cfg.model.patch), generator=generator)
+                               patch=cfg.model.patch_size, generator=generator)
         videos.append(latents.clamp(-1, 1).numpy())
     return np.concatenate(videos)
 

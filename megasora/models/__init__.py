@@ -9,7 +9,7 @@ from megasora.models.dit import DiT, DiTArch
 def dit_arch(cfg: Config) -> DiTArch:
     m = cfg.model
     return DiTArch(in_channels=m.in_channels, hidden=m.hidden, depth=m.depth, heads=m.heads,
-                   text_dim=cfg.text.dim, patch=tuple(m.patch), mlp_ratio=m.mlp_ratio,
+                   text_dim=cfg.text.dim, patch=m.patch_size, mlp_ratio=m.mlp_ratio,
                    qk_norm=m.qk_norm, rope_theta=m.rope_theta, rope_layout=m.rope_layout,
                    pooled_text=m.pooled_text)
 

@@ -126,6 +126,13 @@ class Mesh:
     def group(self, name: str) -> Optional[ProcessGroup]:
         return self.groups[name]
 
+    def communicating_group(self, name: str) -> ProcessGroup:
+        """The group of an axis this rank communicates over; a mesh built without groups (tests) has none."""
+        group = self.groups[name]
+        if group is None:
+            raise RuntimeError(f"this mesh has no process group for axis {name!r}; build it with build_mesh()")
+        return group
+
     def size(self, name: str) -> int:
         return len(self.ranks[name])
 

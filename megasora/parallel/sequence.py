@@ -33,7 +33,7 @@ class SequenceShard:
     """SequenceHook for tp*sp > 1. Keeps the unpadded length of the current forward for gather."""
 
     def __init__(self, mesh: Mesh) -> None:
-        self.group = mesh.group("tpsp")
+        self.group = mesh.communicating_group("tpsp")
         self.shards = mesh.size("tpsp")
         self.index = mesh.rank_in("tpsp")
         self.tp = mesh.size("tp")
@@ -66,7 +66,7 @@ def sequence_attention(mesh: Mesh, backend: str = "auto") -> AttentionFn:
     """The self-attention function for the mesh's (ulysses, ring) sub-mesh: USP when both > 1."""
     inner: AttentionFn = local_attention
     if mesh.size("ring") > 1:
-        inner = RingAttention(mesh.group("ring"), backend)
+        inner = RingAttention(mesh.communicating_group("ring"), backend)
     if mesh.size("ulysses") > 1:
-        inner = UlyssesAttention(mesh.group("ulysses"), inner)
+        inner = UlyssesAttention(mesh.communicating_group("ulysses"), inner)
     return inner

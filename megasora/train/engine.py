@@ -109,11 +109,12 @@ def apex_fused_adam() -> type | None:
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW over two groups (no weight decay for biases, norms and the null caption embedding)."""
     t = cfg.train
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "null_embedding" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    betas = tuple(t.betas)
+    betas = (t.betas[0], t.betas[1])
     if t.optimizer == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: DeepSpeed, ~1 s (see load_deepspeed_op)
         return DeepSpeedCPUAdam(groups, lr=t.lr, betas=betas, eps=EPS, adamw_mode=True)
@@ -121,7 +122,9 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         from deepspeed.ops.adam import FusedAdam  # lazy: DeepSpeed, ~1 s (see load_deepspeed_op)
         return FusedAdam(groups, lr=t.lr, betas=betas, eps=EPS, adam_w_mode=True)
     if t.optimizer == "apex_adam":
-        return apex_fused_adam()(groups, lr=t.lr, betas=betas, eps=EPS, adam_w_mode=True)
+        apex_adam = apex_fused_adam()
+        assert apex_adam is not None, "check_optimizer refuses apex_adam without NVIDIA apex"
+        return apex_adam(groups, lr=t.lr, betas=betas, eps=EPS, adam_w_mode=True)
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=t.lr, betas=betas, eps=EPS, fused=on_cuda or None)
 
