@@ -36,6 +36,7 @@ reaches .grad, i.e. before DeepSpeed's own reduction hooks run.
 from __future__ import annotations
 
 from functools import partial
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -141,7 +142,7 @@ MODULATION_LINEAR = 1  # adaLN = Sequential(SiLU, Linear): the index of its Line
 
 def _modulations(model: DiT) -> dict[str, nn.Sequential]:
     """Name -> adaLN (SiLU, Linear) of every block this model (or pipeline stage) holds, and the final layer's."""
-    found = {f"blocks.{i}.adaln": block.adaln for i, block in model.blocks.named_children()}
+    found = {f"blocks.{i}.adaln": model.block(int(i)).adaln for i, _ in model.blocks.named_children()}
     if hasattr(model, "final"):  # a pipeline stage holds it only if it is the last
         found["final.adaln"] = model.final.adaln
     return found
@@ -153,7 +154,7 @@ def tp_partition_dims(model: DiT) -> dict[str, int]:
     Checkpoints record this so one saved at tp=1 can be resharded to tp=2 and back; the
     row-parallel bias is absent because it is replicated.
     """
-    dims = {}
+    dims: dict[str, int] = {}
     if not hasattr(model, "blocks"):  # not a DiT (e.g. the VideoVAE of train-vae): nothing is tp-split
         return dims
     for i, _ in model.blocks.named_children():  # the global block index, also on a pipeline stage
@@ -176,7 +177,8 @@ def apply_tensor_parallel(model: DiT, mesh: Mesh) -> DiT:
             _split_sublayer(getattr(block, sublayer), column, row, mesh)
     rank, size, group = mesh.rank_in("tp"), mesh.size("tp"), mesh.group("tp")
     for adaln in _modulations(model).values():
-        adaln[MODULATION_LINEAR] = ModulationLinear(adaln[MODULATION_LINEAR], rank, size, group)
+        linear = cast(nn.Linear, adaln[MODULATION_LINEAR])
+        adaln[MODULATION_LINEAR] = ModulationLinear(linear, rank, size, group)
     for param in model.parameters():
         if not is_tensor_parallel(param):
             param.register_hook(partial(_sum_over_tp, group))

@@ -34,6 +34,7 @@ from functools import lru_cache
 
 from megasora.models.dit import DiTArch
 from megasora.parallel.activation_checkpointing import checkpointed_blocks
+from megasora.parallel.p2p import parity_posts_early
 from megasora.plan.communication import dit_param_counts
 from megasora.plan.communication import stage_block_counts as _stage_block_counts
 from megasora.plan.workload import Layout, Workload
@@ -218,14 +219,17 @@ def io_activation_bytes(work: Workload, layout: Layout, first: bool, last: bool)
     return elements * work.act_bytes
 
 
-def pipeline_inputs_bytes(work: Workload, layout: Layout) -> float:
-    """pipeline_loop.py noises every micro-batch of the step up front on every stage: the noised
-    latents, the target (b N x C p each) and the caption features (b L x D_text), all m of them."""
-    if layout.pp == 1:
+def pipeline_inputs_bytes(work: Workload, layout: Layout, stage: int) -> float:
+    """Model inputs held outside autograd at a backward: pipeline_loop.py builds a micro-batch's
+    inputs just in time and its forward consumes them (what backward needs is counted in
+    io_activation_bytes), except on a stage that posts receives early (parallel/p2p.py): it builds
+    the next forward's when posting its receive, before the backward runs. Those are the noised
+    latents, the target (b N x C p each) and the caption features (b L x D_text)."""
+    early = stage > 0 and parity_posts_early(stage) and layout.grad_accum >= layout.pp
+    if layout.pp == 1 or not early:
         return 0.0
     b, pvol = layout.micro_batch_size, work.arch.in_channels * work.patch_volume
-    per_micro = b * (2 * work.tokens * pvol + work.text_tokens * work.arch.text_dim)
-    return layout.grad_accum * per_micro * work.act_bytes
+    return b * (2 * work.tokens * pvol + work.text_tokens * work.arch.text_dim) * work.act_bytes
 
 
 def block_transient_bytes(work: Workload, layout: Layout) -> float:
@@ -289,7 +293,7 @@ class _StageTerms:
         for k in reversed(kept):
             suffix += k
             extra = max(extra, self.full - suffix)
-        inflight = per_micro * inflight_microbatches(layout, stage) + pipeline_inputs_bytes(self.work, layout)
+        inflight = per_micro * inflight_microbatches(layout, stage) + pipeline_inputs_bytes(self.work, layout, stage)
         return inflight, self.transient + extra
 
 

@@ -14,45 +14,35 @@ drives that engine in the 1F1B order (megasora/parallel/pipeline_schedule.py):
   at the last one, exactly as in TrainingLoop.forward_backward.
 
 Every stage draws the micro-batch's noise itself (keyed by seed, sample id, step), so the
-first stage has its input and the last its target without sending either. Only the last
-stage has the losses: it broadcasts their mean (on the device) to the other stages, and
-TrainingLoop.train_step does the rest (EMA, mean over dp, statistics).
+first stage has its input and the last its target without sending either. It does so just in
+time, through the objective's `inputs` (the single-process loop's very noising): when the
+micro-batch's forward runs, or, on a stage that posts receives early, when the receive of
+that forward is posted (the message's shape depends on the draws: conditioning frames make
+the timesteps per token). The forward consumes them; what backward needs, autograd keeps
+until that backward, so a stage holds the inputs of its in-flight micro-batches (1F1B: at most
+stages - stage) plus at most the one whose receive is posted, never the whole step's.
+Only the last stage has the losses: it broadcasts their mean (on the device) to the other
+stages, and TrainingLoop.train_step does the rest (EMA, mean over dp, statistics).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from megasora.config import Config
-from megasora.diffusion.flow import masked_mse, noise_batch
 from megasora.models.dit import DiT
 from megasora.parallel.mesh import Mesh
 from megasora.parallel.pipeline import DiTStage, build_stage
 from megasora.parallel.pipeline_schedule import StageFunctions, StageLink, one_f_one_b, run_schedule
 from megasora.train.loop import Measured, TrainingLoop
+from megasora.train.objective import FlowInputs, FlowMatchingObjective
 
 
 def pipeline_stage(cfg: Config, model: DiT, mesh: Mesh) -> DiTStage:
     """This rank's stage of the (already parallelized) model."""
     return build_stage(model, mesh.rank_in("pp"), mesh.size("pp"), cfg.parallel.pp_boundaries or None)
-
-
-@dataclass
-class StageInput:
-    """One micro-batch as every stage sees it (model inputs, and the loss terms for the last stage)."""
-    x_t: torch.Tensor
-    t: torch.Tensor
-    text: torch.Tensor
-    text_mask: torch.Tensor
-    drop_text: torch.Tensor
-    target: torch.Tensor
-    loss_mask: torch.Tensor
-
-    def model_args(self) -> tuple[torch.Tensor, ...]:
-        return self.x_t, self.t, self.text, self.text_mask, self.drop_text
 
 
 class PipelineTrainingLoop(TrainingLoop):
@@ -64,23 +54,26 @@ class PipelineTrainingLoop(TrainingLoop):
         self.stage: DiTStage = self.engine.module
         self.pp_group, self.last_stage_rank = mesh.group("pp"), mesh.ranks["pp"][-1]
         self.link = StageLink.from_ranks(mesh.group("pp"), mesh.ranks["pp"], mesh.rank_in("pp"))
+        if not isinstance(self.objective, FlowMatchingObjective):  # stages need its inputs(), not only a loss
+            raise TypeError(f"the pipeline trains the DiT's flow objective, not {type(self.objective).__name__}")
+        self.flow = self.objective
 
-    def stage_input(self, micro: dict[str, Any], step: int) -> StageInput:
-        """Exactly what FlowMatchingObjective feeds the model and the loss."""
-        x0 = micro["latents"].to(device=self.device, dtype=self.dtype)
-        pt, ph, pw = self.cfg.model.patch
-        noised = noise_batch(x0, micro["ids"], step, self.cfg.train.seed, self.cfg.diffusion, (pt, ph, pw))
-        return StageInput(noised.x_t, noised.t_tokens.to(self.dtype),
-                          micro["text_emb"].to(device=self.device, dtype=self.dtype),
-                          micro["text_mask"].to(self.device), noised.drop_text, noised.target, noised.loss_mask)
-
-    def stage_functions(self, inputs: list[StageInput], losses: list[torch.Tensor]) -> StageFunctions:
+    def stage_functions(self, micro_batches: list[dict[str, Any]], step: int,
+                        losses: list[torch.Tensor]) -> StageFunctions:
         engine, stage = self.engine, self.stage
+        pending: dict[int, FlowInputs] = {}  # built for a posted receive, forward not run yet
+
+        def inputs(i: int) -> FlowInputs:
+            if i not in pending:
+                pending[i] = self.flow.inputs(micro_batches[i], step, self.dtype, self.device)
+            return pending[i]
 
         def forward(i: int, received: Optional[torch.Tensor]) -> torch.Tensor:
-            out = engine(*inputs[i].model_args(), received)
+            micro = inputs(i)
+            del pending[i]  # from here on autograd holds what backward needs
+            out = engine(*micro.model_args(), received)
             if stage.is_last:
-                out = masked_mse(out, inputs[i].target, inputs[i].loss_mask)
+                out = micro.loss(out)
                 losses.append(out.detach())
             return out
 
@@ -93,16 +86,17 @@ class PipelineTrainingLoop(TrainingLoop):
             return None if received is None else received.grad
 
         def message_shape(i: int) -> tuple[int, ...]:
-            return stage.message_shape(inputs[i].x_t, inputs[i].t, inputs[i].text)
+            micro = inputs(i)
+            return stage.message_shape(micro.x_t, micro.t, micro.text)
 
         return StageFunctions(forward, backward, message_shape, after_backward=lambda i: engine.step())
 
     def forward_backward(self, micro_batches: list[dict[str, Any]], step: int) -> Measured:
         """This stage's part of 1F1B over the step's micro-batches; every stage returns the mean loss."""
-        inputs = [self.stage_input(micro, step) for micro in micro_batches]
         losses: list[torch.Tensor] = []
         order = one_f_one_b(self.stage.stage, self.stage.stages, len(micro_batches))
-        times = run_schedule(order, self.link, self.stage_functions(inputs, losses), self.dtype, self.device)
+        functions = self.stage_functions(micro_batches, step, losses)
+        times = run_schedule(order, self.link, functions, self.dtype, self.device)
         self.accounting.add("fwd", times.forward)
         self.accounting.add("bwd", times.backward)
         self.accounting.add("pp_recv", times.recv_wait)
