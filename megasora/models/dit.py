@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Protocol, cast
+from functools import partial
+from typing import Callable, Optional, Protocol, cast
 
 import torch
 from torch import nn
@@ -54,6 +55,10 @@ class TokenState:
 def rope_tables(arch: DiTArch, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE cos, sin (N, head_dim/2) of the whole token grid (sequence parallelism shards them)."""
     return rope_3d(grid, arch.hidden // arch.heads, arch.rope_theta, device, arch.rope_layout)
+
+
+# Fills one parameter in place, drawing from the global RNG like the constructors do.
+ParamInit = Callable[[torch.Tensor], object]
 
 
 class SequenceHook(Protocol):
@@ -154,8 +159,15 @@ class CaptionProjection(nn.Module):
         super().__init__()
         self.proj = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(approximate="tanh"),
                                   nn.Linear(hidden, hidden))
-        self.null_embedding = nn.Parameter(torch.randn(text_dim) * text_dim ** -0.5)
+        self.null_embedding = nn.Parameter(torch.empty(text_dim))
+        self.reset_parameters()  # draws between proj's and pool's default inits (the seeded init's order)
         self.pool = nn.Sequential(nn.Linear(text_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) if pooled else None
+
+    def reset_parameters(self) -> None:
+        """This module's own parameter (torch's convention: children reset themselves)."""
+        n = self.null_embedding.numel()
+        with torch.no_grad():
+            self.null_embedding.copy_(torch.randn(n, device=self.null_embedding.device) * n ** -0.5)
 
     def forward(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -209,22 +221,31 @@ class DiT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
+        with torch.no_grad():
+            for name, init in self.reset_steps():
+                init(self.get_parameter(name))
+
+    def reset_steps(self) -> list[tuple[str, ParamInit]]:
+        """reset_parameters as (parameter name, in-place init) in the order it draws from the RNG.
+
+        parallel/materialize.py replays these on one full-size parameter at a time, so a rank
+        can hold only its shard and still get the values this method gives the whole model.
+        """
+        steps: list[tuple[str, ParamInit]] = []
+        for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        for layer in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
-            nn.init.normal_(cast(nn.Linear, layer).weight, std=0.02)
+                steps += [(f"{name}.weight", nn.init.xavier_uniform_), (f"{name}.bias", nn.init.zeros_)]
+        steps += [(f"t_embed.mlp.{i}.weight", partial(nn.init.normal_, std=0.02)) for i in (0, 2)]
         # The pooled caption MLP keeps its xavier init: it feeds adaLN, whose weights start at zero,
         # so shrinking it too would start the caption's modulation at a product of two near-zeros
         # (a saddle; docs/prompt_following.md: it delayed learning the direction word by ~1000 steps).
         # adaLN-Zero: every residual branch starts closed, so each block is the identity.
-        closed: list[nn.Module] = [self.final.adaln, self.final.linear]
+        closed = ["final.adaln", "final.linear"]
         for index in range(self.arch.depth):
-            closed += [self.block(index).adaln, self.block(index).cross_attn.out]
-        for module in closed:
-            for param in module.parameters():
-                nn.init.zeros_(param)
+            closed += [f"blocks.{index}.adaln", f"blocks.{index}.cross_attn.out"]
+        for prefix in closed:
+            steps += [(name, nn.init.zeros_) for name, _ in self.get_submodule(prefix).named_parameters(prefix)]
+        return steps
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 drop_text: Optional[torch.Tensor] = None, received: Optional[torch.Tensor] = None,

@@ -1,7 +1,8 @@
 """Apply the mesh's parallelism to a plain single-device DiT.
 
 Build the model identically (same seed) on every rank, then call parallelize(): weights are
-sliced from the full ones, so parallel init == single-process init. Afterwards wrap with
+sliced from the full ones, so parallel init == single-process init. The trainer builds it on the
+meta device and materializes only this rank's slices afterwards (parallel/materialize.py). Afterwards wrap with
 `deepspeed.initialize(model=..., mpu=MeshMPU(mesh), ...)`, which averages gradients over dp
 and sums them over sp (the reasoning is in docs/parallelism.md).
 """

@@ -142,6 +142,17 @@ def model_state(work: Workload, layout: Layout, params: int) -> dict[str, float]
     return {"weights": weights, "grads": grads, "optimizer": master + adam, "ema": ema, "zero_buffers": buffers}
 
 
+def startup_host_bytes(work: Workload, layout: Layout) -> float:
+    """Host bytes of parameters a rank holds at start-up, before the engine (parallel/materialize.py):
+    its fp32 part of the largest pipeline stage, plus the one full-size module being initialised
+    (the largest: adaLN, fc1, fc2 or the caption projection, with its bias). Building the whole
+    model on every rank, as the start-up did before, held total_params(work) x 4."""
+    held = max(stage_params(work, layout, stage) for stage in range(layout.pp))
+    d, m, text = work.arch.hidden, work.mlp_hidden, work.arch.text_dim
+    largest_module = max(6 * d * (d + 1), m * (d + 1), d * (m + 1), d * (text + 1))
+    return (held + largest_module) * FP32
+
+
 # ------------------------------------------------------------------ activations
 
 
