@@ -16,6 +16,17 @@ def tiny_config_path() -> Path:
     return REPO / "configs" / "tiny.yaml"
 
 
+@pytest.fixture(scope="session")
+def sampling_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run directory of shared_runs.SAMPLING, trained once for every module that samples from it.
+    Tests read it and write elsewhere."""
+    from parallel_utils import train_runs
+    from shared_runs import SAMPLING
+    run = tmp_path_factory.mktemp("sampling") / "run"
+    train_runs(1, [(str(run), SAMPLING, None)])
+    return run
+
+
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

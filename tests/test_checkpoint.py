@@ -1,5 +1,10 @@
 """Checkpoints: exact resume for ZeRO 1/2/3, resharding to other layouts, crash safety, integrity,
-preemption. Everything runs the real CLI / DeepSpeed engine on CPU with gloo."""
+preemption, all through the real trainer and DeepSpeed engine on CPU with gloo.
+
+The runs whose checkpoints and metrics the tests only read are trained once, in one group of
+processes per world size (process start-up costs more than these trainings on 2 cores); what
+users type (--resume auto, a corrupt --resume path, SIGUSR1, ckpt inspect/export) runs the CLI.
+"""
 from __future__ import annotations
 
 import json
@@ -25,6 +30,7 @@ from megasora.train.preemption import PREEMPTED_EXIT_CODE
 
 from ckpt_workers import train_and_die_during_save
 from launch_utils import REPO, read_losses, run_torchrun
+from parallel_utils import train_runs
 
 TINY = "configs/tiny.yaml"
 pytestmark = pytest.mark.slow
@@ -41,15 +47,55 @@ def sample_ids(run: Path) -> dict[int, list[int]]:
     return {r["step"]: r["ids"] for r in map(json.loads, (run / "sample_ids.jsonl").read_text().splitlines())}
 
 
+RESHARD_TARGETS = {  # name -> (world size, overrides); every target keeps the global batch at 8
+    "dp2": (2, ["train.grad_accum=2"]),
+    "tp2xdp2": (4, ["parallel.tp=2", "train.grad_accum=2"]),
+    "ring2xdp2": (4, ["parallel.ring=2", "train.grad_accum=2"]),
+    "world1": (1, ["train.grad_accum=4"]),
+}
+RESHARD = ["train.steps=4", "train.zero_stage=2", "run.record_sample_ids=true", "train.ema_decay=0.9"]
+
+
+def runs_by_world(root: Path) -> dict[int, list[tuple[str, list[str], str | None]]]:
+    """(run.dir, overrides, resume) of every run the tests read, by world size, in training order:
+    world 4 first, since its dp4 run checkpoints at step 2 for the other layouts to resume."""
+    dp4 = [(str(root / "dp4"), [*RESHARD, "train.save_every=2"], None)]  # uninterrupted, global batch 8
+    tp2ring2 = [(str(root / "tp2ring2"), ["train.steps=2", "parallel.tp=2", "parallel.ring=2", "train.grad_accum=4",
+                                          "train.zero_stage=2", "run.record_sample_ids=true"], None),
+                (str(root / "tp2ring2_at_dp4"), ["train.steps=3", "train.zero_stage=2", "run.record_sample_ids=true"],
+                 str(root / "tp2ring2" / "checkpoints"))]
+    same_layout = []
+    for stage in (1, 3):
+        sets = ["train.steps=6", f"train.zero_stage={stage}", "train.precision=fp32"]
+        full = root / f"zero{stage}_full"
+        same_layout += [(str(full), [*sets, "train.save_every=3"], None),
+                        (str(root / f"zero{stage}_resumed"), sets, str(full / "checkpoints" / "step_00000003"))]
+    by_world = {4: dp4 + tp2ring2, 2: same_layout, 1: []}
+    for name, (world, sets) in RESHARD_TARGETS.items():
+        by_world[world].append((str(root / name), [*RESHARD, *sets], str(root / "dp4" / "checkpoints" / "step_00000002")))
+    by_world[2] += [(str(root / "corrupt"), ["train.steps=4", "train.save_every=2"], None),
+                    (str(root / "cli"), ["train.steps=2", "train.save_every=1", "parallel.tp=2"], None)]
+    return by_world
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt_runs")
+    for world, group in runs_by_world(root).items():
+        train_runs(world, group)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dp4_reference(runs: Path) -> Path:
+    """An uninterrupted dp4 ZeRO-2 run of 4 steps (global batch 8, EMA) that checkpoints at step 2."""
+    return runs / "dp4"
+
+
 @pytest.mark.parametrize("zero_stage", [1, 3])
-def test_same_layout_resume_is_exact(tmp_path: Path, zero_stage: int) -> None:
+def test_same_layout_resume_is_exact(runs: Path, zero_stage: int) -> None:
     # ZeRO-2 is covered by test_train_e2e::test_same_layout_resume_is_exact.
-    sets = ("train.steps=6", f"train.zero_stage={zero_stage}", "train.precision=fp32")
-    full = tmp_path / "full"
-    run_torchrun(2, train_args(full, *sets, "train.save_every=3"))
-    resumed = tmp_path / "resumed"
-    run_torchrun(2, [*train_args(resumed, *sets), "--resume", str(full / "checkpoints" / "step_00000003")])
-    a, b = read_losses(full), read_losses(resumed)
+    a, b = read_losses(runs / f"zero{zero_stage}_full"), read_losses(runs / f"zero{zero_stage}_resumed")
     assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]
 
 
@@ -65,30 +111,10 @@ def saved_model_loss(ckpt_dir: Path, tag: str, positions: range, step_index: int
         return FlowMatchingObjective(cfg)(model, batch, step_index, torch.float32, torch.device("cpu")).item()
 
 
-RESHARD_TARGETS = {  # name -> (world size, overrides); every target keeps the global batch at 8
-    "dp2": (2, ["train.grad_accum=2"]),
-    "tp2xdp2": (4, ["parallel.tp=2", "train.grad_accum=2"]),
-    "ring2xdp2": (4, ["parallel.ring=2", "train.grad_accum=2"]),
-    "world1": (1, ["train.grad_accum=4"]),
-}
-
-
-@pytest.fixture(scope="module")
-def dp4_reference(tmp_path_factory) -> Path:
-    """An uninterrupted dp4 ZeRO-2 run of 4 steps (global batch 8) that checkpoints at step 2."""
-    run = tmp_path_factory.mktemp("dp4") / "run"
-    run_torchrun(4, train_args(run, "train.steps=4", "train.save_every=2", "train.zero_stage=2",
-                               "run.record_sample_ids=true", "train.ema_decay=0.9"))
-    return run
-
-
 @pytest.mark.parametrize("target", sorted(RESHARD_TARGETS))
-def test_resume_dp4_checkpoint_on_another_layout(tmp_path: Path, dp4_reference: Path, target: str) -> None:
-    world, sets = RESHARD_TARGETS[target]
-    run = tmp_path / target
+def test_resume_dp4_checkpoint_on_another_layout(runs: Path, dp4_reference: Path, target: str) -> None:
+    run = runs / target  # resumed from the dp4 run's step 2
     ckpt = dp4_reference / "checkpoints" / "step_00000002"
-    run_torchrun(world, [*train_args(run, "train.steps=4", "train.zero_stage=2", "run.record_sample_ids=true",
-                                     "train.ema_decay=0.9", *sets), "--resume", str(ckpt)])
     losses = read_losses(run)
     assert sorted(losses) == [3, 4]  # continued from step 2 and trained on
     expected = saved_model_loss(ckpt.parent, ckpt.name, range(16, 24), step_index=2)
@@ -99,13 +125,8 @@ def test_resume_dp4_checkpoint_on_another_layout(tmp_path: Path, dp4_reference: 
         assert sorted(after[step]) == sorted(full[step])
 
 
-def test_resume_tp2_ring2_checkpoint_at_dp4(tmp_path: Path) -> None:
-    src = tmp_path / "tp2ring2"
-    run_torchrun(4, train_args(src, "train.steps=2", "parallel.tp=2", "parallel.ring=2", "train.grad_accum=4",
-                               "train.zero_stage=2", "run.record_sample_ids=true"))
-    dst = tmp_path / "dp4"
-    run_torchrun(4, [*train_args(dst, "train.steps=3", "train.zero_stage=2", "run.record_sample_ids=true"),
-                     "--resume", str(src / "checkpoints")])
+def test_resume_tp2_ring2_checkpoint_at_dp4(runs: Path) -> None:
+    src, dst = runs / "tp2ring2", runs / "tp2ring2_at_dp4"
     losses = read_losses(dst)
     assert sorted(losses) == [3]
     expected = saved_model_loss(src / "checkpoints", "step_00000002", range(16, 24), step_index=2)
@@ -118,19 +139,19 @@ def test_rank_killed_during_save_keeps_previous_checkpoint(tmp_path: Path) -> No
     run = tmp_path / "crash"
     overrides = [f"run.dir={run}", "train.steps=6", "train.save_every=2"]
     with pytest.raises(mp.ProcessExitedException):
-        mp.spawn(train_and_die_during_save, args=(2, free_port(), overrides, ".tmp.step_00000004"), nprocs=2)
+        mp.start_processes(train_and_die_during_save, args=(2, free_port(), overrides, ".tmp.step_00000004"),
+                           nprocs=2, start_method="forkserver")  # parallel_utils' server: no fresh imports
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000002"
     assert (ckpts / ".tmp.step_00000004").is_dir() and not (ckpts / "step_00000004").exists()
     assert find_resumable(ckpts).tag == "step_00000002"
-    run_torchrun(2, [*train_args(run, "train.steps=6", "train.save_every=2"), "--resume", "auto"])
+    train_runs(2, [(str(run), ["train.steps=6", "train.save_every=2"], "auto")])
     assert (ckpts / "latest").read_text().strip() == "step_00000006"
     assert not (ckpts / ".tmp.step_00000004").exists()  # debris cleaned by the retried save
 
 
-def test_corrupt_shard_is_named_and_auto_resume_falls_back(tmp_path: Path) -> None:
-    run = tmp_path / "corrupt"
-    run_torchrun(2, train_args(run, "train.steps=4", "train.save_every=2"))
+def test_corrupt_shard_is_named_and_auto_resume_falls_back(runs: Path) -> None:
+    run = runs / "corrupt"  # 4 steps, saved every 2
     ckpts = run / "checkpoints"
     shard = sorted((ckpts / "step_00000004").glob("*optim_states.pt"))[-1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
@@ -163,16 +184,17 @@ def test_sigusr1_saves_and_exits_with_documented_status(tmp_path: Path) -> None:
     assert "preemption signal received" in err
 
 
-def test_ckpt_inspect_export_and_sample_from_export(tmp_path: Path) -> None:
-    run = tmp_path / "cli"
-    run_torchrun(2, train_args(run, "train.steps=2", "train.save_every=1", "parallel.tp=2"))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def test_ckpt_inspect_export_and_sample_from_export(runs: Path, tmp_path: Path, capsys) -> None:
+    run = runs / "cli"  # tp2, 2 steps, saved every step
+    from megasora.cli import main
 
     def megasora(*args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "megasora", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc.stdout
+        """What `megasora ARGS` prints, run in this process (an interpreter start less per command)."""
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(args))
+        out, err = capsys.readouterr()
+        assert exit_info.value.code == 0, err[-3000:]
+        return out
 
     listing = megasora("ckpt", "inspect", str(run))
     assert "latest -> step_00000002" in listing

@@ -1,9 +1,11 @@
 """A tiny model trained on CPU follows its prompt: colour and direction of motion (docs/prompt_following.md).
 
-Trains configs/tiny-prompt.yaml through the real CLI and DeepSpeed (one process, ~8 min of one
-core), then runs `megasora eval-prompts` on its EMA weights over 48 prompts (every colour x
-direction twice; one sample moves the rate by 2%): at least 90% must match both colour and
-direction, and the loss probe must show a model of motion that reads the direction word.
+Trains configs/tiny-prompt.yaml through the real CLI and DeepSpeed, as two data-parallel processes
+of 4 samples each: the recipe's global batch of 8, the same samples in every step (data-parallel
+training equals one process, tests/test_golden.py), on both cores of a CI machine. Then it runs
+`megasora eval-prompts` on its EMA weights over 48 prompts (every colour x direction twice; one
+sample moves the rate by 2%): at least 90% must match both colour and direction, and the loss
+probe must show a model of motion that reads the direction word.
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ def eval_prompts(run: Path, out: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # ~6 min alone on 2 cores; leave room for a loaded CI machine
+@pytest.mark.timeout(2400)  # ~5 min alone on 2 cores; leave room for a loaded CI machine
 def test_tiny_prompt_recipe_follows_colour_and_direction(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    run_torchrun(1, ["train", "--config", RECIPE, "--set", f"run.dir={run}"], timeout=1800)
+    run_torchrun(2, ["train", "--config", RECIPE, "--set", "train.micro_batch_size=4", "--set", f"run.dir={run}"],
+                 timeout=1800)
     scores = tmp_path / "scores.json"
     report = eval_prompts(run, scores)
     print(report)

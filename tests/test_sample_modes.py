@@ -1,8 +1,9 @@
 """`megasora sample` modes from a tiny trained checkpoint: shapes, conditioning frames returned exactly
 (latent space), SDEdit at strength 0, loops, bad inputs as one line; and train.sample_every previews.
 
-One tiny pixel-space run (4 latent frames of 8x8, conditioning masks on) is trained once for the
-module; every mode then runs in-process through the real CLI with 2 Euler steps.
+One tiny pixel-space run (shared_runs.SAMPLING: 4 latent frames of 8x8, conditioning masks on) is
+trained once for the session (conftest.sampling_run); every mode then runs in-process through the
+real CLI with 2 Euler steps.
 """
 from __future__ import annotations
 
@@ -18,27 +19,14 @@ import torch
 from megasora.data.synthetic import render_clip
 from megasora.data.video_io import tensor_to_frames, write_video
 
+from shared_runs import SAMPLING
+
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["model.hidden=32", "model.heads=4", "model.depth=2", "data.frames=4", "data.height=8", "data.width=8",
-         "data.num_samples=8", "train.steps=4", "train.warmup_steps=1", "train.zero_stage=0", "train.ema_decay=0.9",
-         "train.sample_every=2", "train.sample_steps=2", "diffusion.cond_masks.first_frame=0.3",
-         "diffusion.cond_masks.head=0.3", "diffusion.cond_masks.first_last=0.3"]
-pytestmark = pytest.mark.slow  # the module trains its checkpoint in a subprocess (~30 s on 2 busy cores)
+pytestmark = pytest.mark.slow  # sampling and a tp2/pp2 training (seconds each on 2 busy cores)
 
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("modes") / "run"
-    args = [sys.executable, "-m", "megasora", "train", "--config", str(REPO / "configs" / "tiny.yaml")]
-    for item in TRAIN + [f"run.dir={run}"]:
-        args += ["--set", item]
-    proc = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +55,10 @@ def sample(run: Path, tmp_path: Path, *args: str) -> dict:
     return torch.load(saved, weights_only=False)
 
 
-def test_t2v_batch_from_a_prompts_file_at_any_size(run_dir, tmp_path) -> None:
+def test_t2v_batch_from_a_prompts_file_at_any_size(sampling_run, tmp_path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a blue square moving up\n\na green triangle moving down\n")
-    out = sample(run_dir, tmp_path, "--prompts", str(prompts), "--frames", "2", "--height", "6", "--width", "10")
+    out = sample(sampling_run, tmp_path, "--prompts", str(prompts), "--frames", "2", "--height", "6", "--width", "10")
     assert out["latents"].shape == (3, 3, 2, 6, 10)  # --prompt plus the file's two lines
     assert all((tmp_path / f"out_{i}.mp4").stat().st_size > 0 for i in range(3))
     from PIL import Image
@@ -78,15 +66,15 @@ def test_t2v_batch_from_a_prompts_file_at_any_size(run_dir, tmp_path) -> None:
     assert sheet.size[1] > 3 * 6 * 8  # a row per prompt, 8x zoom
 
 
-def test_t2i_writes_a_png_of_the_requested_size(run_dir, tmp_path) -> None:
-    out = sample(run_dir, tmp_path, "--mode", "t2i", "--height", "8", "--width", "12")
+def test_t2i_writes_a_png_of_the_requested_size(sampling_run, tmp_path) -> None:
+    out = sample(sampling_run, tmp_path, "--mode", "t2i", "--height", "8", "--width", "12")
     assert out["latents"].shape == (1, 3, 1, 8, 12)
     from PIL import Image
     assert Image.open(tmp_path / "out.png").size == (12 * 8, 8 * 8)
 
 
-def test_i2v_keeps_the_image_and_its_aspect_ratio(run_dir, tmp_path, media) -> None:
-    out = sample(run_dir, tmp_path, "--mode", "i2v", "--image", str(media["image"]))
+def test_i2v_keeps_the_image_and_its_aspect_ratio(sampling_run, tmp_path, media) -> None:
+    out = sample(sampling_run, tmp_path, "--mode", "i2v", "--image", str(media["image"]))
     image = out["inputs"]["image"]
     assert image.shape == (1, 3, 1, 6, 12)  # 24x48 at the training area (64 latents), patch multiples
     assert out["latents"].shape == (1, 3, 4, 6, 12)
@@ -94,17 +82,17 @@ def test_i2v_keeps_the_image_and_its_aspect_ratio(run_dir, tmp_path, media) -> N
 
 
 @pytest.mark.parametrize("backward", [False, True])
-def test_extend_by_sliding_windows_keeps_the_video(run_dir, tmp_path, media, backward) -> None:
+def test_extend_by_sliding_windows_keeps_the_video(sampling_run, tmp_path, media, backward) -> None:
     extra = ["--backward"] if backward else []
-    out = sample(run_dir, tmp_path, "--mode", "extend", "--video", str(media["video"]), "--frames", "5", *extra)
+    out = sample(sampling_run, tmp_path, "--mode", "extend", "--video", str(media["video"]), "--frames", "5", *extra)
     video, latents = out["inputs"]["video"], out["latents"]
     assert video.shape == (1, 3, 4, 8, 8) and latents.shape == (1, 3, 9, 8, 8)  # 5 new frames: 3 windows
     kept = latents[:, :, -4:] if backward else latents[:, :, :4]
     assert torch.equal(kept, video)
 
 
-def test_loop_leads_back_into_the_first_frame(run_dir, tmp_path, media) -> None:
-    out = sample(run_dir, tmp_path, "--mode", "loop", "--video", str(media["video"]))
+def test_loop_leads_back_into_the_first_frame(sampling_run, tmp_path, media) -> None:
+    out = sample(sampling_run, tmp_path, "--mode", "loop", "--video", str(media["video"]))
     video, latents = out["inputs"]["video"], out["latents"]
     assert latents.shape == (1, 3, 6, 8, 8) and torch.equal(latents[:, :, :4], video)
     # The window the loop was cut from: [video end | generated | video start], held exactly.
@@ -113,25 +101,25 @@ def test_loop_leads_back_into_the_first_frame(run_dir, tmp_path, media) -> None:
     from megasora.commands.sample import load_sampling_model
     from megasora.diffusion.modes import ModeSampler, loop_window
     from megasora.models.text import TextEncoder
-    model, cfg, _ = load_sampling_model(argparse.Namespace(weights=None, run=str(run_dir), tag=None, no_ema=False))
+    model, cfg, _ = load_sampling_model(argparse.Namespace(weights=None, run=str(sampling_run), tag=None, no_ema=False))
     text, mask = TextEncoder(None, cfg.text.max_length).encode(["a red circle moving left"])
     window = loop_window(ModeSampler(model, cfg, text, mask, steps=2), video, 4, 1)
     assert torch.equal(window[:, :, -1:], video[:, :, :1]) and torch.equal(window[:, :, :1], video[:, :, -1:])
     assert not torch.equal(window[:, :, 1:3], video[:, :, 1:3])  # the middle is generated
 
 
-def test_connect_holds_both_videos(run_dir, tmp_path, media) -> None:
-    out = sample(run_dir, tmp_path, "--mode", "connect", "--video", str(media["video"]),
+def test_connect_holds_both_videos(sampling_run, tmp_path, media) -> None:
+    out = sample(sampling_run, tmp_path, "--mode", "connect", "--video", str(media["video"]),
                  "--video2", str(media["video2"]))
     first, second, latents = out["inputs"]["video"], out["inputs"]["video2"], out["latents"]
     assert latents.shape == (1, 3, 10, 8, 8)
     assert torch.equal(latents[:, :, :4], first) and torch.equal(latents[:, :, -4:], second)
 
 
-def test_edit_at_strength_zero_returns_the_input(run_dir, tmp_path, media) -> None:
-    out = sample(run_dir, tmp_path, "--mode", "edit", "--video", str(media["video"]), "--strength", "0")
+def test_edit_at_strength_zero_returns_the_input(sampling_run, tmp_path, media) -> None:
+    out = sample(sampling_run, tmp_path, "--mode", "edit", "--video", str(media["video"]), "--strength", "0")
     assert torch.equal(out["latents"], out["inputs"]["video"])
-    out = sample(run_dir, tmp_path, "--mode", "edit", "--video", str(media["video"]), "--strength", "0.7")
+    out = sample(sampling_run, tmp_path, "--mode", "edit", "--video", str(media["video"]), "--strength", "0.7")
     assert out["latents"].shape == out["inputs"]["video"].shape
     assert not torch.equal(out["latents"], out["inputs"]["video"])
 
@@ -144,36 +132,36 @@ def test_edit_at_strength_zero_returns_the_input(run_dir, tmp_path, media) -> No
     (["--mode", "connect", "--video", "{video}"], "--mode connect needs --video2"),
     (["--mode", "edit", "--video", "{video}", "--strength", "1.5"], "--strength 1.5 is outside [0, 1]"),
 ])
-def test_bad_input_is_one_line(run_dir, tmp_path, media, capsys, args, message) -> None:
+def test_bad_input_is_one_line(sampling_run, tmp_path, media, capsys, args, message) -> None:
     from megasora.cli import main
     text_file = tmp_path / "notes.mp4"
     text_file.write_text("not a video")
     args = [a.format(text=text_file, image=media["image"], video=media["video"]) for a in args]
     with pytest.raises(SystemExit) as exit_info:
-        main(["sample", "--run", str(run_dir), "--prompt", "x", "--steps", "1", *args])
+        main(["sample", "--run", str(sampling_run), "--prompt", "x", "--steps", "1", *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2
     assert len(err) == 1 and err[0].startswith("megasora: input error: ") and message in err[0], err
     assert "; " in err[0]  # what, then how to fix it
 
 
-def test_bad_input_from_the_command_line_has_no_traceback(run_dir, tmp_path, media) -> None:
-    proc = subprocess.run([sys.executable, "-m", "megasora", "sample", "--run", str(run_dir), "--prompt", "x",
+def test_bad_input_from_the_command_line_has_no_traceback(sampling_run, tmp_path, media) -> None:
+    proc = subprocess.run([sys.executable, "-m", "megasora", "sample", "--run", str(sampling_run), "--prompt", "x",
                            "--mode", "edit", "--video", str(media["image"])],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("megasora: input error: --video ")
 
 
-def test_training_writes_ema_samples_every_n_steps(run_dir) -> None:
+def test_training_writes_ema_samples_every_n_steps(sampling_run) -> None:
     for step in (2, 4):
-        path = run_dir / "samples" / f"step_{step}.mp4"
+        path = sampling_run / "samples" / f"step_{step}.mp4"
         assert path.stat().st_size > 0
     from megasora.data.video_io import iter_video_clips
-    clip = next(iter_video_clips(run_dir / "samples" / "step_4.mp4", 8.0, 4, 1 << 30, 1, 1, 1))
+    clip = next(iter_video_clips(sampling_run / "samples" / "step_4.mp4", 8.0, 4, 1 << 30, 1, 1, 1))
     assert clip.frames.shape[0] == 4 and clip.frames.shape[2] == 2 * clip.frames.shape[1]  # 2 prompts side by side
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events = EventAccumulator(str(sampling_run / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert "samples" in events.Tags()["images"]
     assert [e.step for e in events.Images("samples")] == [2, 4]
@@ -225,7 +213,7 @@ def _preview_worker(rank: int, world: int, root: str):
     from megasora.train.trainer import train
     for name, parallel in (("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2", "train.grad_accum=2",
                                                                  "train.micro_batch_size=1", "train.zero_stage=1"])):
-        overrides = [o for o in TRAIN if not o.startswith("train.zero_stage")] + ["train.zero_stage=2"]
+        overrides = [o for o in SAMPLING if not o.startswith("train.zero_stage")] + ["train.zero_stage=2"]
         cfg = load_config(REPO / "configs" / "tiny.yaml", overrides + parallel + [f"run.dir={root}/{name}",
                                                                                     "train.steps=2"])
         train(cfg)

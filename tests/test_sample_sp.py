@@ -2,9 +2,10 @@
 ulysses2 x ring2 (and tp2) shard one clip's 27 tokens (so every layout pads) through the real
 `megasora sample` command, launched the way torchrun launches it.
 
-The tiny checkpoint is trained once, then every weight gets N(0, 0.05) added: a few steps of
-training leave the adaLN-Zero gates nearly closed, and attention must matter for the comparison
-to mean anything (checked: the perturbed model's samples depend on the attention output).
+The checkpoint is the session's shared tiny run (conftest.sampling_run), sampled at 3 latent frames
+of 6x6, with N(0, 0.05) added to every weight: a few steps of training leave the adaLN-Zero gates
+nearly closed, and attention must matter for the comparison to mean anything (checked: the
+perturbed model's samples depend on the attention output).
 Both a t2v sample (one timestep per sample) and an i2v sample (per-token timesteps, the
 conditioning frame at t=0) are compared.
 """
@@ -22,26 +23,18 @@ import torch
 from parallel_utils import run_launched
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["model.hidden=32", "model.heads=4", "model.depth=2", "data.frames=3", "data.height=6", "data.width=6",
-         "data.num_samples=8", "train.steps=2", "train.zero_stage=0", "diffusion.cond_masks.first_frame=0.5"]
+SIZE = ["--frames", "3", "--height", "6", "--width", "6"]  # 27 tokens of 1x2x2 patches
 TOLERANCE = 1e-5
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
+def weights(sampling_run, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sp_sample")
-    run = root / "run"
-    args = [sys.executable, "-m", "megasora", "train", "--config", str(REPO / "configs" / "tiny.yaml")]
-    for item in TRAIN + [f"run.dir={run}"]:
-        args += ["--set", item]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import save_file
 
     from megasora.train.checkpoint import read_model_weights
-    state, cfg, _ = read_model_weights(run / "checkpoints")
+    state, cfg, _ = read_model_weights(sampling_run / "checkpoints")
     g = torch.Generator().manual_seed(0)
     state = {k: (v + 0.05 * torch.randn(v.shape, generator=g)).contiguous() for k, v in state.items()}
     path = root / "model.safetensors"
@@ -56,7 +49,7 @@ def _sample(weights: Path, out: Path, mode: str, parallel: list[str]) -> None:
     from megasora.cli import main
     args = ["sample", "--weights", str(weights), "--prompt", "a red circle moving left", "--prompt", "a blue square",
             "--steps", "4", "--guidance", "3", "--seed", "7", "--mode", mode, "--out", str(out.with_suffix(".mp4")),
-            "--save-latents", str(out)]
+            "--save-latents", str(out), *SIZE]
     if mode == "i2v":
         args += ["--image", str(weights.parent / "image.png")]
     for item in parallel:
