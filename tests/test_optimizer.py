@@ -22,7 +22,7 @@ OFFLOAD = ["train.optimizer=cpu_adam", "train.offload_optimizer=cpu"]
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["train.optimizer=lion"], "train.optimizer='lion' is not one of"),
+    (["train.optimizer=lion"], "train.optimizer='lion' must be adamw, fused_adam, apex_adam or cpu_adam"),
     (["train.optimizer=cpu_adam"], "set train.offload_optimizer=cpu"),
     (["train.offload_optimizer=cpu"], "set train.optimizer=cpu_adam"),
     (["train.offload_optimizer=nvme"], "must be none or cpu"),
