@@ -1,4 +1,4 @@
-"""The DiT FLOPs model (megasora/train/flops.py) against a hand count and against torch's own
+"""The DiT FLOPs model (megasora/models/flops.py) against a hand count and against torch's own
 FlopCounterMode on the tiny model, recompute included."""
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from megasora.config import load_config
 from megasora.models import build_dit, dit_arch
 from megasora.models.dit import DiTArch
+from megasora.models.flops import dit_forward_flops, dit_train_flops
 from megasora.parallel.activation_checkpointing import apply_activation_checkpointing
-from megasora.train.flops import dit_forward_flops, dit_recompute_flops, dit_train_flops
+from megasora.train.recompute import dit_recompute_flops
 
 REPO = Path(__file__).resolve().parents[1]
 B, TEXT = 2, 8

@@ -64,7 +64,7 @@ def _full_params(cfg, world: int) -> dict[str, torch.Tensor]:
         # losses only (each depends on all earlier updates).
         return None
     model = build_dit(cfg)
-    mesh = init_parallel(model, cfg.parallel, world)
+    mesh = init_parallel(model, cfg.parallel, world, cfg.train)
     path = ckpt / tag / f"mp_rank_{MeshMPU(mesh).get_model_parallel_rank():02d}_model_states.pt"
     model.load_state_dict(torch.load(path, weights_only=False)["module"])
     return full_state_dict(model, mesh)

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megasora.config import load_config
-from megasora.launcher.submit import (
+from megasora.commands.submit import (
     DEFAULT_TEMPLATE,
     JobSpec,
     SubmitError,
@@ -18,7 +17,8 @@ from megasora.launcher.submit import (
     register,
     render,
 )
-from megasora.train.preemption import PREEMPTED_EXIT_CODE
+from megasora.config import load_config
+from megasora.errors import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
