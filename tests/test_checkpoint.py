@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,19 +19,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from megasora.config import load_config
 from megasora.data.sources import SyntheticVideos
 from megasora.data.stream import stream_ids
+from megasora.errors import PREEMPTED_EXIT_CODE
 from megasora.launcher.env import free_port
 from megasora.models import build_dit
 from megasora.train.checkpoint import CheckpointError, find_resumable, read_model_weights, verify
 from megasora.train.objective import FlowMatchingObjective
-from megasora.train.preemption import PREEMPTED_EXIT_CODE
+from megasora.train.shard_files import Piece, ShardIndex, write_shard
 
-from ckpt_workers import train_and_die_during_save
+from ckpt_workers import restored_ema, train_and_die_during_save, train_recording_save_communication
 from launch_utils import REPO, read_losses, run_torchrun
-from parallel_utils import train_runs
+from parallel_utils import run_launched, train_runs
 
 TINY = "configs/tiny.yaml"
 pytestmark = pytest.mark.slow
@@ -54,6 +57,7 @@ RESHARD_TARGETS = {  # name -> (world size, overrides); every target keeps the g
     "world1": (1, ["train.grad_accum=4"]),
 }
 RESHARD = ["train.steps=4", "train.zero_stage=2", "run.record_sample_ids=true", "train.ema_decay=0.9"]
+PP2 = ["parallel.pp=2", "train.grad_accum=2"]  # 1F1B needs at least pp micro-batches
 
 
 def runs_by_world(root: Path) -> dict[int, list[tuple[str, list[str], str | None]]]:
@@ -74,7 +78,8 @@ def runs_by_world(root: Path) -> dict[int, list[tuple[str, list[str], str | None
     for name, (world, sets) in RESHARD_TARGETS.items():
         by_world[world].append((str(root / name), [*RESHARD, *sets], str(root / "dp4" / "checkpoints" / "step_00000002")))
     by_world[2] += [(str(root / "corrupt"), ["train.steps=4", "train.save_every=2"], None),
-                    (str(root / "cli"), ["train.steps=2", "train.save_every=1", "parallel.tp=2"], None)]
+                    (str(root / "cli"), ["train.steps=2", "train.save_every=1", "parallel.tp=2"], None),
+                    (str(root / "pp2"), ["train.steps=2", "train.ema_decay=0.9", *PP2], None)]
     return by_world
 
 
@@ -135,6 +140,94 @@ def test_resume_tp2_ring2_checkpoint_at_dp4(runs: Path) -> None:
     assert sorted(ids[1] + ids[2] + sample_ids(dst)[3]) == sorted(stream_ids(0, 64, 0, 24))
 
 
+def test_shard_files_give_any_slice_of_what_the_ranks_wrote(tmp_path: Path) -> None:
+    """Slices two tp ranks wrote (a column and a row split; a replicated tensor from rank 0 only)
+    read back whole and as any tp4 rank's slice; the files are plain safetensors; a missing slice
+    is named."""
+    torch.manual_seed(0)
+    col, row, rep = torch.randn(8, 3), torch.randn(3, 8), torch.randn(5).bfloat16()
+    for r in range(2):
+        tensors = {"col": col[4 * r:4 * r + 4], "row": row[:, 4 * r:4 * r + 4], "rep": rep}
+        pieces = {"col": Piece.split((4, 3), 0, r, 2), "row": Piece.split((3, 4), 1, r, 2), "rep": Piece.whole_of((5,))}
+        names = ["col", "row"] + (["rep"] if r == 0 else [])
+        write_shard(tmp_path / f"slice_mp{r:02d}.safetensors", {n: tensors[n] for n in names},
+                    {n: pieces[n] for n in names})
+    assert torch.equal(load_file(str(tmp_path / "slice_mp01.safetensors"))["row"], row[:, 4:])
+    with ShardIndex(tmp_path) as index:
+        whole = dict(index.whole())
+        assert torch.equal(whole["col"], col) and torch.equal(whole["row"], row) and torch.equal(whole["rep"], rep)
+        for r in range(4):
+            out = torch.empty(3, 2)
+            index.read_into("row", out, Piece.split((3, 2), 1, r, 4))
+            assert torch.equal(out, row[:, 2 * r:2 * r + 2])
+    (tmp_path / "slice_mp01.safetensors").unlink()
+    with ShardIndex(tmp_path) as index, pytest.raises(ValueError, match="cover 12 of the 24 elements"):
+        index.read_into("col", torch.empty(8, 3), Piece.whole_of((8, 3)))
+
+
+@pytest.fixture(scope="module")
+def sharded_references(runs: Path) -> dict[str, Path]:
+    """Step-2 checkpoints with an EMA of the dp4 run, a tp2 run (`cli`) and a pp2 run."""
+    return {name: runs / run / "checkpoints" / "step_00000002" for name, run in (("dp4", "dp4"), ("tp2", "cli"),
+                                                                                  ("pp2", "pp2"))}
+
+
+def assert_restored_ema_is_saved_ema(ckpt: Path, ranks: list[dict[str, tuple]]) -> None:
+    """Every rank's restored EMA slice is bit for bit the saved EMA's, and the slices cover it."""
+    whole, _, used_ema = read_model_weights(ckpt.parent, ckpt.name, ema=True)
+    raw, _, _ = read_model_weights(ckpt.parent, ckpt.name, ema=False)
+    assert used_ema and max((whole[k] - raw[k]).abs().max().item() for k in raw) > 1e-5  # not the weights
+    restored = set()
+    for rank, slices in enumerate(ranks):
+        for name, (tensor, piece) in slices.items():
+            assert torch.equal(tensor, whole[name][piece.region]), f"rank {rank}: EMA of {name}"
+            restored.add(name)
+    assert restored == set(whole)
+
+
+EMA_RESHARDS = {  # name -> (saved by, world, overrides)
+    "dp4->dp2": ("dp4", 2, ["train.grad_accum=2"]),
+    "dp4->tp2xdp2": ("dp4", 4, ["parallel.tp=2", "train.grad_accum=2"]),
+    "tp2->tp1": ("tp2", 1, []),
+    "tp2->tp2": ("tp2", 2, ["parallel.tp=2"]),
+    "pp2->pp1": ("pp2", 1, []),
+    "dp4->pp2": ("dp4", 2, PP2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMA_RESHARDS))
+def test_ema_restores_exactly_on_any_layout(tmp_path: Path, sharded_references: dict[str, Path], case: str) -> None:
+    source, world, sets = EMA_RESHARDS[case]
+    ckpt = sharded_references[source]
+    overrides = [f"run.dir={tmp_path / 'run'}", "train.ema_decay=0.9", *sets]
+    assert_restored_ema_is_saved_ema(ckpt, run_launched(restored_ema, world, overrides, str(ckpt)))
+
+
+def as_checkpoint_before_ema_files(ckpt: Path, dest: Path) -> Path:
+    """A copy of `ckpt` as checkpoints were written before ema/: the whole EMA in every
+    model-states file's client state, no ema/ directory."""
+    shutil.copytree(ckpt, dest)
+    whole, _, _ = read_model_weights(ckpt.parent, ckpt.name, ema=True)
+    for states in dest.glob("mp_rank_*_model_states.pt"):
+        saved = torch.load(states, weights_only=False)
+        torch.save({**saved, "ema": whole}, states)
+    shutil.rmtree(dest / "ema")
+    manifest = json.loads((dest / "megasora.json").read_text())
+    manifest["files"] = {str(p.relative_to(dest)): p.stat().st_size for p in sorted(dest.rglob("*"))
+                         if p.is_file() and p.name != "megasora.json"}
+    (dest / "megasora.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def test_checkpoint_with_the_ema_in_its_client_state_still_loads(tmp_path: Path,
+                                                                  sharded_references: dict[str, Path]) -> None:
+    old = as_checkpoint_before_ema_files(sharded_references["tp2"], tmp_path / "ckpts" / "step_00000002")
+    assert_restored_ema_is_saved_ema(sharded_references["tp2"], run_launched(
+        restored_ema, 2, [f"run.dir={tmp_path / 'run'}", "train.ema_decay=0.9", "parallel.tp=2"], str(old)))
+    exported, _, used_ema = read_model_weights(old.parent, old.name, ema=True)
+    assert used_ema and exported.keys() == read_model_weights(old.parent, old.name, ema=False)[0].keys()
+
+
 def test_rank_killed_during_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "crash"
     overrides = [f"run.dir={run}", "train.steps=6", "train.save_every=2"]
@@ -148,6 +241,22 @@ def test_rank_killed_during_save_keeps_previous_checkpoint(tmp_path: Path) -> No
     train_runs(2, [(str(run), ["train.steps=6", "train.save_every=2"], "auto")])
     assert (ckpts / "latest").read_text().strip() == "step_00000006"
     assert not (ckpts / ".tmp.step_00000004").exists()  # debris cleaned by the retried save
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2", "train.zero_stage=1", "train.grad_accum=2", "train.micro_batch_size=1"]],
+                         ids=["tp2", "pp2"])
+def test_save_gathers_nothing(tmp_path: Path, layout: list[str]) -> None:
+    """A save streams each rank's own shard: no object collective (pickled tensors) and no gather
+    of the model or the EMA on any rank; only barriers and DeepSpeed's small tag check."""
+    run = tmp_path / "run"
+    overrides = [f"run.dir={run}", "train.steps=2", "train.save_every=1", "train.ema_decay=0.9", *layout]
+    mp.spawn(train_recording_save_communication, args=(2, free_port(), overrides, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["object_collectives"] == [], f"rank {rank}"
+        gathers = [c for c in record["collectives"] if "gather" in c[1]]
+        assert gathers == [], f"rank {rank}: {gathers}"
+    assert find_resumable(run / "checkpoints").step == 2
 
 
 def test_corrupt_shard_is_named_and_auto_resume_falls_back(runs: Path) -> None:
@@ -201,7 +310,6 @@ def test_ckpt_inspect_export_and_sample_from_export(runs: Path, tmp_path: Path, 
     assert "step_00000002" in listing and "complete  step 2  samples 4  layout dp1 tp2" in listing
     out = tmp_path / "export" / "model.safetensors"
     megasora("ckpt", "export", str(run), "--out", str(out), "--ema")
-    from safetensors.torch import load_file
     weights = load_file(str(out))
     cfg = load_config(REPO / TINY)
     assert {k: tuple(v.shape) for k, v in weights.items()} == \

@@ -13,8 +13,6 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from megasora.train.checkpoint import (
     TAG_RE,
     CheckpointError,
@@ -24,6 +22,7 @@ from megasora.train.checkpoint import (
     read_model_weights,
     verify,
 )
+from megasora.train.shard_files import write_shard
 from megasora.train.universal import convert_to_universal
 
 
@@ -93,7 +92,7 @@ def run_export(args: argparse.Namespace) -> int:
                               "train.ema_decay=0)", "drop --ema to export the raw weights")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out))
+    write_shard(out, weights)  # a plain safetensors file, written tensor by tensor
     out.with_suffix(".json").write_text(json.dumps(cfg, indent=1))
     print(f"wrote {out} ({'EMA' if used_ema else 'raw'} weights, {len(weights)} tensors) and {out.with_suffix('.json')}")
     return 0

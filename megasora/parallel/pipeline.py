@@ -127,10 +127,21 @@ def build_stage(model: DiT, stage: int, stages: int, boundaries: list[int] | Non
 
 
 def gather_stages(local: dict[str, torch.Tensor], mesh: Mesh) -> dict[str, torch.Tensor]:
-    """Union of every stage's state dict (names are the full DiT's), on every rank of the pp group.
+    """Union of every stage's state dict (names are the full DiT's), on every rank of the pp group
+    (for tests and inspection: checkpoints and previews never gather the model).
 
-    Pass tp-unsharded tensors (parallel/tensor.py: full_state_dict) to get the whole model.
+    Pass tp-unsharded tensors (parallel/tensor.py: full_state_dict) to get the whole model. Only
+    names, shapes and dtypes travel as Python objects; each stage broadcasts its tensors in turn.
     """
-    parts: list[Any] = [None] * mesh.size("pp")
-    dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in local.items()}, group=mesh.group("pp"))
-    return {name: tensor for part in parts for name, tensor in part.items()}
+    group, ranks = mesh.group("pp"), mesh.ranks["pp"]
+    specs: list[Any] = [None] * len(ranks)
+    dist.all_gather_object(specs, [(name, tuple(t.shape), t.dtype) for name, t in local.items()], group=group)
+    device = next(iter(local.values())).device
+    whole = {}
+    for src, spec in zip(ranks, specs):
+        for name, shape, dtype in spec:
+            mine = src == mesh.rank
+            tensor = local[name].detach().contiguous() if mine else torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(tensor, src, group=group)
+            whole[name] = tensor.clone() if mine else tensor
+    return whole

@@ -26,6 +26,14 @@ Z = dp*sp ranks (DeepSpeed reduces gradients over dp x sp; mesh.py `dpsp`):
                 gradient dtype; ZeRO 3: two (overlap_comm) plus the gathered weights of the block
                 in use and the one prefetched.
     EMA:        an fp32 copy of the rank's parameters (ema.py gathers ZeRO-3 params: full Psi).
+
+A checkpoint save runs between steps (no activations): its peak is the model state plus what the
+save holds at once (`save_transient`), nothing on the device since every rank streams its own
+shards (train/checkpoint.py): DeepSpeed's torch.save copies one device storage at a time to the
+host, the EMA goes to its file a tensor at a time through the host, nothing is gathered
+(bench/bench_checkpoint_memory.py measures 0 torch bytes on CPU, where no copy is made at all).
+The save this replaced held on the device a clone of the rank's EMA and the EMA all-gathered
+over tp, and with pp the whole model's EMA pickled and unpickled by all_gather_object.
 """
 from __future__ import annotations
 
@@ -56,6 +64,7 @@ class MemoryBreakdown:
     activations: float        # saved for backward, all in-flight micro-batches, all blocks
     transient: float          # the peak's working set: one block's recompute / backward grads / sp buffers
     allowance: float          # stated: fragmentation share + fixed workspaces (0 on CPU)
+    save_transient: float = 0.0  # a checkpoint save's bytes beyond the model state (module docstring)
 
     @property
     def live_bytes(self) -> float:
@@ -64,8 +73,13 @@ class MemoryBreakdown:
                 + self.activations + self.transient)
 
     @property
+    def save_peak_bytes(self) -> float:
+        """Live bytes at a checkpoint save: the model state and what the save holds."""
+        return self.weights + self.grads + self.optimizer + self.ema + self.zero_buffers + self.save_transient
+
+    @property
     def total_bytes(self) -> float:
-        return self.live_bytes + self.allowance
+        return max(self.live_bytes, self.save_peak_bytes) + self.allowance
 
     def terms(self) -> dict[str, float]:
         return asdict(self)

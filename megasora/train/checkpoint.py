@@ -2,6 +2,7 @@
 
 Layout on disk (run.dir/checkpoints/):
     step_00000100/            DeepSpeed's sharded files + megasora.json (the manifest)
+        ema/slice_mpXX.safetensors   the EMA, one file per model-parallel rank's slice (train/ema.py)
     step_00000100.universal/  created on demand when resuming under a different layout
     latest                    tag of the newest complete checkpoint
 
@@ -10,6 +11,11 @@ writes the manifest (every file with its size), renames the directory to `step_X
 then moves `latest`. A crash at any point leaves the previous checkpoint and `latest`
 untouched. Load verifies the manifest first, so a truncated or missing shard is reported by
 name, and `--resume auto` falls back to the newest checkpoint that verifies.
+
+Nothing is gathered to save: each rank streams its own shards (DeepSpeed's files, its EMA
+slice), and the client state holds only small values. The EMA is restored slice by slice
+under any layout from the ema/ files; checkpoints written before those files existed kept the
+whole EMA in their client state, which still loads.
 """
 from __future__ import annotations
 
@@ -29,11 +35,14 @@ import torch
 import torch.distributed as dist
 
 from megasora.errors import UserError
+from megasora.train.ema import EMA
+from megasora.train.shard_files import ShardIndex
 from megasora.train.universal import convert_to_universal
 
 log = logging.getLogger("megasora")
 
 MANIFEST = "megasora.json"
+EMA_DIR = "ema"
 TAG_RE = re.compile(r"^step_(\d{8})$")
 
 
@@ -183,7 +192,7 @@ class CheckpointManager:
         self.keep_every = keep_every
         self.is_main = dist.get_rank() == 0
 
-    def save(self, engine: Any, step: int, samples: int, client_state: dict[str, Any]) -> str:
+    def save(self, engine: Any, step: int, samples: int, client_state: dict[str, Any], ema: EMA | None = None) -> str:
         tag = step_tag(step)
         tmp_tag = f".tmp.{tag}"
         if self.is_main:
@@ -191,6 +200,8 @@ class CheckpointManager:
             shutil.rmtree(self.root / tmp_tag, ignore_errors=True)  # debris of an interrupted save
         dist.barrier()
         engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        if ema is not None:
+            ema.save(self.root / tmp_tag / EMA_DIR)
         dist.barrier()  # every rank's shards are on disk
         if self.is_main:
             self._commit(tmp_tag, tag, step, samples)
@@ -236,6 +247,24 @@ def load_model_states(tag_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{states[0]} is unreadable ({type(err).__name__}: {err})", PICK_ANOTHER) from err
 
 
+def load_ema(ema: EMA, tag_dir: Path, client: dict[str, Any]) -> None:
+    """Restore this rank's EMA slices from a checkpoint (any layout): its ema/ shard files, or the
+    whole EMA an older checkpoint kept in its client state; one saved without an EMA leaves it."""
+    if (tag_dir / EMA_DIR).is_dir():
+        ema.load(tag_dir / EMA_DIR)
+    elif client.get("ema") is not None:
+        ema.load_whole(client["ema"])
+
+
+def read_ema(tag_dir: Path) -> dict[str, torch.Tensor] | None:
+    """A checkpoint's whole EMA on one process (None without one): assembled from its ema/ slices,
+    or the whole EMA a checkpoint from before ema/ kept in its client state."""
+    if (tag_dir / EMA_DIR).is_dir():
+        with ShardIndex(tag_dir / EMA_DIR) as index:
+            return dict(index.whole())
+    return load_model_states(tag_dir).get("ema")
+
+
 def read_model_weights(root: Path, tag: str | None = None, ema: bool = True
                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
     """Full (consolidated over tp and ZeRO) weights of a checkpoint on one process, no engine.
@@ -249,8 +278,9 @@ def read_model_weights(root: Path, tag: str | None = None, ema: bool = True
                               "`megasora ckpt inspect DIR` lists what a directory holds")
     saved = load_model_states(info.path)
     cfg = saved.get("config") or {}
-    if ema and saved.get("ema") is not None:
-        return saved["ema"], cfg, True  # saved full (gathered over tp) by the trainer
+    whole_ema = read_ema(info.path) if ema else None
+    if whole_ema is not None:
+        return whole_ema, cfg, True
     layout = info.layout
     # With pp > 1 each mp_rank file holds one stage's module: consolidate through universal instead.
     if (layout.get("tp", 1) == 1 and layout.get("pp", 1) == 1 and layout.get("zero_stage", 0) < 3

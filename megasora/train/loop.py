@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +38,10 @@ from megasora.train.accounting import StepAccounting
 from megasora.train.metrics import MetricsLogger
 from megasora.train.preemption import process_flag
 from megasora.train.previews import preview_writer, write_previews
+from megasora.train.shard_files import ShardIndex
 from megasora.train.startup import TrainingRun
 from megasora.train.throughput import FlopModel
-from megasora.train.universal import gather_full_state, universal_checkpoint_info
+from megasora.train.universal import universal_checkpoint_info
 
 log = logging.getLogger("megasora")
 
@@ -196,18 +198,29 @@ class TrainingLoop:
                 f.write(json.dumps({"step": step, "ids": [i for r in per_rank for i in r]}) + "\n")
 
     def sample_previews(self, step: int, samples: int) -> None:
-        """train.sample_every: global rank 0 samples the EMA (megasora/train/previews.py)."""
-        ema = self.client_state(step, samples)["ema"]  # the whole model's, as a checkpoint holds it (collective)
+        """train.sample_every: global rank 0 samples the whole EMA (megasora/train/previews.py),
+        assembled from the slices every rank writes as a checkpoint does (nothing is gathered)."""
+        assert self.ema is not None  # config validation: sample_every needs train.ema_decay > 0
+        shards = Path(self.cfg.run.dir) / "samples" / ".ema"
         if self.is_main:
-            write_previews(self.cfg, ema, step, self.device, preview_writer(Path(self.cfg.run.dir)))
+            shutil.rmtree(shards, ignore_errors=True)  # debris of an interrupted preview
+        dist.barrier()
+        self.ema.save(shards)
+        dist.barrier()  # every slice is on disk
+        if self.is_main:
+            with ShardIndex(shards) as index:
+                weights = dict(index.whole())
+            shutil.rmtree(shards)
+            write_previews(self.cfg, weights, step, self.device, preview_writer(Path(self.cfg.run.dir)))
 
     def save(self, step: int, samples: int) -> None:
-        self.manager.save(self.engine, step, samples, self.client_state(step, samples))
+        self.manager.save(self.engine, step, samples, self.client_state(step, samples), self.ema)
 
     def client_state(self, step: int, samples: int) -> dict[str, Any]:
-        ema = None
-        if self.ema is not None:  # stored full (unsharded over tp) so any layout can load it
-            ema = gather_full_state(self.ema.state_dict(), self.engine.module, self.parallel.tp_group)
-        return {"step": step, "samples": samples, "config": self.cfg.to_dict(), "ema": ema,
-                "rng": checkpoint.rng_state(),
-                "universal_checkpoint_info": universal_checkpoint_info(self.engine.module)}
+        """Small values only: the EMA is saved as per-rank shard files beside it (CheckpointManager)."""
+        return {"step": step, "samples": samples, "config": self.cfg.to_dict(), "rng": checkpoint.rng_state(),
+                "universal_checkpoint_info": self.universal_info()}
+
+    def universal_info(self) -> dict[str, Any]:
+        """How each parameter is split over tp, for DeepSpeed's universal conversion (universal.py)."""
+        return universal_checkpoint_info(self.engine.module)

@@ -32,12 +32,14 @@ import torch
 import torch.distributed as dist
 
 from megasora.config import Config
+from megasora.models import build_dit
 from megasora.models.dit import DiT
 from megasora.parallel.mesh import Mesh
 from megasora.parallel.pipeline import DiTStage, build_stage
 from megasora.parallel.pipeline_schedule import StageFunctions, StageLink, one_f_one_b, run_schedule
 from megasora.train.loop import Measured, TrainingLoop
 from megasora.train.objective import FlowInputs, FlowMatchingObjective
+from megasora.train.universal import universal_checkpoint_info
 
 
 def pipeline_stage(cfg: Config, model: DiT, mesh: Mesh) -> DiTStage:
@@ -106,21 +108,8 @@ class PipelineTrainingLoop(TrainingLoop):
         dist.broadcast(loss, self.last_stage_rank, group=self.pp_group)  # only the last stage has it
         return Measured({"loss": loss}, local={"pp_bubble": 1.0 - times.busy / times.wall})
 
-    def client_state(self, step: int, samples: int) -> dict[str, Any]:
-        """Every stage's checkpoint file describes the WHOLE model (EMA and the universal TP plan).
-
-        Resuming on another layout reads one file: DeepSpeed's ds_to_universal takes the
-        universal_checkpoint_info of mp_rank_00 (stage 0) for every parameter, and the trainer
-        restores the EMA from the file of the resuming rank's own mp rank.
-        """
-        client = super().client_state(step, samples)
-        parts: list[Any] = [None] * self.stage.stages
-        dist.all_gather_object(parts, (client["ema"], client["universal_checkpoint_info"]), group=self.pp_group)
-        if client["ema"] is not None:
-            client["ema"] = {name: tensor for ema, _ in parts for name, tensor in ema.items()}
-        info = dict(client["universal_checkpoint_info"])
-        for key, value in info.items():
-            if isinstance(value, list):  # parameter-name patterns: the union over stages
-                info[key] = [pattern for _, stage_info in parts for pattern in stage_info[key]]
-        client["universal_checkpoint_info"] = info
-        return client
+    def universal_info(self) -> dict[str, Any]:
+        """Of the WHOLE DiT, not of this stage: DeepSpeed's ds_to_universal applies mp_rank_00's
+        (stage 0's) to every parameter. Built on the meta device: names only, no memory."""
+        with torch.device("meta"):
+            return universal_checkpoint_info(build_dit(self.cfg))

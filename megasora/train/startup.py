@@ -24,9 +24,9 @@ from megasora.parallel import comm_counter, device_check
 from megasora.parallel.mesh import ParallelLayout
 from megasora.train import checkpoint
 from megasora.train.distributed import device_for, init_distributed
-from megasora.train.ema import EMA
+from megasora.train.ema import EMA, ShardPlace
 from megasora.train.engine import build_engine
-from megasora.train.universal import convert_to_universal, shard_full_state
+from megasora.train.universal import convert_to_universal
 
 log = logging.getLogger("megasora")
 
@@ -95,15 +95,15 @@ def open_run(cfg: Config, rank: int, record: dict[str, int], resume: str | None
     return (ckpt_dir, *prepare_resume(resume, ckpt_dir, record, rank == 0))
 
 
-def restore(engine: Any, ema: EMA | None, resume_from: checkpoint.CheckpointInfo | None, reshard: bool,
-            tp_group: Any = None) -> tuple[int, int]:
+def restore(engine: Any, ema: EMA | None, resume_from: checkpoint.CheckpointInfo | None, reshard: bool
+            ) -> tuple[int, int]:
     """Load engine (+ EMA) state from a checkpoint; returns (step, global samples seen)."""
     if resume_from is None:
         return 0, 0
     tag = f"{resume_from.tag}.universal" if reshard else resume_from.tag
     client = checkpoint.load_engine_state(engine, resume_from.root, tag)
-    if ema is not None and client.get("ema") is not None:
-        ema.load_state_dict(shard_full_state(client["ema"], engine.module, tp_group))
+    if ema is not None:  # from the checkpoint's own files: the universal conversion does not touch the EMA
+        checkpoint.load_ema(ema, resume_from.path, client)
     log.info("resumed from %s at step %d (%d samples seen)", resume_from.path, client["step"], client["samples"])
     return client["step"], client["samples"]
 
@@ -122,7 +122,8 @@ def training_run(cfg: Config, layout: ParallelLayout, resume: str | None, build:
         torch.manual_seed(cfg.train.seed)  # identical init on every rank; parallelize slices it
         model, parallel = build(cfg, env)
         engine = build_engine(cfg, model.to(device), parallel.size, parallel.mpu, load_universal=reshard)
-        ema = EMA(engine.module, cfg.train.ema_decay, cfg.train.zero_stage) if cfg.train.ema_decay > 0 else None
+        place = ShardPlace.of(parallel.mpu.mesh if parallel.mpu is not None else None)
+        ema = EMA(engine.module, cfg.train.ema_decay, cfg.train.zero_stage, place) if cfg.train.ema_decay > 0 else None
         manager = checkpoint.CheckpointManager(ckpt_dir, record, cfg.train.keep_last, cfg.train.keep_every)
-        step, samples = restore(engine, ema, resume_from, reshard, parallel.tp_group)
+        step, samples = restore(engine, ema, resume_from, reshard)
         yield TrainingRun(cfg, engine, ema, parallel, device, env.rank == 0, manager, step, samples)

@@ -1,4 +1,4 @@
-"""Layout changes on resume: DeepSpeed universal checkpoints, and TP (un)sharding of our own state.
+"""Layout changes on resume: DeepSpeed universal checkpoints (the EMA reshards itself: train/ema.py).
 
 A checkpoint saved under one layout (dp, tp, sp, ZeRO stage) is converted with DeepSpeed's
 `ds_to_universal` into per-parameter fp32 + optimizer-state files, which `load_universal`
@@ -13,8 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from torch import nn
 
 from megasora.parallel.tensor import tp_partition_dims
@@ -53,33 +51,3 @@ def convert_to_universal(tag_dir: Path, out_dir: Path) -> None:
     log.info("converting %s to a universal checkpoint (layout changed)", tag_dir)
     ds_to_universal.main(args)
     tmp.rename(out_dir)
-
-
-def gather_full_state(local: dict[str, torch.Tensor], model: nn.Module, tp_group: Any) -> dict[str, torch.Tensor]:
-    """Per-rank TP shards (e.g. EMA) -> full tensors, identical on every tp rank."""
-    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-    if tp_size == 1:
-        return {k: v.clone() for k, v in local.items()}
-    split = tp_partition_dims(model)
-    full = {}
-    for name, tensor in local.items():
-        if name not in split:
-            full[name] = tensor.clone()
-            continue
-        parts = [torch.empty_like(tensor) for _ in range(tp_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=tp_group)
-        full[name] = torch.cat(parts, dim=split[name])
-    return full
-
-
-def shard_full_state(full: dict[str, torch.Tensor], model: nn.Module, tp_group: Any) -> dict[str, torch.Tensor]:
-    """Full tensors -> this tp rank's shard, for any tp degree dividing the split dims."""
-    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
-    split = tp_partition_dims(model) if tp_size > 1 else {}
-    out = {}
-    for name, tensor in full.items():
-        if name in split:
-            tensor = tensor.chunk(tp_size, dim=split[name])[tp_rank]
-        out[name] = tensor.clone()
-    return out
