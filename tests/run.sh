@@ -16,6 +16,6 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensio
 # Lint first (pyflakes, import order, bugbear; [tool.ruff] in pyproject.toml): a finding fails the run
 # before any test.
 ruff check megasora tests bench
-# Types ([tool.mypy] in pyproject.toml: megasora/). To be switched on once `mypy` reports no error:
-# mypy
+# Types ([tool.mypy] in pyproject.toml: megasora/); an error fails the run before any test too.
+mypy
 exec python -m pytest "$@"   # pytest.ini: testpaths = tests

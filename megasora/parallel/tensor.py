@@ -51,9 +51,10 @@ from megasora.parallel.mesh import Mesh
 
 def mark_tensor_parallel(param: nn.Parameter, partition_dim: int) -> None:
     """Megatron/DeepSpeed attribute names: grad-norm code counts these on every tp rank."""
-    param.tensor_model_parallel = True
-    param.model_parallel = True
-    param.partition_dim = partition_dim
+    # DeepSpeed reads these duck-typed attributes, which nn.Parameter does not declare
+    param.tensor_model_parallel = True  # type: ignore[attr-defined]
+    param.model_parallel = True  # type: ignore[attr-defined]
+    param.partition_dim = partition_dim  # type: ignore[attr-defined]
 
 
 def is_tensor_parallel(param: torch.Tensor) -> bool:
@@ -123,7 +124,7 @@ def _sum_over_tp(group: ProcessGroup, grad: torch.Tensor) -> torch.Tensor:
 
 
 def _split_sublayer(module: nn.Module, column: list[str], row: list[str], mesh: Mesh) -> None:
-    rank, size, group = mesh.rank_in("tp"), mesh.size("tp"), mesh.group("tp")
+    rank, size, group = mesh.rank_in("tp"), mesh.size("tp"), mesh.communicating_group("tp")
     for name in column:
         setattr(module, name, ColumnParallelLinear(getattr(module, name), rank, size))
     for name in row:
@@ -148,14 +149,14 @@ def _modulations(model: DiT) -> dict[str, nn.Sequential]:
     return found
 
 
-def tp_partition_dims(model: DiT) -> dict[str, int]:
+def tp_partition_dims(model: nn.Module) -> dict[str, int]:
     """Parameter name -> the dim tensor parallel splits it along, for ANY tp degree (1 included).
 
     Checkpoints record this so one saved at tp=1 can be resharded to tp=2 and back; the
     row-parallel bias is absent because it is replicated.
     """
     dims: dict[str, int] = {}
-    if not hasattr(model, "blocks"):  # not a DiT (e.g. the VideoVAE of train-vae): nothing is tp-split
+    if not isinstance(model, DiT):  # e.g. the VideoVAE of train-vae: nothing is tp-split
         return dims
     for i, _ in model.blocks.named_children():  # the global block index, also on a pipeline stage
         for sublayer, (column, row) in TP_PLAN.items():
@@ -175,7 +176,7 @@ def apply_tensor_parallel(model: DiT, mesh: Mesh) -> DiT:
     for block in model.blocks:
         for sublayer, (column, row) in TP_PLAN.items():
             _split_sublayer(getattr(block, sublayer), column, row, mesh)
-    rank, size, group = mesh.rank_in("tp"), mesh.size("tp"), mesh.group("tp")
+    rank, size, group = mesh.rank_in("tp"), mesh.size("tp"), mesh.communicating_group("tp")
     for adaln in _modulations(model).values():
         linear = cast(nn.Linear, adaln[MODULATION_LINEAR])
         adaln[MODULATION_LINEAR] = ModulationLinear(linear, rank, size, group)
@@ -194,6 +195,6 @@ def full_state_dict(model: nn.Module, mesh: Mesh) -> dict[str, torch.Tensor]:
         if is_tensor_parallel(param) and size > 1:
             parts = [torch.empty_like(tensor) for _ in range(size)]
             dist.all_gather(parts, tensor.contiguous(), group=group)
-            tensor = torch.cat(parts, dim=param.partition_dim)
+            tensor = torch.cat(parts, dim=param.partition_dim)  # type: ignore[attr-defined]
         out[name] = tensor.clone()
     return out

@@ -41,7 +41,7 @@ def sample_previews(cfg: Config, weights: dict[str, torch.Tensor], device: torch
     text, mask = _text_encoder(cfg.text.path, cfg.text.max_length).encode(prompts)
     shape = (len(prompts), cfg.model.in_channels, cfg.data.frames, cfg.data.height, cfg.data.width)
     latents = sample_euler(model, shape, text, mask, cfg.diffusion, steps=cfg.train.sample_steps,
-                           patch=tuple(cfg.model.patch), generator=torch.Generator().manual_seed(cfg.train.seed))
+                           patch=cfg.model.patch_size, generator=torch.Generator().manual_seed(cfg.train.seed))
     pixels = Codec(cfg).decode(latents.cpu()) if cfg.vae.path or cfg.model.in_channels == 3 else latents[:, :3]
     frames = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, T, H, W)
     return torch.cat(list(frames), dim=-1).permute(1, 2, 3, 0).numpy()  # (T, H, B*W, 3)

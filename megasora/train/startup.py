@@ -119,7 +119,7 @@ def training_run(cfg: Config, layout: ParallelLayout, resume: str | None, build:
     with device_check.checking_if_requested(device):
         record = layout_record(cfg, layout, env.world_size)
         ckpt_dir, resume_from, reshard = open_run(cfg, env.rank, record, resume)
-        torch.manual_seed(cfg.train.seed)  # identical init on every rank; parallelize slices it
+        torch.manual_seed(cfg.train.seed)  # the seeded init on every rank (the DiT's builder keeps its shard)
         model, parallel = build(cfg, env)
         engine = build_engine(cfg, model.to(device), parallel.size, parallel.mpu, load_universal=reshard)
         place = ShardPlace.of(parallel.mpu.mesh if parallel.mpu is not None else None)
