@@ -32,7 +32,9 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from megasora import hardware
+from megasora.config import TrainConfig
 from megasora.parallel.comm_counter import COUNTER, Tally
+from megasora.parallel.mesh import ParallelLayout
 
 _PEAK_CACHE: dict[str, float] = {}
 
@@ -72,7 +74,7 @@ def comm_metrics(tallies: dict[tuple[str, str], Tally]) -> dict[str, float]:
 class StepAccounting:
     """Phase clocks and the communication window of one training step at a time."""
 
-    def __init__(self, enabled: bool, layout: Any, peak: float) -> None:
+    def __init__(self, enabled: bool, layout: ParallelLayout, peak: float) -> None:
         self.enabled = enabled
         self.world_size = layout.world_size
         self.peak = peak
@@ -80,10 +82,9 @@ class StepAccounting:
         COUNTER.set_layout(layout)
 
     @classmethod
-    def for_run(cls, cfg: Any, layout: Any, device: torch.device) -> "StepAccounting":
-        enabled = getattr(cfg.train, "accounting", True)
-        peak = peak_flops(getattr(cfg.train, "peak_flops", 0.0), device) if enabled else 0.0
-        return cls(enabled, layout, peak)
+    def for_run(cls, train: TrainConfig, layout: ParallelLayout, device: torch.device) -> "StepAccounting":
+        peak = peak_flops(train.peak_flops, device) if train.accounting else 0.0
+        return cls(train.accounting, layout, peak)
 
     def batches(self, stream: Iterable[Any]) -> Iterator[Any]:
         """The stream's items, timing the wait for each as the next step's time/data_s."""

@@ -94,7 +94,7 @@ class TrainingLoop:
         self.flop_model = flop_model
         self.dtype = compute_dtype(run.cfg)
         self.preemption = process_flag()
-        self.accounting = StepAccounting.for_run(run.cfg, run.parallel.layout, run.device)
+        self.accounting = StepAccounting.for_run(run.cfg.train, run.parallel.layout, run.device)
 
     def run(self, step: int, samples: int) -> TrainResult:
         cfg = self.cfg
