@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from parallel_utils import train_runs
+from shared_runs import SAMPLING
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -20,8 +23,6 @@ def tiny_config_path() -> Path:
 def sampling_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run directory of shared_runs.SAMPLING, trained once for every module that samples from it.
     Tests read it and write elsewhere."""
-    from parallel_utils import train_runs
-    from shared_runs import SAMPLING
     run = tmp_path_factory.mktemp("sampling") / "run"
     train_runs(1, [(str(run), SAMPLING, None)])
     return run
