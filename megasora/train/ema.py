@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megasora.parallel.mesh import Mesh
+from megasora.parallel.tensor import is_tensor_parallel
 from megasora.train.shard_files import Piece, ShardIndex, write_shard
 
 
@@ -53,10 +54,9 @@ class ShardPlace:
         return cls(mesh.rank_in("tp"), mesh.size("tp"), mesh.rank_in("dpsp") == 0, f"slice_mp{mesh.rank_in('mp'):02d}")
 
     def piece(self, param: torch.Tensor, shape: tuple[int, ...]) -> Piece:
-        dim = getattr(param, "partition_dim", None)  # parallel/tensor.py marks tp-split parameters
-        if dim is None or not getattr(param, "tensor_model_parallel", False):
+        if not is_tensor_parallel(param):
             return Piece.whole_of(shape)
-        return Piece.split(shape, dim, self.tp_rank, self.tp_size)
+        return Piece.split(shape, param.partition_dim, self.tp_rank, self.tp_size)  # type: ignore[attr-defined]
 
 
 class EMA:

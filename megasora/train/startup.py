@@ -37,7 +37,6 @@ class DataParallel:
     size: int
     group: Any  # process group over which the logged loss is averaged (None: the whole world)
     mpu: Any = None
-    tp_group: Any = None
 
     @property
     def layout(self) -> ParallelLayout:

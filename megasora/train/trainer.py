@@ -36,8 +36,7 @@ def setup_parallel(cfg: Config, model: DiT, world_size: int) -> DataParallel:
     (it wraps the parallel attention); dp is what remains of the world."""
     mesh = init_parallel(model, cfg.parallel, world_size, cfg.train, cfg.model.attention_kernel)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
-    return DataParallel(rank=mesh.rank_in("dp"), size=mesh.size("dp"), group=mesh.group("dp"), mpu=MeshMPU(mesh),
-                        tp_group=mesh.group("tp"))
+    return DataParallel(rank=mesh.rank_in("dp"), size=mesh.size("dp"), group=mesh.group("dp"), mpu=MeshMPU(mesh))
 
 
 def build_parallel_dit(cfg: Config, env: DistEnv) -> tuple[nn.Module, DataParallel]:
