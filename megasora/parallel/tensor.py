@@ -113,6 +113,58 @@ class ModulationLinear(ColumnParallelLinear):
         return all_to_all(local, self.group, scatter_dim=1, gather_dim=2)  # (B, c, kD)
 
 
+class _SumOverTp(torch.autograd.Function):
+    """All-reduce (sum) forward AND backward: every rank then uses the sum with its OWN tensors.
+
+    Megatron's reduce-from-model-parallel region has an identity backward because the code after
+    it is replicated; here each rank scales its own columns by the sum, so each rank's gradient
+    of it is a partial one and the true gradient is their sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class TensorParallelRMSNorm(nn.Module):
+    """RMS norm over the WHOLE width D of q (or k) when this rank holds D/tp of its columns.
+
+    Wan's qk-norm normalises all heads together (a (D,) weight, before the head split), so the
+    mean square needs every rank's columns: each rank sums its columns' squares in fp32, the
+    (B, N, 1) sums are all-reduced over tp (differentiably, _SumOverTp) and divided by the
+    full D. The tensor reduced is x's own (device) tensor, as NCCL requires, and a few bytes
+    per token. The weight is this rank's contiguous D/tp slice (the column-parallel q/k rows
+    it scales), so its gradient is complete here: tp-marked along dim 0, no tp hook.
+    Ulysses and ring need nothing: the norm runs before their all-to-all, on whole tokens.
+    """
+
+    def __init__(self, norm: nn.Module, tp_rank: int, tp_size: int, group: ProcessGroup) -> None:
+        super().__init__()
+        weight = cast(torch.Tensor, norm.weight)
+        width = weight.shape[0]
+        cols = slice(tp_rank * width // tp_size, (tp_rank + 1) * width // tp_size)
+        self.group, self.width = group, width
+        # torch.nn.RMSNorm's eps=None means the dtype's machine epsilon
+        self.eps = cast(float | None, getattr(norm, "eps", None))
+        self.weight = nn.Parameter(weight.detach()[cols].clone())
+        mark_tensor_parallel(self.weight, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()                                                      # (B, N, D/tp)
+        squares = _SumOverTp.apply(x32.pow(2).sum(-1, keepdim=True), self.group)  # (B, N, 1) over all D
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        return (x32 * torch.rsqrt(squares / self.width + eps) * self.weight.float()).to(x.dtype)
+
+
 def _gather_first_arg(group: ProcessGroup, module: nn.Module, args: tuple) -> tuple:
     return (gather_seq_for_tp(args[0], group),) + tuple(args[1:])  # (B, N/tp, D) -> (B, N, D)
 
