@@ -182,6 +182,22 @@ class ParallelConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters trained on a frozen base (megasora/parallel/lora.py, docs/lora.md)."""
+    rank: int = _help("LoRA rank r; 0 = off (every parameter trains). r > 0 freezes the base model and trains "
+                      "only the adapters, which are all a checkpoint holds.", default=0)
+    alpha: float = _help("The update is scaled by alpha / rank; 0 = alpha equal to the rank (scale 1).", default=0.0)
+    targets: list[str] = _help("Linears to adapt: full module names or dotted suffixes (peft's target_modules), "
+                               "shell wildcards allowed; `attn.q` adapts every block's self-attention query.",
+                               default_factory=lambda: ["attn.q", "attn.k", "attn.v", "attn.out"])
+    dropout: float = _help("Dropout on the adapters' input (peft's lora_dropout).", default=0.0)
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha or self.rank) / self.rank if self.rank else 0.0
+
+
+@dataclass
 class TrainConfig:
     steps: int = _help("Optimizer steps to train (total, including resumed ones).", default=100)
     seed: int = _help("Seed for init, data order, noise and timesteps.", default=0)
@@ -232,6 +248,7 @@ class TrainConfig:
                                       default_factory=lambda: ["a red circle moving right",
                                                                "a blue square moving down"])
     sample_steps: int = _help("Euler steps of the training-time samples.", default=10)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -425,6 +442,7 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= cfg.diffusion.cond_frames_prob <= 1.0, "diffusion.cond_frames_prob must be in [0, 1]")
     _validate_cond_masks(cfg.diffusion)
     _require(len(t.betas) == 2, f"train.betas={t.betas} must be two numbers")
+    _validate_lora(t)
     check_layout(cfg.parallel, m, zero_stage=t.zero_stage, grad_accum=t.grad_accum,
                  offload_optimizer=t.offload_optimizer)
 
@@ -460,6 +478,18 @@ def _validate_cond_masks(d: DiffusionConfig) -> None:
     _require(d.cond_frames_prob == 0.0 or d.cond_masks.first_frame == 0.0,
              "diffusion.cond_frames_prob is the old name of diffusion.cond_masks.first_frame; set only "
              "diffusion.cond_masks.first_frame")
+
+
+def _validate_lora(t: TrainConfig) -> None:
+    lora = t.lora
+    _require(lora.rank >= 0, f"train.lora.rank={lora.rank} must be >= 0 (0 = no LoRA)")
+    _require(lora.alpha >= 0 and 0.0 <= lora.dropout < 1.0,
+             f"train.lora.alpha={lora.alpha} must be >= 0 and train.lora.dropout={lora.dropout} in [0, 1)")
+    _require(not lora.rank or bool(lora.targets), "train.lora.targets is empty; name the linears to adapt, "
+             "e.g. [attn.q, attn.k, attn.v, attn.out]")
+    _require(not lora.rank or t.ema_decay == 0.0,
+             f"train.lora.rank={lora.rank} trains adapters on a frozen base, which keeps no EMA (a checkpoint "
+             f"holds only the adapters); set train.ema_decay=0")
 
 
 def _validate_optimizer(t: TrainConfig) -> None:

@@ -148,6 +148,8 @@ def adopt(local: nn.Module, values: dict[str, torch.Tensor]) -> None:
         for name, old in list(module._parameters.items()):
             if old is None:
                 continue
+            if not old.is_meta and id(old) not in done:  # made real after the meta build (parallel/lora.py)
+                done[id(old)] = old
             if id(old) not in done:
                 full_name = f"{module_name}.{name}" if module_name else name
                 if full_name not in values:

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from typing import cast
 
-from megasora.config import AttentionKernel, ParallelConfig, TrainConfig
+from megasora.config import AttentionKernel, LoRAConfig, ParallelConfig, TrainConfig
 from megasora.models.dit import DiT, DiTBlock
 from megasora.parallel.block_attention import BlockAttention
+from megasora.parallel.lora import apply_lora
 from megasora.parallel.mesh import Mesh, ParallelLayout, build_mesh
 from megasora.parallel.sequence import SequenceShard, sequence_attention
 from megasora.parallel.tensor import apply_tensor_parallel
 
 
-def parallelize(model: DiT, mesh: Mesh, attention_backend: AttentionKernel = "auto") -> DiT:
-    """tp -> sequence-parallel attention -> sequence hook, in place; returns the model.
+def parallelize(model: DiT, mesh: Mesh, attention_backend: AttentionKernel = "auto",
+                lora: LoRAConfig | None = None) -> DiT:
+    """tp -> LoRA -> sequence-parallel attention -> sequence hook, in place; returns the model.
 
     `mesh` was built from a layout checked against this model (init_parallel, or build_mesh of
     mesh.validate_config_layout). pp > 1: the whole model is still split over tp/ulysses/ring;
@@ -29,6 +31,9 @@ def parallelize(model: DiT, mesh: Mesh, attention_backend: AttentionKernel = "au
     #    the tp gradient hooks on every parameter that remains replicated.
     if mesh.size("tp") > 1:
         apply_tensor_parallel(model, mesh)
+    # 1b. LoRA adapters (lora.rank > 0) on the sliced linears: each follows its linear's tp split.
+    if lora is not None and lora.rank > 0:
+        apply_lora(model, lora, mesh)
     # 2. Self-attention function: ulysses, ring or both (USP) over the sp sub-mesh. It sees
     #    this rank's heads after tp, so heads are split tp first, ulysses second.
     #    Without sp, a chosen kernel (model.attention_kernel) replaces torch's SDPA dispatch.
@@ -54,5 +59,5 @@ def init_parallel(model: DiT, parallel: ParallelConfig, world_size: int, train: 
     layout = ParallelLayout.checked(parallel, model.arch, world_size, zero_stage=train.zero_stage,
                                     grad_accum=train.grad_accum, offload_optimizer=train.offload_optimizer)
     mesh = build_mesh(layout)
-    parallelize(model, mesh, attention_backend)
+    parallelize(model, mesh, attention_backend, train.lora)
     return mesh

