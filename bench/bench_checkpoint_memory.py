@@ -76,7 +76,7 @@ def _worker(rank: int, world: int, overrides: list[str], run_dir: str) -> dict[s
             window.append(time.time_ns())
 
     def measured_save(self: TrainingLoop, step: int, samples: int) -> None:
-        measured["ema"] = sum(t.numel() * t.element_size() for t in self.ema.shadow.values())
+        measured["ema"] = self.ema.nbytes()
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

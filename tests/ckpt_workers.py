@@ -77,9 +77,10 @@ def train_recording_save_communication(rank: int, world: int, port: int, overrid
         json.dump(record, f)
 
 
-def restored_ema(rank: int, world: int, overrides: list[str], resume: str) -> dict[str, tuple]:
+def restored_ema(rank: int, world: int, overrides: list[str], resume: str) -> list[tuple]:
     """Start a run resuming `resume` (run_launched sets the launcher's environment) and return this
-    rank's EMA as restored: name -> (tensor, the Piece of the whole parameter it holds)."""
+    rank's EMA as restored: (name, the Piece of the whole parameter, its EMA) per rectangle it keeps,
+    and the bytes of its EMA buffer."""
     from megasora.config import load_config
     from megasora.parallel.mesh import validate_config_layout
     from megasora.train.startup import training_run
@@ -87,4 +88,18 @@ def restored_ema(rank: int, world: int, overrides: list[str], resume: str) -> di
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(repo, "configs", "tiny.yaml"), overrides)
     with training_run(cfg, validate_config_layout(cfg, world), resume, build_parallel_dit) as run:
-        return {name: (tensor, run.ema.pieces[name]) for name, tensor in run.ema.shadow.items()}
+        return [(name, piece, tensor.clone()) for name, piece, tensor, _ in run.ema.slices()], run.ema.nbytes()
+
+
+def assert_ema_parts_are(whole: dict, ranks: list[list[tuple]], atol: float = 0.0) -> None:
+    """Every rank's EMA rectangles (restored_ema's lists) equal `whole`'s (bit for bit at atol 0),
+    and together they cover every element of every parameter."""
+    import torch
+    covered = {name: torch.zeros(t.shape, dtype=torch.bool) for name, t in whole.items()}
+    for rank, slices in enumerate(ranks):
+        for name, piece, tensor in slices:
+            expected = whole[name][piece.region]
+            same = torch.equal(tensor, expected) if atol == 0 else torch.allclose(tensor, expected, rtol=0, atol=atol)
+            assert same, f"rank {rank}: EMA of {name}{list(piece.start)}: max diff {(tensor - expected).abs().max()}"
+            covered[name][piece.region] = True
+    assert all(c.all() for c in covered.values()), [n for n, c in covered.items() if not c.all()]

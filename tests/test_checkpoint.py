@@ -31,7 +31,12 @@ from megasora.train.checkpoint import CheckpointError, find_resumable, read_mode
 from megasora.train.objective import FlowMatchingObjective
 from megasora.train.shard_files import Piece, ShardIndex, write_shard
 
-from ckpt_workers import restored_ema, train_and_die_during_save, train_recording_save_communication
+from ckpt_workers import (
+    assert_ema_parts_are,
+    restored_ema,
+    train_and_die_during_save,
+    train_recording_save_communication,
+)
 from launch_utils import REPO, read_losses, run_torchrun
 from parallel_utils import run_launched, train_runs
 
@@ -172,17 +177,12 @@ def sharded_references(runs: Path) -> dict[str, Path]:
                                                                                   ("pp2", "pp2"))}
 
 
-def assert_restored_ema_is_saved_ema(ckpt: Path, ranks: list[dict[str, tuple]]) -> None:
-    """Every rank's restored EMA slice is bit for bit the saved EMA's, and the slices cover it."""
+def assert_restored_ema_is_saved_ema(ckpt: Path, ranks: list[tuple[list[tuple], int]]) -> None:
+    """Every rank's restored EMA part is bit for bit the saved EMA's, and the parts cover it."""
     whole, _, used_ema = read_model_weights(ckpt.parent, ckpt.name, ema=True)
     raw, _, _ = read_model_weights(ckpt.parent, ckpt.name, ema=False)
     assert used_ema and max((whole[k] - raw[k]).abs().max().item() for k in raw) > 1e-5  # not the weights
-    restored = set()
-    for rank, slices in enumerate(ranks):
-        for name, (tensor, piece) in slices.items():
-            assert torch.equal(tensor, whole[name][piece.region]), f"rank {rank}: EMA of {name}"
-            restored.add(name)
-    assert restored == set(whole)
+    assert_ema_parts_are(whole, [slices for slices, _ in ranks])
 
 
 EMA_RESHARDS = {  # name -> (saved by, world, overrides)

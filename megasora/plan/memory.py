@@ -25,7 +25,8 @@ Z = dp*sp ranks (DeepSpeed reduces gradients over dp x sp; mesh.py `dpsp`):
     ZeRO 1/2:   one gradient reduce bucket of 5e8 elements (DeepSpeed's reduce_bucket_size) in the
                 gradient dtype; ZeRO 3: two (overlap_comm) plus the gathered weights of the block
                 in use and the one prefetched.
-    EMA:        an fp32 copy of the rank's parameters (ema.py gathers ZeRO-3 params: full Psi).
+    EMA:        fp32, 4Psi/Z: each rank keeps its part of every parameter's even split over dp x sp
+                (train/ema.py; under ZeRO-3 its own weight partition, nothing gathered).
 
 A checkpoint save runs between steps (no activations): its peak is the model state plus what the
 save holds at once (`save_transient`), nothing on the device since every rank streams its own
@@ -146,7 +147,7 @@ def model_state(work: Workload, layout: Layout, params: int) -> dict[str, float]
         grads = 0.0  # all fit the reduce bucket, nothing accumulated yet: none stored apart at the peak
     master = params * FP32 / (z if stage >= 1 else 1) if (stage >= 1 or work.bf16) else 0.0
     adam = 2 * params * FP32 / (z if stage >= 1 else 1)
-    ema = params * FP32 if work.ema else 0.0
+    ema = params * FP32 / z if work.ema else 0.0
     buffers = 0.0
     if stage in (1, 2):
         buffers = REDUCE_BUCKET_ELEMENTS * w

@@ -2,7 +2,8 @@
 
 Layout on disk (run.dir/checkpoints/):
     step_00000100/            DeepSpeed's sharded files + megasora.json (the manifest)
-        ema/slice_mpXX.safetensors   the EMA, one file per model-parallel rank's slice (train/ema.py)
+        ema/slice_mpXX_dpYYY.safetensors   the EMA, sharded over dp x sp: one file per rank's part
+                                     (train/ema.py; the format: docs/checkpoints.md)
     step_00000100.universal/  created on demand when resuming under a different layout
     latest                    tag of the newest complete checkpoint
 
@@ -13,9 +14,10 @@ untouched. Load verifies the manifest first, so a truncated or missing shard is 
 name, and `--resume auto` falls back to the newest checkpoint that verifies.
 
 Nothing is gathered to save: each rank streams its own shards (DeepSpeed's files, its EMA
-slice), and the client state holds only small values. The EMA is restored slice by slice
-under any layout from the ema/ files; checkpoints written before those files existed kept the
-whole EMA in their client state, which still loads.
+part), and the client state holds only small values. The EMA is restored part by part
+under any layout from the ema/ files (also those of the EMA whole per tp/pp slice,
+ema/slice_mpXX.safetensors); checkpoints written before those files existed kept the whole EMA
+in their client state, which still loads.
 """
 from __future__ import annotations
 

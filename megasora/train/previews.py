@@ -1,8 +1,10 @@
 """Samples during training (train.sample_every): the fixed train.sample_prompts, sampled with the
 EMA weights into run/samples/step_N.mp4 and TensorBoard (`samples`, an animated image).
 
-The trainer hands over the whole model's EMA (gathered over tp / pp like a checkpoint's) and
-global rank 0 samples it on a plain single-device DiT, so any parallel layout previews alike.
+The trainer hands over the whole model's EMA, assembled on global rank 0 from the parts every
+rank writes as a checkpoint does (the EMA is sharded over dp x sp and tp / pp: train/ema.py; no
+collective, and no other rank ever holds it whole), and rank 0 samples it on a plain
+single-device DiT, so any parallel layout previews alike.
 The noise seed is fixed, so successive previews show the same clips getting better.
 """
 from __future__ import annotations

@@ -9,6 +9,13 @@ the overlap of every saved slice with the wanted one, reading just those bytes (
 rank restoring under another tp / pp / dp layout never holds more than its own slice, and
 `whole()` assembles full tensors for the one process that exports.
 
+A slice is a rectangle of its parameter. A rank that keeps a flat range of its (tp-local)
+parameter, as the sharded EMA does (train/ema.py), writes it as the few rectangles that range
+covers (`flat_pieces`: at most 2 * ndim - 1), under the keys `name`, `name#1`, ...; the
+metadata's "name" maps such a key to its parameter. Files whose keys are the parameter names
+themselves (one rectangle per parameter, as the EMA was written before it was sharded over
+dp x sp) read the same way.
+
 `write_shard` writes tensor by tensor: the header from shapes alone, then each tensor's bytes
 (a device tensor is copied to the host one at a time; a host tensor is written from its memory),
 to a temporary name renamed into place, so no copy of the whole shard ever exists.
@@ -27,7 +34,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
-SLICES_KEY = "megasora.slices"   # header metadata: JSON {name: {"start": [...], "whole": [...]}}
+SLICES_KEY = "megasora.slices"   # header metadata: JSON {key: {"start": [...], "whole": [...], "name"?: param}}
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
@@ -73,7 +80,43 @@ class Piece:
         return tuple(mine), tuple(theirs)
 
 
-def _header(tensors: Mapping[str, torch.Tensor], pieces: Mapping[str, Piece] | None) -> bytes:
+def flat_pieces(within: Piece, lo: int, hi: int) -> list[tuple[int, Piece]]:
+    """The elements [lo, hi) of the flattened slice `within` (row-major) as rectangles of the whole
+    parameter, each with its offset from lo: a partial first row, whole rows, a partial last row,
+    recursively over the dims (at most 2 * ndim - 1 rectangles)."""
+    if not within.shape:  # a 0-d parameter: one element
+        return [(0, within)] if lo < hi else []
+    rects: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []  # (offset, start, shape) in `within`
+
+    def cover(prefix: tuple[int, ...], a: int, b: int, at: int) -> None:
+        """Elements [a, b) of the sub-block within[prefix] (prefix: indices of the leading dims)."""
+        if a >= b:
+            return
+        rest = within.shape[len(prefix):]
+        ones = (1,) * len(prefix)
+        if len(rest) == 1:
+            rects.append((at, prefix + (a,), ones + (b - a,)))
+            return
+        inner = math.prod(rest[1:])
+        (r0, c0), (r1, c1) = divmod(a, inner), divmod(b, inner)
+        if r0 == r1:
+            cover(prefix + (r0,), c0, c1, at)
+            return
+        if c0:
+            cover(prefix + (r0,), c0, inner, at)
+            at, r0 = at + inner - c0, r0 + 1
+        if r1 > r0:
+            rects.append((at, prefix + (r0,) + (0,) * (len(rest) - 1), ones + (r1 - r0,) + rest[1:]))
+            at += (r1 - r0) * inner
+        cover(prefix + (r1,), 0, c1, at)
+
+    cover((), lo, hi, 0)
+    return [(at, Piece(tuple(a + b for a, b in zip(start, within.start)), shape, within.whole))
+            for at, start, shape in rects]
+
+
+def _header(tensors: Mapping[str, torch.Tensor], pieces: Mapping[str, Piece] | None,
+            names: Mapping[str, str] | None = None) -> bytes:
     entries: dict[str, Any] = {}
     offset = 0
     for name, tensor in tensors.items():
@@ -82,7 +125,11 @@ def _header(tensors: Mapping[str, torch.Tensor], pieces: Mapping[str, Piece] | N
                          "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if pieces is not None:
-        slices = {name: {"start": list(p.start), "whole": list(p.whole)} for name, p in pieces.items()}
+        slices: dict[str, dict[str, Any]] = {key: {"start": list(p.start), "whole": list(p.whole)}
+                                             for key, p in pieces.items()}
+        for key, name in (names or {}).items():
+            if name != key:
+                slices[key]["name"] = name
         entries["__metadata__"] = {SLICES_KEY: json.dumps(slices)}
     header = json.dumps(entries, separators=(",", ":")).encode()
     return header + b" " * (-(len(header) + 8) % ALIGN)
@@ -94,11 +141,13 @@ def _host_bytes(tensor: torch.Tensor) -> memoryview:
     return host.view(torch.uint8).numpy().data
 
 
-def write_shard(path: Path, tensors: Mapping[str, torch.Tensor], pieces: Mapping[str, Piece] | None = None) -> None:
-    """Stream `tensors` (in order) into the safetensors file `path`, atomically; `pieces` names
-    where each sits in its whole parameter (omit for a plain file of whole tensors)."""
+def write_shard(path: Path, tensors: Mapping[str, torch.Tensor], pieces: Mapping[str, Piece] | None = None,
+                names: Mapping[str, str] | None = None) -> None:
+    """Stream `tensors` (in order, by key) into the safetensors file `path`, atomically; `pieces`
+    names where each sits in its whole parameter (omit for a plain file of whole tensors), `names`
+    the parameter of a key that is not the parameter's name (a second rectangle of it)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    header = _header(tensors, pieces)
+    header = _header(tensors, pieces, names)
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
@@ -114,17 +163,17 @@ class ShardIndex:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.pieces: dict[str, list[tuple[Path, Piece]]] = {}
+        self.pieces: dict[str, list[tuple[Path, str, Piece]]] = {}  # name -> (file, key, piece)
         self._files = ExitStack()
         self._open: dict[Path, Any] = {}
         for path in sorted(directory.glob("*.safetensors")):
             with safe_open(str(path), framework="pt") as f:
                 slices = json.loads((f.metadata() or {}).get(SLICES_KEY, "{}"))
-                for name in f.keys():
-                    shape = tuple(f.get_slice(name).get_shape())
-                    where = slices.get(name, {"start": [0] * len(shape), "whole": shape})
+                for key in f.keys():
+                    shape = tuple(f.get_slice(key).get_shape())
+                    where = slices.get(key, {"start": [0] * len(shape), "whole": shape})
                     piece = Piece(tuple(where["start"]), shape, tuple(where["whole"]))
-                    self.pieces.setdefault(name, []).append((path, piece))
+                    self.pieces.setdefault(where.get("name", key), []).append((path, key, piece))
 
     def __enter__(self) -> "ShardIndex":
         return self
@@ -141,21 +190,21 @@ class ShardIndex:
         return list(self.pieces)
 
     def whole_shape(self, name: str) -> tuple[int, ...]:
-        return self.pieces[name][0][1].whole
+        return self.pieces[name][0][2].whole
 
     def read_into(self, name: str, out: torch.Tensor, wanted: Piece) -> None:
         """Fill `out` (shape wanted.shape) with the part `wanted` of the saved parameter `name`."""
         saved = self.pieces.get(name, [])
-        if saved and saved[0][1].whole != wanted.whole:
-            raise ValueError(f"{self.directory}: {name} was saved with shape {saved[0][1].whole}, "
+        if saved and saved[0][2].whole != wanted.whole:
+            raise ValueError(f"{self.directory}: {name} was saved with shape {saved[0][2].whole}, "
                              f"this model's is {wanted.whole}")
         covered = 0
-        for path, piece in saved:
+        for path, key, piece in saved:
             both = wanted.overlap(piece)
             if both is None:
                 continue
             into, source = both
-            out[into].copy_(self._file(path).get_slice(name)[source])
+            out[into].copy_(self._file(path).get_slice(key)[source])
             covered += math.prod(s.stop - s.start for s in into)
         if covered != wanted.numel:
             raise ValueError(f"{self.directory}: the saved slices of {name} cover {covered} of the "
@@ -165,7 +214,8 @@ class ShardIndex:
         """(name, full tensor) for every saved parameter, one at a time (the export's path)."""
         for name in self.pieces:
             shape = self.whole_shape(name)
-            dtype = self._file(self.pieces[name][0][0]).get_slice(name).get_dtype()
+            path, key, _ = self.pieces[name][0]
+            dtype = self._file(path).get_slice(key).get_dtype()
             out = torch.empty(shape, dtype=_torch_dtype(dtype))
             self.read_into(name, out, Piece.whole_of(shape))
             yield name, out
