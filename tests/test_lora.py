@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import copy
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from megasora.config import ConfigError, LoRAConfig
+from megasora.config import ConfigError, LoRAConfig, load_config
+from megasora.models import build_dit
 from megasora.models.dit import DiT, DiTArch
 from megasora.parallel.lora import apply_lora, is_lora_parameter, lora_partition_dims
 from megasora.parallel.mesh import ParallelLayout, build_mesh
 from megasora.parallel.parallelize import parallelize
+from megasora.train import trainer
+from megasora.train.loop import TrainingLoop
 
-from parallel_utils import run_distributed
+from parallel_utils import REPO, run_distributed, run_launched
 
 TP = 2
 ARCH = DiTArch(in_channels=3, hidden=32, depth=2, heads=4, text_dim=16, pooled_text=True)
@@ -130,3 +134,100 @@ def test_tp2_lora_forward_and_gradients_equal_one_process() -> None:
         assert run["split"]["blocks.0.attn.q.lora_B.weight"] == 0    # column-parallel: B by rows
         assert run["split"]["blocks.0.attn.out.lora_A.weight"] == 1  # row-parallel: A by columns
         assert "final.linear.lora_A.weight" not in run["split"]
+
+
+# ---------------------------------------------------------------- through the real trainer
+
+# The seeded init is adaLN-Zero: every gated branch is closed and, frozen, stays closed, so only
+# the ungated paths learn: cross-attention (q, k, v column-parallel, out row-parallel) and the
+# final linear (replicated over tp). A pretrained base opens them all.
+TRAIN = ["train.lora.rank=4", "train.lora.alpha=8", "train.ema_decay=0", "train.lr=1e-2", "train.warmup_steps=0",
+         "train.steps=4", "train.lora.targets=[cross_attn.q, cross_attn.k, cross_attn.v, cross_attn.out, final.linear]"]
+
+
+def _train_keeping_model(rank: int, world: int, run_dir: str, overrides: list[str], resume: str | None) -> dict:
+    """`megasora train` (train/trainer.py train), keeping the engine's module to look at after the loop."""
+    kept: dict = {}
+    loop_run = TrainingLoop.run
+
+    def run_and_keep(self, step: int, samples: int):
+        result = loop_run(self, step, samples)
+        kept.update({name: p.detach().clone() for name, p in self.engine.module.named_parameters()})
+        return result
+
+    TrainingLoop.run = run_and_keep  # type: ignore[method-assign]
+    try:
+        result = trainer.train(load_config(REPO / "configs" / "tiny.yaml", [*TRAIN, *overrides, f"run.dir={run_dir}"]),
+                               resume)
+    finally:
+        TrainingLoop.run = loop_run  # type: ignore[method-assign]
+    return {"losses": result.losses, "state": kept}
+
+
+def _train_runs(rank: int, world: int, runs: list[tuple[str, list[str], str | None]]) -> list[dict]:
+    out = []
+    for run in runs:
+        out.append(_train_keeping_model(rank, world, *run))
+        dist.barrier()
+    return out
+
+
+def _seeded_base() -> dict[str, torch.Tensor]:
+    cfg = load_config(REPO / "configs" / "tiny.yaml", TRAIN)
+    torch.manual_seed(cfg.train.seed)
+    return {name: p.detach() for name, p in build_dit(cfg).named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("lora_runs")
+    runs = [(str(root / "full"), ["train.save_every=2"], None),
+            (str(root / "resumed"), [], str(root / "full" / "checkpoints" / "step_00000002"))]
+    return root, run_launched(_train_runs, 1, runs)[0]
+
+
+def test_training_changes_only_the_adapters_and_saves_only_them(one_process_runs) -> None:
+    root, (full, _) = one_process_runs
+    base = _seeded_base()
+    lora = {name: t for name, t in full["state"].items() if is_lora_parameter(name)}
+    assert set(full["state"]) == set(base) | set(lora) and len(lora) == 2 * (4 * 2 + 1)
+    for name, tensor in base.items():
+        assert torch.equal(full["state"][name], tensor), name  # the base: bit-identical to its seeded init
+    assert all(t.abs().sum() > 0 for name, t in lora.items() if name.endswith("lora_B.weight"))  # B left zero
+    saved = torch.load(root / "full" / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+    assert sorted(saved) == sorted(lora)
+
+
+def test_resume_is_exact(one_process_runs) -> None:
+    _, (full, resumed) = one_process_runs
+    assert sorted(resumed["losses"]) == [3, 4]
+    assert [resumed["losses"][s] for s in (3, 4)] == [full["losses"][s] for s in (3, 4)]
+    for name, tensor in full["state"].items():
+        assert torch.equal(resumed["state"][name], tensor), name
+
+
+@pytest.fixture(scope="module")
+def resharded_runs(tmp_path_factory) -> tuple[list[dict], dict]:
+    """tp2 for 4 steps (saving at 2), and one process resuming its step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("lora_tp2")
+    tp2 = run_launched(_train_runs, 2, [(str(root / "tp2"), ["train.save_every=2", "parallel.tp=2"], None)])
+    tp1 = run_launched(_train_runs, 1, [(str(root / "tp1"), [], str(root / "tp2" / "checkpoints" / "step_00000002"))])
+    return [ranks[0] for ranks in tp2], tp1[0][0]  # per rank: the list of its runs' results
+
+
+def _whole(rank_states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    cfg = load_config(REPO / "configs" / "tiny.yaml", TRAIN)
+    split = lora_partition_dims(apply_lora(build_dit(cfg), cfg.train.lora))
+    return {name: torch.cat([s[name] for s in rank_states], dim=split[name]) if name in split else tensor
+            for name, tensor in rank_states[0].items() if is_lora_parameter(name)}
+
+
+def test_tp2_checkpoint_resumes_on_one_process(resharded_runs) -> None:
+    tp2, tp1 = resharded_runs  # tp2: its two ranks' results
+    assert sorted(tp1["losses"]) == [3, 4]
+    for step in (3, 4):
+        assert tp1["losses"][step] == pytest.approx(tp2[0]["losses"][step], rel=1e-5, abs=1e-6)
+    whole = _whole([rank["state"] for rank in tp2])
+    for name, tensor in whole.items():
+        assert torch.allclose(tp1["state"][name], tensor, atol=1e-6, rtol=1e-5), name

@@ -116,6 +116,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
             continue
         (no_decay if p.ndim < 2 or "null_embedding" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [group for group in groups if group["params"]]  # LoRA's adapters are all matrices: no no_decay
     betas = (t.betas[0], t.betas[1])
     if t.optimizer == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: DeepSpeed, ~1 s (see load_deepspeed_op)

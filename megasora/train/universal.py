@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from megasora.parallel.lora import lora_partition_dims
 from megasora.parallel.tensor import tp_partition_dims
 
 log = logging.getLogger("megasora")
@@ -27,9 +28,11 @@ def universal_checkpoint_info(model: nn.Module) -> dict[str, Any]:
     tp=1 must still tell DeepSpeed how to slice row-parallel weights for a tp=2 resume.
     """
     from deepspeed.checkpoint import constants as c  # lazy: DeepSpeed takes ~1 s; `megasora ckpt` imports this module
-    split = tp_partition_dims(model)
+    split = tp_partition_dims(model) | lora_partition_dims(model)
     replicated, row_parallel = [], []
-    for name, _ in model.named_parameters():
+    for name, param in model.named_parameters():
+        if not param.requires_grad:  # frozen (LoRA's base): not in the optimizer, so not in the conversion
+            continue
         dim = split.get(name)
         if dim is None:
             replicated.append(f"^{re.escape(name)}$")
