@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "megasora.commands.config_docs",
     "megasora.commands.env",
     "megasora.commands.preprocess",
+    "megasora.commands.caption",
     "megasora.commands.train_vae",
     "megasora.commands.submit",
     "megasora.commands.scale",

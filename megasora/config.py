@@ -30,7 +30,7 @@ class LayoutError(ConfigError):
 
 # The choices of string (and ZeRO stage) keys: validate() accepts exactly the arguments of each Literal.
 KernelsBackend = Literal["auto", "fused", "torch"]
-RopeLayout = Literal["axial", "mixed"]           # megasora/models/embeddings.py builds each
+RopeLayout = Literal["axial", "mixed", "wan"]    # megasora/models/embeddings.py builds each
 DataKind = Literal["synthetic", "shards", "clips"]
 Precision = Literal["fp32", "bf16"]
 ZeroStage = Literal[0, 1, 2, 3]
@@ -39,6 +39,7 @@ OffloadTarget = Literal["none", "cpu"]
 CheckpointingMode = Literal["none", "full", "selective"]
 AttentionKernel = Literal["auto", "fa3", "cudnn", "flash", "efficient", "cpu_flash", "reference"]  # block_attention.py
 GradReduceDtype = Literal["fp32", "bf16"]
+ModelFamily = Literal["megasora", "wan"]  # megasora/models/__init__.py builds each
 
 ROPE_LAYOUTS: tuple[RopeLayout, ...] = typing.get_args(RopeLayout)
 AC_MODES: tuple[CheckpointingMode, ...] = typing.get_args(CheckpointingMode)
@@ -63,7 +64,8 @@ class ModelConfig:
         "RoPE frequency layout: `axial` (each rotation pair turns along one of t, h, w) or `mixed` (pairs also "
         "turn along the diagonals t±h, t±w, h±w, so one head can follow a moving object; an axial head's "
         "attention is a product of per-axis factors, which cannot follow a diagonal trajectory in (t, x) both "
-        "ways in time, docs/prompt_following.md).", default="axial")
+        "ways in time, docs/prompt_following.md) or `wan` (axial with Wan 2.1's split: head_dim // 6 pairs for h "
+        "and for w, t the rest; model.family=wan uses it).", default="axial")
     pooled_text: bool = _help("Also condition adaLN on the caption: the masked mean of the text features, "
                               "through an MLP, is added to the timestep embedding (as SD3 / Flux add a pooled "
                               "text vector), so each block's scale, shift and gate depend on the caption.",
@@ -76,6 +78,21 @@ class ModelConfig:
         "installed, else cudnn; sm80: flash; older GPUs and fp32: efficient; CPU: cpu_flash) or one of them; a "
         "kernel the GPU cannot run is an error naming the ones it can. Without sequence parallelism `auto` "
         "keeps torch's SDPA dispatch (megasora/parallel/block_attention.py).", default="auto")
+    family: ModelFamily = _help(
+        "Architecture: `megasora` (models/dit.py) or `wan` (Wan 2.1 T2V, exact to diffusers' "
+        "WanTransformer3DModel: models/wan.py, docs/wan.md).", default="megasora")
+    pretrained: str = _help(
+        "A diffusers transformer directory (config.json + safetensors, sharded with an index or not) whose "
+        "weights initialise training; each rank reads only its shard. Its config sets the model's shape: "
+        "model.hidden / heads / depth / in_channels / patch / ffn_dim and text.dim must equal it or keep "
+        "their defaults. Empty = the seeded random init.", default="")
+    ffn_dim: int = _help("Wan: feed-forward width (diffusers ffn_dim); 0 = hidden * mlp_ratio.", default=0)
+    text_len: int = _help("Wan: caption tokens the model attends to: text is zeroed past its mask and "
+                          "zero-padded to this length, attended unmasked (UMT5's 512).", default=512)
+    freq_dim: int = _help("Wan: sinusoidal timestep features (diffusers freq_dim).", default=256)
+    norm_eps: float = _help("Wan: epsilon of its layer norms and RMS qk-norms (diffusers eps).", default=1e-6)
+    cross_attn_norm: bool = _help("Wan: affine LayerNorm before cross-attention (diffusers cross_attn_norm).",
+                                  default=True)
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -113,6 +130,10 @@ class DataConfig:
                               "recursively).", default_factory=list)
     captions: str = _help("Preprocess: JSONL or CSV of path -> caption; missing entries use the file name.",
                           default="")
+    caption_mix: list[float] = _help("Shards: weights of a sample's captions 0, 1, ... (the caption tables given "
+                                     "to `preprocess --captions` in order, e.g. original then `megasora caption`'s "
+                                     "descriptive one); one is drawn per (seed, sample id, step), the same on every "
+                                     "layout. Empty = always caption 0.", default_factory=list)
     fps: float = _help("Preprocess / train-vae: frame rate clips are resampled to.", default=8.0)
     clip_frames: int = _help("Preprocess / train-vae: pixel frames per clip, 1 + 4k (the causal VAE encodes "
                              "frame 0 alone); shorter videos keep their longest 1 + 4k prefix.", default=17)
@@ -248,6 +269,9 @@ class TrainConfig:
                                       default_factory=lambda: ["a red circle moving right",
                                                                "a blue square moving down"])
     sample_steps: int = _help("Euler steps of the training-time samples.", default=10)
+    sample_extend_prompt: str = _help("Local causal LM directory that rewrites train.sample_prompts into "
+                                      "detailed captions before the previews encode them (as `sample "
+                                      "--extend-prompt`); empty = the prompts as written.", default="")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
@@ -423,9 +447,16 @@ def validate(cfg: Config) -> None:
         _require(size > 0 and size % p == 0,
                  f"data.{name}={size} is not divisible by the patch size {p} (model.patch={m.patch}); "
                  f"pick a latent {name} that is a multiple of {p}")
+    seq_ranks, tokens = cfg.parallel.tp * cfg.parallel.ulysses * cfg.parallel.ring, (
+        (d.frames // m.patch[0]) * (d.height // m.patch[1]) * (d.width // m.patch[2]))
+    _require(d.kind == "shards" or tokens >= seq_ranks,  # shards: checked per clip when it is loaded
+             f"parallel.tp*ulysses*ring={seq_ranks} exceeds the {tokens} tokens of a data.frames x height x width "
+             f"clip: lower the sequence-parallel degree to <= {tokens} or use larger clips")
     _require(d.kind != "shards" or bool(d.shards), "data.kind=shards needs data.shards (a `megasora preprocess` "
              "output directory)")
     _require((d.clip_frames - 1) % 4 == 0, f"data.clip_frames={d.clip_frames} must be 1 + 4k (e.g. 17, 33)")
+    _require(all(w >= 0 for w in d.caption_mix) and (not d.caption_mix or sum(d.caption_mix) > 0),
+             f"data.caption_mix={d.caption_mix} must be non-negative weights with a positive sum (e.g. [0.5, 0.5])")
     _validate_optimizer(t)
     _require(t.ac_every >= 1, f"train.ac_every={t.ac_every} must be >= 1 (checkpoint every k-th block)")
     _require(t.peak_flops >= 0, f"train.peak_flops={t.peak_flops} must be >= 0 (0 = look up or measure the peak)")
@@ -528,8 +559,9 @@ def check_layout(parallel: ParallelConfig, model: ModelShape, *, zero_stage: int
     (degrees, the pipeline's split and micro-batches, what ZeRO and offloading allow with pp). With a
     world size, as the planner's enumeration (plan/search.py) and process-group start-up
     (parallel/mesh.py validate_config_layout, parallel/parallelize.py init_parallel) call it, the
-    layout must also fit the world, the model's heads and widths, and DeepSpeed's ZeRO-3; these
-    wait for the launch, so a layout the world cannot hold is reported as that first.
+    layout must also fit the world and the model's heads and widths (ZeRO-3 partitions over dp x sp
+    with any tp: train/engine.py zero3_partitioner; only pipeline stages refuse it); these wait
+    for the launch, so a layout the world cannot hold is reported as that first.
     """
     _check_degrees(parallel)
     _check_pipeline(parallel, model.depth, zero_stage, grad_accum)
@@ -538,7 +570,6 @@ def check_layout(parallel: ParallelConfig, model: ModelShape, *, zero_stage: int
         return
     _check_world(parallel, world_size)
     _check_model_split(parallel, model)
-    _check_zero3(parallel, zero_stage)
 
 
 def model_parallel_size(parallel: ParallelConfig) -> int:
@@ -611,17 +642,6 @@ def _check_model_split(parallel: ParallelConfig, model: ModelShape) -> None:
     if mlp_hidden % tp:
         raise LayoutError(f"the MLP width {mlp_hidden} (model.hidden*model.mlp_ratio) is not divisible by "
                           f"parallel.tp={tp}: tp splits the MLP columns; change model.mlp_ratio or parallel.tp")
-
-
-def _check_zero3(parallel: ParallelConfig, zero_stage: int) -> None:
-    """DeepSpeed 0.19's ZeRO-3 partitions parameters over mpu.get_data_parallel_group() (dp)
-    but reduces and partitions gradients over the dp x sp group, which disagree when sp > 1."""
-    if zero_stage == 3 and parallel.ulysses * parallel.ring > 1:
-        raise LayoutError(
-            f"train.zero_stage=3 with sequence parallelism (parallel.ulysses={parallel.ulysses} * "
-            f"parallel.ring={parallel.ring} > 1) is not supported: DeepSpeed 0.19 shards ZeRO-3 parameters "
-            f"over dp only but gradients over dp x sp; use train.zero_stage=1 or 2 (optimizer state is still "
-            f"partitioned over dp x sp), or parallel.tp for the memory")
 
 
 # ---------------------------------------------------------------- docs

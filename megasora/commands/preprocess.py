@@ -39,7 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable, e.g. --set data.fps=12")
     p.add_argument("--out", default=None, help="output shard directory (default: data.shards)")
-    p.add_argument("--captions", default=None, help="JSONL/CSV of path -> caption (default: data.captions)")
+    p.add_argument("--captions", action="append", default=None, metavar="FILE",
+                   help="JSONL/CSV of path (and optionally clip) -> caption (default: data.captions); repeat it "
+                        "to give each clip several captions (data.caption_mix draws among them in this order)")
     p.add_argument("--inputs-per-shard", type=int, default=8, help="input files per shard (default 8)")
     p.add_argument("--max-clips-per-video", type=int, default=0, help="0 = cut every full clip")
     p.add_argument("--device", default="cpu", help="device for the VAE and text encoder (cpu, cuda)")

@@ -22,7 +22,7 @@ def decode_all_clips(inputs: list[str], fps: float, frames: int, max_area: int, 
                      max_clips_per_video: int = 0) -> list[np.ndarray]:
     """Every full clip of every readable input (uint8 (T, H, W, 3)); unreadable inputs are logged and skipped."""
     clips = []
-    for path in collect_inputs(inputs, {}):
+    for path in collect_inputs(inputs):
         try:
             clips += [c.frames for c in iter_clips(path, fps, frames, max_area, multiple,
                                                    max_clips=max_clips_per_video) if len(c.frames) == frames]

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megasora.config import Config
-from megasora.data.captions import caption_for, check_caption_file, load_captions
+from megasora.data.captions import CaptionTable, captions_for, check_caption_file, load_captions
 from megasora.data.shards import Sample, finished_shards, shard_name, write_json_atomic, write_shard
 from megasora.data.video_io import clip_to_tensor, is_media, iter_clips
 from megasora.errors import MissingPathError, UserError
@@ -34,7 +34,7 @@ log = logging.getLogger("megasora.preprocess")
 class PreprocessSpec:
     inputs: list[str]
     out: str
-    captions: str = ""
+    captions: str | list[str] = ""  # one table, or several: a clip's captions in order (data.caption_mix)
     fps: float = 8.0
     clip_frames: int = 17
     max_area: int = 65536
@@ -97,7 +97,11 @@ def check_inputs_exist(paths: list[str]) -> None:
                                    "positional inputs)")
 
 
-def check_request(cfg: Config, inputs: list[str], captions: str, out: str) -> None:
+def caption_files(captions: str | list[str]) -> list[str]:
+    return [captions] if isinstance(captions, str) and captions else [c for c in captions if c]
+
+
+def check_request(cfg: Config, inputs: list[str], captions: str | list[str], out: str) -> None:
     """Everything `megasora preprocess` reads exists: one line before the encoders load (seconds).
 
     The VAE first: a missing one means the inputs would be encoded with nothing useful anyway.
@@ -108,11 +112,11 @@ def check_request(cfg: Config, inputs: list[str], captions: str, out: str) -> No
         raise UserError("preprocess needs an output directory and inputs", "pass --out (or set data.shards) "
                         "and input paths (or data.inputs, or a caption file)")
     check_inputs_exist(inputs)
-    if captions:
-        check_caption_file(captions)
+    for table in caption_files(captions):
+        check_caption_file(table)
 
 
-def collect_inputs(paths: list[str], captions: dict[str, str]) -> list[str]:
+def collect_inputs(paths: list[str], captions: CaptionTable | None = None) -> list[str]:
     """Media files from paths (files or directories, recursive) and the caption table, sorted and deduplicated."""
     check_inputs_exist(paths)
     found: set[str] = set()
@@ -122,7 +126,8 @@ def collect_inputs(paths: list[str], captions: dict[str, str]) -> list[str]:
             found.update(str(f.resolve()) for f in path.rglob("*") if f.is_file() and is_media(f))
         else:
             found.add(str(path.resolve()))
-    found.update(captions)
+    if captions:  # files named only in the caption table are inputs too
+        found.update(captions.media())
     return sorted(found)
 
 
@@ -158,7 +163,7 @@ def encode_clip(vae, frames: np.ndarray) -> np.ndarray:
     return pixels_to_latents(vae, pixels)[0].float().cpu().numpy()
 
 
-def process_input(path: str, index: int, caption: str, spec: PreprocessSpec, vae) -> list[Sample]:
+def process_input(path: str, index: int, tables: list[CaptionTable], spec: PreprocessSpec, vae) -> list[Sample]:
     """All clips of one input file; any decode/encode error propagates (the caller skips the input)."""
     samples = []
     multiple = vae.spatial_factor * spec.patch
@@ -168,7 +173,11 @@ def process_input(path: str, index: int, caption: str, spec: PreprocessSpec, vae
         t, h, w = clip.frames.shape[:3]
         meta = {"source": path, "clip": j, "start_sec": round(clip.start_sec, 4), "fps": clip.fps,
                 "frames": t, "height": h, "width": w, "source_height": clip.source_size[0],
-                "source_width": clip.source_size[1], "caption": caption}
+                "source_width": clip.source_size[1]}
+        captions = captions_for(path, tables, j)
+        meta["caption"] = captions[0]
+        if len(captions) > 1:
+            meta["captions"] = captions
         samples.append(Sample(f"{index:08d}_{j:04d}", latents, np.empty((0, 0), np.float32),
                               np.empty((0,), bool), meta))
     if not samples:
@@ -176,13 +185,13 @@ def process_input(path: str, index: int, caption: str, spec: PreprocessSpec, vae
     return samples
 
 
-def process_shard(shard: int, paths: list[str], first_index: int, captions: dict[str, str],
+def process_shard(shard: int, paths: list[str], first_index: int, tables: list[CaptionTable],
                   spec: PreprocessSpec, vae, text_encoder, report: Report) -> None:
     samples: list[Sample] = []
     failed_before = len(report.failures)
     for offset, path in enumerate(paths):
         try:
-            samples += process_input(path, first_index + offset, caption_for(path, captions), spec, vae)
+            samples += process_input(path, first_index + offset, tables, spec, vae)
         except Exception as err:  # corrupt or unreadable media: skip it, keep the run going
             report.failed += 1
             report.failures.append({"path": path, "error": f"{type(err).__name__}: {err}"})
@@ -191,6 +200,10 @@ def process_shard(shard: int, paths: list[str], first_index: int, captions: dict
         emb, mask = text_encoder.encode([s.meta["caption"] for s in samples])
         for s, e, m in zip(samples, emb.numpy(), mask.numpy()):
             s.text_emb, s.text_mask = e, m
+        for s in samples:  # further captions (few samples have them; the encoder caches repeats)
+            if len(s.meta.get("captions", ())) > 1:
+                extra_emb, extra_mask = text_encoder.encode(s.meta["captions"][1:])
+                s.extra_text = list(zip(extra_emb.numpy(), extra_mask.numpy()))
     # An all-failed shard still gets an (empty) index so a resumed run does not retry it forever.
     write_shard(spec.out, shard, samples, extra={"inputs": paths, "failures": report.failures[failed_before:],
                                                  "settings": spec.settings()})
@@ -223,8 +236,8 @@ def run_preprocess(spec: PreprocessSpec, vae, text_encoder) -> Report:
     start = time.time()
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
-    captions = load_captions(spec.captions) if spec.captions else {}
-    inputs = collect_inputs(spec.inputs, captions)
+    tables = [load_captions(c) for c in caption_files(spec.captions)]
+    inputs = collect_inputs(spec.inputs, tables[0] if tables else None)
     n = spec.inputs_per_shard
     shards = [i for i in range((len(inputs) + n - 1) // n) if i % spec.world_size == spec.rank]
     report = Report(inputs=sum(len(inputs[i * n:(i + 1) * n]) for i in shards))
@@ -235,7 +248,7 @@ def run_preprocess(spec: PreprocessSpec, vae, text_encoder) -> Report:
             check_resumable(out / f"{shard_name(shard)}.json", spec)
             report.shards_skipped += 1  # finished by an earlier run
         else:
-            process_shard(shard, paths, shard * n, captions, spec, vae, text_encoder, report)
+            process_shard(shard, paths, shard * n, tables, spec, vae, text_encoder, report)
         progress.update(len(paths), report.clips, report.failed)
     progress.close()
     report.seconds = time.time() - start

@@ -7,6 +7,11 @@ read identical samples. The position in the stream is the global sample counter,
 `steps(start_sample)` resumes exactly, on any dp size, as long as start_sample is a
 micro-batch boundary (every counter this class ever reports is one).
 
+A sample with several captions trains with one of them per step, drawn by data.caption_mix
+from (seed, sample id, step) (megasora/data/captions.py caption_choice); the step is named by
+the global sample counter at its end, which every layout and every resume shares. Only the
+drawn caption's members are read.
+
 Unreadable samples are skipped and counted (`stats()`); a micro-batch with no readable
 sample is replaced by the next readable micro-batch of the stream, so every rank still
 yields the same number of micro-batches per step.
@@ -25,7 +30,8 @@ import numpy as np
 import torch
 
 from megasora.data.buckets import BucketRule, Shape, plan_epoch
-from megasora.data.shards import FIELDS, decode_sample, finished_shards, read_member
+from megasora.data.captions import caption_choice
+from megasora.data.shards import FIELDS, caption_count, caption_fields, decode_sample, finished_shards, read_member
 from megasora.data.stream import StepBatch
 from megasora.errors import DataError
 
@@ -77,13 +83,15 @@ class ShardStream:
     """Yields this dp rank's `StepBatch`es; see the module docstring for the stream definition."""
 
     def __init__(self, index: ShardIndex, rule: BucketRule, seed: int, grad_accum: int, dp_rank: int,
-                 dp_size: int, shuffle_shards: int = 0, prefetch: bool = True) -> None:
+                 dp_size: int, shuffle_shards: int = 0, prefetch: bool = True,
+                 caption_mix: list[float] | None = None) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         self.index, self.rule, self.seed = index, rule, seed
         self.grad_accum, self.dp_rank, self.dp_size = grad_accum, dp_rank, dp_size
         self.shuffle_shards = shuffle_shards
         self.prefetch = prefetch
+        self.caption_mix = list(caption_mix or [])
         self.corrupt_samples = 0
         self.substituted_microbatches = 0
         self._plans: dict[int, list[list[int]]] = {}
@@ -155,12 +163,12 @@ class ShardStream:
                 "data/substituted_microbatches": self.substituted_microbatches}
 
     def _load_or_substitute(self, ids: list[int], after: int) -> dict[str, torch.Tensor]:
-        batch = self.load(ids)
+        batch = self.load(ids, after)
         if batch is not None:
             return batch
         # Nothing readable: take the next readable micro-batch after this step (deterministic).
         for tries, (other, _) in enumerate(self.micro_batches(after)):
-            batch = self.load(other)
+            batch = self.load(other, after)
             if batch is not None:
                 self.substituted_microbatches += 1
                 log.warning("micro-batch %s unreadable; substituted %s", ids, other)
@@ -169,12 +177,13 @@ class ShardStream:
                 break
         raise RuntimeError(f"no readable micro-batch in a whole epoch of {self.index.tars[0].parent}")
 
-    def load(self, ids: list[int]) -> dict[str, torch.Tensor] | None:
-        """Read and stack samples; unreadable ones are skipped and counted. None if none is readable."""
+    def load(self, ids: list[int], step_key: int = 0) -> dict[str, torch.Tensor] | None:
+        """Read and stack samples (each with its caption for the step named `step_key`, the global
+        sample counter at the step's end); unreadable ones are skipped and counted. None if none is readable."""
         samples, good = [], []
         for i in ids:
             try:
-                samples.append(self._read(i))
+                samples.append(self._read(i, self.caption_of(i, step_key)))
                 good.append(i)
             except (OSError, ValueError, KeyError) as err:
                 self.corrupt_samples += 1
@@ -187,14 +196,21 @@ class ShardStream:
                 "text_emb": torch.from_numpy(np.stack([s.text_emb for s in samples])),
                 "text_mask": torch.from_numpy(np.stack([s.text_mask for s in samples]))}
 
-    def _read(self, i: int):
+    def caption_of(self, i: int, step_key: int) -> int:
+        """Which caption sample i trains with in the step named `step_key` (0 without data.caption_mix)."""
+        return caption_choice(self.seed, i, step_key, self.caption_mix, caption_count(self.index.spans[i]))
+
+    def _read(self, i: int, caption: int = 0):
         shard = int(self.index.shard_of[i])
         if shard not in self._handles:
             if len(self._handles) >= 32:  # bound open files on big datasets
                 self._handles.pop(next(iter(self._handles))).close()
             self._handles[shard] = open(self.index.tars[shard], "rb")
         handle = self._handles[shard]
-        raw = {f: read_member(handle, span) for f, span in self.index.spans[i].items()}
+        emb_name, mask_name = caption_fields(caption)
+        spans = self.index.spans[i]
+        wanted = {"latents.npy": "latents.npy", "json": "json", emb_name: "text_emb.npy", mask_name: "text_mask.npy"}
+        raw = {as_field: read_member(handle, spans[member]) for member, as_field in wanted.items()}
         sample = decode_sample(self.index.keys[i], raw)
         if tuple(sample.latents.shape[1:]) != self.index.shapes[i]:
             raise ValueError(f"latents shape {sample.latents.shape} != indexed {self.index.shapes[i]}")
@@ -208,7 +224,7 @@ def build_shard_stream(cfg, dp_rank: int, dp_size: int) -> ShardStream:
                       max_micro_batch=cfg.data.max_micro_batch)
     index = ShardIndex.load(cfg.data.shards, rule)
     stream = ShardStream(index, rule, cfg.train.seed, cfg.train.grad_accum, dp_rank, dp_size,
-                       cfg.data.shuffle_shards)
+                       cfg.data.shuffle_shards, caption_mix=cfg.data.caption_mix)
     check_compatible(stream, cfg.model.in_channels, cfg.text.dim)
     return stream
 

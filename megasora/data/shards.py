@@ -6,6 +6,8 @@ A sample is four tar members sharing a key (the webdataset convention, so
     KEY.text_emb.npy   float32 (L, D)        text encoder tokens
     KEY.text_mask.npy  bool    (L,)          valid-token mask
     KEY.json           metadata: source, clip start, fps, frames, pixel H/W, caption, latent shape
+A sample with several captions (data.caption_mix) adds KEY.text_emb.K.npy / KEY.text_mask.K.npy
+for its captions K = 1, 2, ... (the plain members are caption 0; meta "captions" lists them all).
 Next to `shard-000007.tar`, `shard-000007.json` holds the index: per sample the key,
 latent shape and each member's byte (offset, size) inside the tar. The index is what the
 loader plans epochs from (bucket by shape without reading the tar) and what makes a
@@ -17,7 +19,7 @@ import io
 import json
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,15 +50,31 @@ class Sample:
     text_emb: np.ndarray  # (L, D) float32
     text_mask: np.ndarray  # (L,) bool
     meta: dict
+    extra_text: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # captions 1.. (emb, mask)
+
+
+def caption_fields(k: int) -> tuple[str, str]:
+    """Tar member names of a sample's k-th caption embedding and mask (0 = the primary caption)."""
+    return ("text_emb.npy", "text_mask.npy") if k == 0 else (f"text_emb.{k}.npy", f"text_mask.{k}.npy")
+
+
+def caption_count(members: dict) -> int:
+    """How many captions a sample's members (an index entry's, or a tar's) hold."""
+    return 1 + sum(1 for name in members if name.startswith("text_emb.") and name != "text_emb.npy")
 
 
 def encode_sample(sample: Sample) -> dict[str, bytes]:
-    return {
+    fields = {
         "latents.npy": npy_bytes(sample.latents.astype(np.float32, copy=False)),
         "text_emb.npy": npy_bytes(sample.text_emb.astype(np.float32, copy=False)),
         "text_mask.npy": npy_bytes(sample.text_mask.astype(bool, copy=False)),
         "json": json.dumps(sample.meta, sort_keys=True).encode(),
     }
+    for k, (emb, mask) in enumerate(sample.extra_text, start=1):
+        emb_name, mask_name = caption_fields(k)
+        fields[emb_name] = npy_bytes(emb.astype(np.float32, copy=False))
+        fields[mask_name] = npy_bytes(mask.astype(bool, copy=False))
+    return fields
 
 
 def write_shard(directory: str | Path, index: int, samples: list[Sample], extra: dict | None = None) -> Path:

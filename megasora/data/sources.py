@@ -50,7 +50,7 @@ def check_source(cfg: Config) -> None:
             raise DataError(f"data.shards={d.shards!r} holds no finished shard (shard-*.tar + shard-*.json)",
                             "point it at the output directory of `megasora preprocess`, or run it first")
     if d.kind == "clips":
-        if not collect_inputs(list(d.inputs), {}):
+        if not collect_inputs(list(d.inputs)):
             raise DataError(f"data.inputs={list(d.inputs)} holds no video or image file",
                             "list video/image files or directories that contain them")
 
