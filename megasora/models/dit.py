@@ -85,11 +85,13 @@ class BlockCheckpoint(Protocol):
 
 
 class Mlp(nn.Module):
-    def __init__(self, hidden: int, ratio: float) -> None:
+    def __init__(self, hidden: int, ratio: float, inner: int = 0) -> None:
+        """inner: the hidden width (0 = hidden * ratio), for widths no float ratio gives exactly."""
         super().__init__()
-        self.fc1 = nn.Linear(hidden, int(hidden * ratio))
+        width = inner or int(hidden * ratio)
+        self.fc1 = nn.Linear(hidden, width)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(int(hidden * ratio), hidden)
+        self.fc2 = nn.Linear(width, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -266,13 +268,21 @@ class DiT(nn.Module):
             raise ValueError(f"blocks {blocks.start}..{blocks.stop - 1} need `received`, the message of the "
                              f"blocks before")
         else:
-            state, text_tokens = unpack_message(received, self.token_layout(latents, t))
+            state, text_tokens = self.unpack(received, self.token_layout(latents, t))
             text_mask = caption_mask(text_mask, drop_text)
         for index in blocks:
             state.x = self.block(index)(state, text_tokens, text_mask)
         if blocks.stop < self.arch.depth:
-            return pack_message(state, text_tokens)  # (B, n + c + L, D)
+            return self.pack(state, text_tokens)  # (B, n + c + L, D)
         return self.head(state, self.token_grid(latents))
+
+    def pack(self, state: TokenState, text_tokens: torch.Tensor) -> torch.Tensor:
+        """The message to the next run of blocks (a family with a wider cond packs it its own way)."""
+        return pack_message(state, text_tokens)
+
+    def unpack(self, message: torch.Tensor, layout: TokenState) -> tuple[TokenState, torch.Tensor]:
+        """pack's inverse."""
+        return unpack_message(message, layout)
 
     def held_blocks(self) -> range:
         """Global indices of the blocks this module holds: all, or a pipeline stage's run."""

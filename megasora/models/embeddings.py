@@ -39,6 +39,13 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return pairs - 2 * spatial, spatial, spatial
 
 
+def wan_rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Wan 2.1's split (diffusers WanRotaryPosEmbed): h and w get head_dim // 6 pairs each, t the rest
+    (22 / 21 / 21 pairs at head dim 128)."""
+    spatial = head_dim // 6
+    return head_dim // 2 - 2 * spatial, spatial, spatial
+
+
 # The mixed layout's pair directions over (t, h, w): the three axes, then both diagonals of each
 # pair of axes. t±h and t±w are motion by one token per frame along h or w.
 MIXED_DIRECTIONS = ((1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, -1, 0), (1, 0, 1), (1, 0, -1),
@@ -49,7 +56,7 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0, layout: str = "axial
     """(head_dim/2, 3) float64: the angular frequency of each rotation pair along (t, h, w).
 
     axial: each pair turns along one axis (rope_axis_dims' split, frequencies theta^(-i/n)
-    within an axis). A head's score is then a sum of per-axis terms, so its attention weights
+    within an axis; `wan` is axial with wan_rope_axis_dims' split). A head's score is then a sum of per-axis terms, so its attention weights
     are a product of per-axis factors; such a product cannot prefer "one frame later, one token
     left" over "one frame later, one token right" while also preferring "one frame earlier, one
     token right" (the sums of the two pairs are equal), so no head can follow a moving object
@@ -68,7 +75,8 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0, layout: str = "axial
         directions = torch.tensor([MIXED_DIRECTIONS[i % n_dirs] for i in range(pairs)], dtype=torch.float64)
         return directions * magnitude[:, None]
     freqs, start = torch.zeros(head_dim // 2, 3, dtype=torch.float64), 0
-    for axis, n_pairs in enumerate(rope_axis_dims(head_dim)):
+    split = wan_rope_axis_dims(head_dim) if layout == "wan" else rope_axis_dims(head_dim)
+    for axis, n_pairs in enumerate(split):
         freqs[start:start + n_pairs, axis] = theta ** (-torch.arange(n_pairs, dtype=torch.float64) / max(n_pairs, 1))
         start += n_pairs
     return freqs

@@ -1,0 +1,126 @@
+"""The Wan 2.1 family equals diffusers' WanTransformer3DModel, and its weights go both ways exactly.
+
+A tiny random WanTransformer3DModel is built here, perturbed so every parameter and every head
+matters (diffusers' init has unit norms, and equal heads would hide a head-order mistake), and
+saved with save_pretrained (sharded, with an index). MegaSora loads that directory with
+safetensors alone and must reproduce diffusers' forward on an odd latent grid, captions padded
+to different lengths and several sigmas.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from safetensors.torch import load_file
+
+from megasora.models import from_diffusers
+from megasora.models.convert import (
+    INDEX_FILE,
+    megasora_to_wan,
+    read_diffusers,
+    wan_arch_from_config,
+    wan_to_megasora,
+    write_diffusers,
+)
+
+HEADS, HEAD_DIM, TEXT_DIM, IN_CHANNELS = 3, 16, 24, 4
+
+
+def tiny_wan(seed: int = 0, layers: int = 2) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
+                                  in_channels=IN_CHANNELS, out_channels=IN_CHANNELS, text_dim=TEXT_DIM,
+                                  freq_dim=32, ffn_dim=72, num_layers=layers, cross_attn_norm=True,
+                                  rope_max_seq_len=64)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.add_(torch.randn_like(param) * 0.2)  # norms, tables and biases all away from their init
+            if any(f"{attn}.to_{p}." in name for attn in ("attn1", "attn2") for p in "qkv"):
+                # head h's rows scaled by 1 + h/2: a head mix-up or wrong per-head norm changes the output
+                scale = (1 + torch.arange(HEADS, dtype=param.dtype) / 2).repeat_interleave(HEAD_DIM)
+                param.mul_(scale.view(-1, *[1] * (param.dim() - 1)))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[WanTransformer3DModel, Path]:
+    model = tiny_wan()
+    path = tmp_path_factory.mktemp("wan") / "transformer"
+    model.save_pretrained(path, max_shard_size="40KB")  # several shards + the index MegaSora must follow
+    assert (path / INDEX_FILE).is_file()
+    return model, path
+
+
+def diffusers_text(text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How Wan's pipeline feeds captions: trimmed to their length, zero-padded to 512."""
+    text = text * mask[..., None]
+    return torch.nn.functional.pad(text, (0, 0, 0, 512 - text.shape[1]))
+
+
+def test_forward_matches_diffusers(saved: tuple[WanTransformer3DModel, Path]) -> None:
+    reference, path = saved
+    ours = from_diffusers(path).eval()
+    torch.manual_seed(1)
+    latents = torch.randn(2, IN_CHANNELS, 3, 6, 10)  # grid (3, 3, 5): odd in every axis
+    text = torch.randn(2, 9, TEXT_DIM)
+    mask = torch.arange(9)[None] < torch.tensor([[4], [9]])  # captions of 4 and 9 tokens
+    worst = 0.0
+    with torch.no_grad():
+        for t in ([0.05, 0.5], [0.93, 1.0], [0.0, 0.27]):
+            sigma = torch.tensor(t)
+            want = reference(latents, sigma * 1000, diffusers_text(text, mask), return_dict=False)[0]
+            got = ours(latents, sigma, text, mask)
+            # the same captions padded differently (garbage past the mask) give the same output
+            longer = torch.cat([text, torch.randn(2, 5, TEXT_DIM)], dim=1)
+            got_longer = ours(latents, sigma, longer, torch.nn.functional.pad(mask, (0, 5)))
+            assert got.shape == want.shape
+            worst = max(worst, (got - want).abs().max().item(), (got_longer - want).abs().max().item())
+    assert worst < 1e-5, worst
+    assert want.abs().mean() > 0.1  # the output is not trivially small
+
+
+def test_import_export_bit_identical(saved: tuple[WanTransformer3DModel, Path], tmp_path: Path) -> None:
+    _, path = saved
+    config, tensors = read_diffusers(path)
+    arch = wan_arch_from_config(config)
+    ours = wan_to_megasora(tensors, arch)
+    back = megasora_to_wan(ours, arch)
+    assert back.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(back[name], tensor), name
+    out = write_diffusers(tmp_path / "export", ours, arch)
+    written = load_file(out / "diffusion_pytorch_model.safetensors")
+    assert written.keys() == tensors.keys() and all(torch.equal(written[k], v) for k, v in tensors.items())
+    reloaded = WanTransformer3DModel.from_pretrained(out)
+    assert all(torch.equal(p, tensors[name]) for name, p in reloaded.named_parameters())
+    assert json.loads((out / "config.json").read_text())["num_layers"] == 2
+
+
+def test_every_key_consumed_once(saved: tuple[WanTransformer3DModel, Path]) -> None:
+    _, path = saved
+    config, tensors = read_diffusers(path)
+    arch = wan_arch_from_config(config)
+    model = from_diffusers(path)
+    assert set(wan_to_megasora(tensors, arch)) == set(model.state_dict())
+    with pytest.raises(ValueError, match="unexpected"):
+        wan_to_megasora({**tensors, "blocks.0.extra.weight": torch.zeros(1)}, arch)
+    with pytest.raises(ValueError, match="missing"):
+        wan_to_megasora({k: v for k, v in tensors.items() if k != "proj_out.bias"}, arch)
+
+
+def test_block_ranges_like_pipeline_stages(saved: tuple[WanTransformer3DModel, Path]) -> None:
+    """Two runs of blocks joined by the packed message (cond is 7D wide) give the whole forward."""
+    _, path = saved
+    model = from_diffusers(path).eval()
+    torch.manual_seed(2)
+    latents, text = torch.randn(2, IN_CHANNELS, 3, 6, 10), torch.randn(2, 5, TEXT_DIM)
+    mask, t = torch.ones(2, 5, dtype=torch.bool), torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        whole = model(latents, t, text, mask)
+        message = model(latents, t, text, mask, blocks=range(0, 1))
+        assert tuple(message.shape) == model.message_shape(latents, t, text)
+        split = model(latents, t, text, mask, received=message, blocks=range(1, 2))
+    assert torch.equal(split, whole)
