@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
+from megasora.cli import main
 from megasora.config import ConfigError, LoRAConfig, load_config
 from megasora.models import build_dit
 from megasora.models.dit import DiT, DiTArch
@@ -231,3 +233,56 @@ def test_tp2_checkpoint_resumes_on_one_process(resharded_runs) -> None:
     whole = _whole([rank["state"] for rank in tp2])
     for name, tensor in whole.items():
         assert torch.allclose(tp1["state"][name], tensor, atol=1e-6, rtol=1e-5), name
+
+
+def _export(capsys, *args: str) -> str:
+    """`megasora ckpt export ARGS`, in this process."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ckpt", "export", *args])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 0, err[-3000:]
+    return out
+
+
+def _trained_lora_model(state: dict[str, torch.Tensor]) -> tuple[DiT, tuple[torch.Tensor, ...]]:
+    """The trained run's model (seeded base + its adapters) on one process, and inputs of its shapes."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml", TRAIN)
+    torch.manual_seed(cfg.train.seed)
+    model = apply_lora(build_dit(cfg), cfg.train.lora)
+    model.load_state_dict(state)
+    g = torch.Generator().manual_seed(2)
+    inputs = (torch.randn(2, cfg.model.in_channels, cfg.data.frames, cfg.data.height, cfg.data.width, generator=g),
+              torch.rand(2, generator=g), torch.randn(2, 5, cfg.text.dim, generator=g), torch.ones(2, 5, dtype=torch.bool))
+    return model, inputs
+
+
+def test_merged_export_equals_the_adapted_model(one_process_runs, tmp_path: Path, capsys) -> None:
+    root, (full, _) = one_process_runs
+    _export(capsys, str(root / "full"), "--merge", "--out", str(tmp_path / "merged.safetensors"))
+    adapted, inputs = _trained_lora_model(full["state"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", TRAIN)
+    merged = build_dit(cfg)
+    merged.load_state_dict(load_file(tmp_path / "merged.safetensors"))  # strict: full weights, no adapter left
+    with torch.no_grad():
+        assert torch.allclose(merged(*inputs), adapted(*inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_diffusers_lora_export_loads_with_peft(one_process_runs, tmp_path: Path, capsys) -> None:
+    """peft (what diffusers' load_lora_adapter runs) injects the exported file into the base model by
+    its key names, with lora_alpha = r as diffusers gives a file without alphas: same output."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    root, (full, _) = one_process_runs
+    _export(capsys, str(root / "full"), "--format", "diffusers-lora", "--out", str(tmp_path / "lora.safetensors"))
+    exported = load_file(tmp_path / "lora.safetensors")
+    assert "transformer.blocks.0.cross_attn.q.lora_A.weight" in exported and len(exported) == 2 * 9
+    adapted, inputs = _trained_lora_model(full["state"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", TRAIN)
+    torch.manual_seed(cfg.train.seed)
+    base = build_dit(cfg)
+    modules = sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in exported})
+    peft_model = inject_adapter_in_model(LoraConfig(r=cfg.train.lora.rank, lora_alpha=cfg.train.lora.rank,
+                                                    target_modules=modules), base)
+    result = set_peft_model_state_dict(peft_model, {k.removeprefix("transformer."): v for k, v in exported.items()})
+    assert not result.unexpected_keys
+    with torch.no_grad():
+        assert torch.allclose(peft_model(*inputs), adapted(*inputs), atol=1e-5, rtol=1e-5)

@@ -4,6 +4,9 @@
   export DIR --out F.safetensors [--ema]
                               consolidated full weights (+ F.json with the config), loadable by
                               `megasora sample --weights F.safetensors` on one process
+  export DIR --out F.safetensors --format diffusers-lora | --merge
+                              a LoRA run: its adapters in diffusers' LoRA format, or merged into
+                              full weights (docs/lora.md)
   convert DIR [--tag T]       write T.universal (DeepSpeed universal format) explicitly; resuming
                               under a different layout does this automatically
 """
@@ -22,6 +25,7 @@ from megasora.train.checkpoint import (
     read_model_weights,
     verify,
 )
+from megasora.train.lora_export import diffusers_lora, lora_config, merged
 from megasora.train.shard_files import write_shard
 from megasora.train.universal import convert_to_universal
 
@@ -38,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True, help="output .safetensors path (config goes next to it as .json)")
     export.add_argument("--tag", default=None, help="checkpoint tag (default: newest complete)")
     export.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    export.add_argument("--format", choices=["megasora", "diffusers-lora"], default="megasora",
+                        help="diffusers-lora: a LoRA run's adapters in diffusers/peft's LoRA format "
+                             "(load_lora_weights / load_lora_adapter), docs/lora.md")
+    export.add_argument("--merge", action="store_true",
+                        help="a LoRA run's adapters merged into its base: full weights (megasora format)")
     export.set_defaults(func=run_export)
     convert = sub.add_parser("convert", help="convert to a DeepSpeed universal checkpoint (any layout can load it)")
     convert.add_argument("dir", help="run directory or checkpoints/ directory")
@@ -90,6 +99,9 @@ def run_export(args: argparse.Namespace) -> int:
     if args.ema and not used_ema:
         raise CheckpointError("ckpt export --ema: this checkpoint has no EMA weights (it was trained with "
                               "train.ema_decay=0)", "drop --ema to export the raw weights")
+    if args.format == "diffusers-lora" or args.merge:
+        lora_cfg = lora_config(cfg)
+        weights = diffusers_lora(weights, lora_cfg) if args.format == "diffusers-lora" else merged(weights, lora_cfg)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_shard(out, weights)  # a plain safetensors file, written tensor by tensor
