@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megasora.models.dit import DiT
+from megasora.models.wan import WanModel
 from megasora.parallel.mesh import Mesh
 
 
@@ -120,10 +121,16 @@ class DiTStage(DiT):
         self.sequence = model.sequence
 
 
+class WanStage(DiTStage, WanModel):
+    """One pipeline stage of a WanModel: DiTStage's modules, WanModel's message (x, the (B, c, 7D)
+    cond as 7c rows, the text_len text tokens) and output head, by inheritance (no forward of its own)."""
+
+
 def build_stage(model: DiT, stage: int, stages: int, boundaries: list[int] | None = None) -> DiTStage:
     """Keep stage `stage` of `model` (call after parallelize(), which shards the whole model)."""
     first, end = stage_ranges(model, stages, boundaries)[stage]
-    return DiTStage(model, stage, stages, first, end)
+    kind = WanStage if isinstance(model, WanModel) else DiTStage
+    return kind(model, stage, stages, first, end)
 
 
 def gather_stages(local: dict[str, torch.Tensor], mesh: Mesh) -> dict[str, torch.Tensor]:

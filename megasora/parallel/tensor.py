@@ -32,6 +32,12 @@ gradient is complete. Every other parameter (norms, qk-norm, embeddings, row bia
 final linear) is replicated but each tp rank only back-propagates its own tokens or heads
 through it, so its gradient is a partial sum: a hook all-reduces (sums) it over tp before it
 reaches .grad, i.e. before DeepSpeed's own reduction hooks run.
+
+The Wan family (models/wan.py) has the same linears under the same names, so TP_PLAN splits
+them unchanged; it has no adaLN linear (a per-block table added to one shared time
+projection, replicated like the embeddings) and its qk-norm spans all heads: a (D,) weight
+applied before the head split, so under tp the per-token sum of squares is all-reduced
+(TensorParallelRMSNorm) and the weight sliced like the q/k columns it scales.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from megasora.models.dit import DiT
+from megasora.models.wan import HeadsRMSNorm
 from megasora.parallel.comm import all_to_all, gather_seq_for_tp, reduce_scatter_seq_for_tp
 from megasora.parallel.mesh import Mesh
 
@@ -194,10 +201,27 @@ MODULATION_LINEAR = 1  # adaLN = Sequential(SiLU, Linear): the index of its Line
 
 
 def _modulations(model: DiT) -> dict[str, nn.Sequential]:
-    """Name -> adaLN (SiLU, Linear) of every block this model (or pipeline stage) holds, and the final layer's."""
-    found = {f"blocks.{i}.adaln": model.block(int(i)).adaln for i, _ in model.blocks.named_children()}
-    if hasattr(model, "final"):  # a pipeline stage holds it only if it is the last
+    """Name -> adaLN (SiLU, Linear) of every block this model (or pipeline stage) holds, and the final layer's.
+
+    The Wan family has none: its blocks add a (1, 6, D) table to one shared time projection
+    (t_embed.modulation, replicated like the rest of the embeddings)."""
+    found = {f"blocks.{i}.adaln": block.adaln for i, block in model.blocks.named_children() if hasattr(block, "adaln")}
+    if hasattr(model, "final") and hasattr(model.final, "adaln"):  # a pipeline stage holds final only if last
         found["final.adaln"] = model.final.adaln
+    return cast(dict[str, nn.Sequential], found)
+
+
+def _qk_norms(model: DiT) -> dict[str, nn.Module]:
+    """Name -> every all-heads qk-norm ((D,) weight: the Wan family's) of the blocks this model holds,
+    before (HeadsRMSNorm) or after (TensorParallelRMSNorm) tensor parallelism. The DiT's per-head
+    norm ((Dh,) weight) sees whole heads on every rank and is not among them."""
+    found: dict[str, nn.Module] = {}
+    for i, block in model.blocks.named_children():
+        for sublayer in ("attn", "cross_attn"):
+            for norm in ("q_norm", "k_norm"):
+                module = getattr(getattr(block, sublayer), norm)
+                if isinstance(module, (HeadsRMSNorm, TensorParallelRMSNorm)):
+                    found[f"blocks.{i}.{sublayer}.{norm}"] = module
     return found
 
 
@@ -220,6 +244,8 @@ def tp_partition_dims(model: nn.Module) -> dict[str, int]:
     for name in _modulations(model):  # column-parallel: the Linear after the SiLU
         dims[f"{name}.{MODULATION_LINEAR}.weight"] = 0
         dims[f"{name}.{MODULATION_LINEAR}.bias"] = 0
+    for name in _qk_norms(model):  # the weight slice of the q/k columns the rank holds
+        dims[f"{name}.weight"] = 0
     return dims
 
 
@@ -232,6 +258,9 @@ def apply_tensor_parallel(model: DiT, mesh: Mesh) -> DiT:
     for adaln in _modulations(model).values():
         linear = cast(nn.Linear, adaln[MODULATION_LINEAR])
         adaln[MODULATION_LINEAR] = ModulationLinear(linear, rank, size, group)
+    for name, norm in _qk_norms(model).items():  # after q/k became column-parallel: the same columns
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, TensorParallelRMSNorm(norm, rank, size, group))
     for param in model.parameters():
         if not is_tensor_parallel(param):
             param.register_hook(partial(_sum_over_tp, group))
