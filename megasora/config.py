@@ -6,6 +6,7 @@ config fails in milliseconds with one message naming the key, never after a clus
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,9 +408,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML preset (or defaults), apply overrides, build and validate the Config."""
+    """Read a YAML preset (or defaults), apply overrides, take model.pretrained's shape, build and validate."""
     data = _read_yaml(Path(path)) if path else {}
     cfg = _build(Config, apply_overrides(data, overrides or []), "")
+    apply_pretrained(cfg)
     validate(cfg)
     return cfg
 
@@ -422,6 +424,78 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------- pretrained models
+
+
+class PretrainedError(ConfigError):
+    """A pretrained model directory MegaSora cannot load; the message names the fix."""
+
+    kind = "pretrained model"
+
+
+PRETRAINED_CLASSES = {"WanTransformer3DModel": "wan"}  # diffusers class -> model.family
+DIFFUSERS_CONFIG = "config.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
+
+
+def read_pretrained_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a diffusers transformer directory, checked to be a model MegaSora can load."""
+    root = Path(path)
+    if not (root / DIFFUSERS_CONFIG).is_file() or not any((root / f).is_file() for f in (DIFFUSERS_WEIGHTS,
+                                                                                         DIFFUSERS_INDEX)):
+        raise PretrainedError(f"{root} is not a diffusers transformer directory (it needs {DIFFUSERS_CONFIG} and "
+                              f"{DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX})", "pass the model's transformer/ "
+                              "directory, e.g. Wan2.1-T2V-1.3B-Diffusers/transformer")
+    try:
+        config = json.loads((root / DIFFUSERS_CONFIG).read_text())
+    except json.JSONDecodeError as err:
+        raise PretrainedError(f"{root / DIFFUSERS_CONFIG} is not JSON ({err})", "re-download the model") from None
+    name = config.get("_class_name")
+    if name not in PRETRAINED_CLASSES:
+        families = ", ".join(f"{k} (model.family={v})" for k, v in PRETRAINED_CLASSES.items())
+        raise PretrainedError(f"{root} holds a {name}, a model family MegaSora cannot load",
+                              f"MegaSora loads {families}")
+    if config.get("image_dim") or config.get("added_kv_proj_dim") or config.get("pos_embed_seq_len"):
+        raise PretrainedError(f"{root} is a Wan image-to-video transformer (image_dim / added_kv_proj_dim set), "
+                              "which MegaSora cannot load", "use a Wan 2.1 text-to-video transformer")
+    if config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads" or \
+            (config.get("out_channels") or config["in_channels"]) != config["in_channels"]:
+        raise PretrainedError(f"{root}: qk_norm={config.get('qk_norm')!r}, out_channels="
+                              f"{config.get('out_channels')} differ from Wan 2.1 T2V's",
+                              "use a Wan 2.1 T2V transformer (qk_norm rms_norm_across_heads, out = in channels)")
+    return config
+
+
+def pretrained_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The config keys (model.*, text.dim) a diffusers Wan config.json sets."""
+    heads = config["num_attention_heads"]
+    return {"model.family": "wan", "model.hidden": heads * config["attention_head_dim"], "model.heads": heads,
+            "model.depth": config["num_layers"], "model.in_channels": config["in_channels"],
+            "model.patch": list(config["patch_size"]), "model.ffn_dim": config["ffn_dim"],
+            "model.freq_dim": config["freq_dim"], "model.norm_eps": config["eps"],
+            "model.cross_attn_norm": config["cross_attn_norm"], "model.rope_layout": "wan",
+            "text.dim": config["text_dim"]}
+
+
+def apply_pretrained(cfg: Config) -> None:
+    """Give cfg the model shape of model.pretrained's config.json, in place.
+
+    A key left at its default takes the checkpoint's value; one set to anything else is an error
+    naming both, so a run never trains another shape than the one it asked for.
+    """
+    if not cfg.model.pretrained:
+        return
+    defaults = Config()
+    for key, value in pretrained_settings(read_pretrained_config(cfg.model.pretrained)).items():
+        section, name = key.split(".")
+        current, default = getattr(getattr(cfg, section), name), getattr(getattr(defaults, section), name)
+        if current != value and current != default:
+            raise ConfigError(f"{key}={current} conflicts with model.pretrained={cfg.model.pretrained}, whose "
+                              f"config.json gives {value}; drop {key} (the checkpoint sets it) or set it to {value}")
+        setattr(getattr(cfg, section), name, value)
 
 
 # ---------------------------------------------------------------- validation

@@ -9,22 +9,30 @@ to different lengths and several sigmas.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
+from torch import nn
 
-from megasora.models import from_diffusers
+from megasora.config import ConfigError, load_config
+from megasora.models import build_dit, from_diffusers, wan_arch
 from megasora.models.convert import (
     INDEX_FILE,
     megasora_to_wan,
     read_diffusers,
+    read_pretrained,
     wan_arch_from_config,
     wan_to_megasora,
     write_diffusers,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 HEADS, HEAD_DIM, TEXT_DIM, IN_CHANNELS = 3, 16, 24, 4
 
@@ -124,3 +132,48 @@ def test_block_ranges_like_pipeline_stages(saved: tuple[WanTransformer3DModel, P
         assert tuple(message.shape) == model.message_shape(latents, t, text)
         split = model(latents, t, text, mask, received=message, blocks=range(1, 2))
     assert torch.equal(split, whole)
+
+
+def test_cli_import_then_export_bit_identical(saved: tuple[WanTransformer3DModel, Path], tmp_path: Path) -> None:
+    """`ckpt import` -> RUN, `ckpt export RUN --format diffusers` -> a directory diffusers loads, same bits."""
+    _, path = saved
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args in (["import", str(path), "--from", "diffusers", "--out", str(tmp_path / "run")],
+                 ["export", str(tmp_path / "run"), "--format", "diffusers", "--out", str(tmp_path / "out")]):
+        proc = subprocess.run([sys.executable, "-m", "megasora", "ckpt", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    _, original = read_diffusers(path)
+    exported = load_file(tmp_path / "out" / "diffusion_pytorch_model.safetensors")
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], v) for k, v in original.items())
+    reloaded = WanTransformer3DModel.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(p, original[name]) for name, p in reloaded.named_parameters())
+
+
+def test_pretrained_sets_the_shape_and_reads_only_a_ranks_part(saved: tuple[WanTransformer3DModel, Path]) -> None:
+    """model.pretrained: the config takes the checkpoint's shape; each tp part is read alone (get_slice)."""
+    _, path = saved
+    cfg = load_config(None, [f"model.pretrained={path}", "text.max_length=16"])
+    assert (cfg.model.family, cfg.model.hidden, cfg.model.depth, cfg.model.ffn_dim, cfg.text.dim) == \
+        ("wan", HEADS * HEAD_DIM, 2, 72, TEXT_DIM)
+    with pytest.raises(ConfigError, match="model.hidden=96 conflicts with model.pretrained"):
+        load_config(None, [f"model.pretrained={path}", "model.hidden=96"])
+    whole = from_diffusers(path).state_dict()
+    with torch.device("meta"):
+        local = build_dit(cfg)
+    split = {"blocks.1.attn.q.weight": 0, "blocks.1.attn.q_norm.weight": 0, "blocks.0.attn.out.weight": 1}
+    for name, dim in split.items():  # as tensor parallelism leaves them on tp rank 1 of 3 (one head each)
+        owner, leaf = local.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+        meta = getattr(owner, leaf)
+        part = nn.Parameter(meta.narrow(dim, 0, meta.shape[dim] // 3))
+        part.tensor_model_parallel, part.partition_dim = True, dim
+        setattr(owner, leaf, part)
+    parts = dict(read_pretrained(local, wan_arch(cfg), path, tp_rank=1))
+    assert parts.keys() == whole.keys()
+    for name, value in parts.items():
+        want = whole[name]
+        if name in split:
+            third = want.shape[split[name]] // 3
+            want = want.narrow(split[name], third, third)
+        assert torch.equal(value, want), name

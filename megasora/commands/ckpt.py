@@ -7,6 +7,12 @@
   export DIR --out F.safetensors --format diffusers-lora | --merge
                               a LoRA run: its adapters in diffusers' LoRA format, or merged into
                               full weights (docs/lora.md)
+  export RUN --format diffusers --out DIR [--ema] [--merge]
+                              a model.family=wan run (or an imported RUN) as a directory
+                              WanTransformer3DModel.from_pretrained loads (docs/wan.md)
+  import DIR --from diffusers --out RUN
+                              a diffusers transformer directory (Wan 2.1 T2V) -> RUN/weights.safetensors
+                              + RUN/weights.json in MegaSora's names (`sample --weights` loads it)
   convert DIR [--tag T]       write T.universal (DeepSpeed universal format) explicitly; resuming
                               under a different layout does this automatically
 """
@@ -16,6 +22,12 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
+from megasora.config import Config, ConfigError, config_from_dict, pretrained_settings
+from megasora.models import wan_arch
+from megasora.models.convert import check_shapes, read_diffusers, wan_arch_from_config, wan_to_megasora, write_diffusers
 from megasora.train.checkpoint import (
     TAG_RE,
     CheckpointError,
@@ -42,9 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True, help="output .safetensors path (config goes next to it as .json)")
     export.add_argument("--tag", default=None, help="checkpoint tag (default: newest complete)")
     export.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
-    export.add_argument("--format", choices=["megasora", "diffusers-lora"], default="megasora",
+    export.add_argument("--format", choices=["megasora", "diffusers-lora", "diffusers"], default="megasora",
                         help="diffusers-lora: a LoRA run's adapters in diffusers/peft's LoRA format "
-                             "(load_lora_weights / load_lora_adapter), docs/lora.md")
+                             "(load_lora_weights / load_lora_adapter), docs/lora.md; diffusers: a "
+                             "model.family=wan run as a WanTransformer3DModel directory (--out DIR), docs/wan.md")
     export.add_argument("--merge", action="store_true",
                         help="a LoRA run's adapters merged into its base: full weights (megasora format)")
     export.set_defaults(func=run_export)
@@ -52,6 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("dir", help="run directory or checkpoints/ directory")
     convert.add_argument("--tag", default=None, help="checkpoint tag (default: newest complete)")
     convert.set_defaults(func=run_convert)
+    imp = sub.add_parser("import", help="a diffusers transformer directory -> MegaSora weights in RUN")
+    imp.add_argument("dir", help="diffusers transformer directory (config.json + safetensors)")
+    imp.add_argument("--from", dest="source_format", choices=["diffusers"], required=True, help="format of DIR")
+    imp.add_argument("--out", required=True, help="run directory to write weights.safetensors + weights.json into")
+    imp.set_defaults(func=run_import)
 
 
 def checkpoints_root(path: Path) -> tuple[Path, str | None]:
@@ -92,10 +110,44 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_export(args: argparse.Namespace) -> int:
+IMPORTED = "weights.safetensors"  # what `ckpt import` writes into RUN (its config: weights.json beside it)
 
+
+def run_import(args: argparse.Namespace) -> int:
+    config, tensors = read_diffusers(args.dir)
+    arch = wan_arch_from_config(config)
+    check_shapes(arch, args.dir)
+    cfg = Config()
+    for key, value in pretrained_settings(config).items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    out = Path(args.out) / IMPORTED
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_shard(out, wan_to_megasora(tensors, arch))
+    out.with_suffix(".json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    print(f"wrote {out} ({len(tensors)} tensors of a {config['_class_name']}) and {out.with_suffix('.json')}")
+    return 0
+
+
+def _read_weights(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict, bool]:
+    """(weights, config dict, EMA used) of a run's checkpoint, or of an imported RUN (raw weights)."""
+    imported = Path(args.dir) / IMPORTED
+    if imported.is_file() and not (Path(args.dir) / "checkpoints").is_dir():
+        return load_file(str(imported)), json.loads(imported.with_suffix(".json").read_text()), False
     root, tag = checkpoints_root(Path(args.dir))
-    weights, cfg, used_ema = read_model_weights(root, args.tag or tag, ema=args.ema)
+    return read_model_weights(root, args.tag or tag, ema=args.ema)
+
+
+def export_diffusers(weights: dict[str, torch.Tensor], cfg_dict: dict, out: Path) -> None:
+    cfg = config_from_dict(cfg_dict)
+    if cfg.model.family != "wan":
+        raise ConfigError(f"ckpt export --format diffusers: this run's model.family is {cfg.model.family!r}, "
+                          "which has no diffusers class", "export model.family=wan runs, or use --format megasora")
+    write_diffusers(out, weights, wan_arch(cfg))
+
+
+def run_export(args: argparse.Namespace) -> int:
+    weights, cfg, used_ema = _read_weights(args)
     if args.ema and not used_ema:
         raise CheckpointError("ckpt export --ema: this checkpoint has no EMA weights (it was trained with "
                               "train.ema_decay=0)", "drop --ema to export the raw weights")
@@ -103,6 +155,10 @@ def run_export(args: argparse.Namespace) -> int:
         lora_cfg = lora_config(cfg)
         weights = diffusers_lora(weights, lora_cfg) if args.format == "diffusers-lora" else merged(weights, lora_cfg)
     out = Path(args.out)
+    if args.format == "diffusers":
+        export_diffusers(weights, cfg, out)
+        print(f"wrote {out} (WanTransformer3DModel, {'EMA' if used_ema else 'raw'} weights)")
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     write_shard(out, weights)  # a plain safetensors file, written tensor by tensor
     out.with_suffix(".json").write_text(json.dumps(cfg, indent=1))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -26,19 +25,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from megasora.config import Config, ConfigError, ModelConfig, TextConfig
+from megasora.config import (
+    DIFFUSERS_CONFIG,
+    DIFFUSERS_INDEX,
+    DIFFUSERS_WEIGHTS,
+    PretrainedError,
+    pretrained_settings,
+    read_pretrained_config,
+)
 from megasora.models.wan import WanArch, WanModel
 
-SUPPORTED = {"WanTransformer3DModel": "wan"}  # diffusers class -> model.family
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-INDEX_FILE = WEIGHTS_FILE + ".index.json"
-
-
-class PretrainedError(ConfigError):
-    """A pretrained directory MegaSora cannot load; the message names the fix."""
-
-    kind = "pretrained model"
+CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX
 
 
 def _linear(diffusers: str, megasora: str, transform: str = "") -> list[tuple[str, str, str]]:
@@ -154,65 +151,15 @@ def megasora_to_wan(state: Mapping[str, torch.Tensor], arch: WanArch) -> dict[st
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """config.json of a diffusers transformer directory, checked to be a family MegaSora can load."""
-    root = Path(path)
-    file = root / CONFIG_FILE
-    if not file.is_file() or not ((root / WEIGHTS_FILE).is_file() or (root / INDEX_FILE).is_file()):
-        raise PretrainedError(f"{root} is not a diffusers transformer directory (it needs {CONFIG_FILE} and "
-                              f"{WEIGHTS_FILE} or {INDEX_FILE})",
-                              "pass the model's transformer/ directory, e.g. Wan2.1-T2V-1.3B-Diffusers/transformer")
-    config = json.loads(file.read_text())
-    name = config.get("_class_name")
-    if name not in SUPPORTED:
-        raise PretrainedError(f"{root} holds a {name}, which MegaSora cannot load",
-                              f"MegaSora loads {', '.join(f'{k} (model.family={v})' for k, v in SUPPORTED.items())}")
-    if config.get("image_dim") or config.get("added_kv_proj_dim") or config.get("pos_embed_seq_len"):
-        raise PretrainedError(f"{root} is a Wan image-to-video transformer (image_dim / added_kv_proj_dim set), "
-                              "which MegaSora cannot load", "use a Wan 2.1 text-to-video transformer")
-    if config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
-        raise PretrainedError(f"{root}: qk_norm={config.get('qk_norm')!r} is not supported",
-                              "use a Wan 2.1 T2V transformer (qk_norm rms_norm_across_heads)")
-    if (config.get("out_channels") or config["in_channels"]) != config["in_channels"]:
-        raise PretrainedError(f"{root}: out_channels != in_channels is not supported",
-                              "use a Wan 2.1 T2V transformer")
-    return config
+    """config.json of a diffusers transformer directory MegaSora can load (config.read_pretrained_config)."""
+    return read_pretrained_config(path)
 
 
-def model_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """ModelConfig keys (and text.dim) a diffusers Wan config sets."""
-    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
-    return {"family": "wan", "hidden": heads * head_dim, "heads": heads, "depth": config["num_layers"],
-            "in_channels": config["in_channels"], "patch": list(config["patch_size"]),
-            "ffn_dim": config["ffn_dim"], "freq_dim": config["freq_dim"], "norm_eps": config["eps"],
-            "cross_attn_norm": config["cross_attn_norm"], "rope_layout": "wan", "text.dim": config["text_dim"]}
-
-
-def apply_pretrained(cfg: Config) -> None:
-    """Set the model's shape from model.pretrained's config.json, in place.
-
-    A key left at its default takes the checkpoint's value; one set to something else is an error
-    naming both, so a run never silently trains a different shape than it asked for.
-    """
-    if not cfg.model.pretrained:
-        return
-    settings = model_settings(read_config(cfg.model.pretrained))
-    model_defaults, text_defaults = ModelConfig(), TextConfig()
-    for key, value in settings.items():
-        section, default, name = ((cfg.text, text_defaults.dim, "dim") if key == "text.dim"
-                                  else (cfg.model, getattr(model_defaults, key), key))
-        current = getattr(section, name)
-        if current != value and current != default:
-            full = key if key.startswith("text.") else f"model.{key}"
-            raise ConfigError(f"{full}={current} conflicts with model.pretrained={cfg.model.pretrained}, "
-                              f"whose config has {value}; drop {full} (it comes from the checkpoint) or set it "
-                              f"to {value}")
-        setattr(section, name, value)
-
-
-def wan_arch_from_config(config: Mapping[str, Any]) -> WanArch:
-    s = model_settings(config)
+def wan_arch_from_config(config: dict[str, Any]) -> WanArch:
+    s = {key.split(".")[-1]: value for key, value in pretrained_settings(config).items()}
+    pt, ph, pw = s["patch"]
     return WanArch(in_channels=s["in_channels"], hidden=s["hidden"], depth=s["depth"], heads=s["heads"],
-                   text_dim=s["text.dim"], patch=tuple(s["patch"]), mlp_ratio=s["ffn_dim"] / s["hidden"],
+                   text_dim=s["dim"], patch=(pt, ph, pw), mlp_ratio=s["ffn_dim"] / s["hidden"],
                    ffn_dim=s["ffn_dim"], freq_dim=s["freq_dim"], eps=s["norm_eps"],
                    cross_attn_norm=s["cross_attn_norm"])
 
@@ -280,7 +227,7 @@ def write_diffusers(path: str | Path, state: Mapping[str, torch.Tensor], arch: W
     return out
 
 
-def check_shapes(arch: WanArch, config: Mapping[str, Any], path: str | Path) -> None:
+def check_shapes(arch: WanArch, path: str | Path) -> None:
     """The checkpoint's tensors have the shapes its config (and so the model) says; one line if not."""
     with torch.device("meta"):
         expected = {name: tuple(p.shape) for name, p in WanModel(arch).named_parameters()}
@@ -306,14 +253,13 @@ def read_pretrained(local: nn.Module, arch: WanArch, path: str | Path, tp_rank: 
 
     Parameters come one at a time, so the caller can hand each to ZeRO-3 before the next is read.
     """
-    config = read_config(path)
-    if wan_arch_from_config(config) != replace(arch, mlp_ratio=arch.ffn_width / arch.hidden):
-        raise PretrainedError(f"{path}: its config.json describes {wan_arch_from_config(config)}, the run's model "
-                              f"is {arch}", "let model.pretrained set the model's shape (apply_pretrained)")
-    check_shapes(arch, config, path)
+    read_config(path)
+    check_shapes(arch, path)  # the run's shapes (config.apply_pretrained set them from the same config.json)
     files = weight_files(path)
     to_source = {dst: (src, transform) for src, dst, transform in name_pairs(arch)}
     for name, param in local.named_parameters():
+        if not param.is_meta:  # made real after the meta build (LoRA adapters): not in the checkpoint
+            continue
         src, transform = to_source[name]
         with safe_open(files[src], framework="pt") as f:
             yield name, _read_part(f.get_slice(src), param, transform, arch, tp_rank).to(param.dtype)
