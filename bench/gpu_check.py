@@ -330,7 +330,8 @@ def memory_case(sizes: Sizes, work: Path) -> str:
     cfg = xl_config(sizes, sizes.speed_grids[0], (f"train.precision={sizes.precision}", "train.zero_stage=2",
                                                   "train.ema_decay=0.99", "train.steps=2", f"run.dir={work}"))
     work_, micro = workload_from_config(cfg)
-    predicted = memory_breakdown(work_, layout_from_config(cfg, 1, micro), allowance=False)
+    predicted = memory_breakdown(work_, layout_from_config(cfg, 1, micro), allowance=False,
+                                 overlap_comm=sizes.device == "cuda")  # train/engine.py overlaps on CUDA
     if sizes.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -92,6 +92,8 @@ def cases(f: dict[str, Path]) -> list[Case]:
         Case("missing shards dir", [*train, "--set", "data.kind=shards", "--set", "data.shards=/nonexistent/x"],
              "data", "is not a directory"),
         Case("unknown optimizer", [*train, "--set", "train.optimizer=lion"], "config", "train.optimizer='lion'"),
+        Case("attention kernel the device cannot run", [*train, "--set", "model.attention_kernel=cudnn"], "attention",
+             "attention kernel cudnn cannot run on cpu; it runs cpu_flash, reference"),
         Case("GPU optimizer on CPU", [*train, "--set", "train.optimizer=fused_adam"], "config",
              "no CUDA device"),
         Case("cpu_adam without offload", [*train, "--set", "train.optimizer=cpu_adam"], "config",

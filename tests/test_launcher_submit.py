@@ -77,8 +77,8 @@ def test_model_dependent_layout_errors_surface_at_submit_time() -> None:
     cfg = load_config(TINY, ["model.heads=2", "parallel.tp=2", "parallel.ulysses=2"])
     with pytest.raises(SubmitError, match=r"model.heads=2 is not divisible by parallel.tp\*parallel.ulysses"):
         check_layout(spec(nodes=2), cfg)
-    cfg = load_config(TINY, ["parallel.ring=2", "train.zero_stage=3"])
-    with pytest.raises(SubmitError, match="train.zero_stage=3 with sequence parallelism"):
+    cfg = load_config(TINY, ["model.heads=2", "parallel.ulysses=4"])
+    with pytest.raises(SubmitError, match=r"model.heads=2 is not divisible by parallel.tp\*parallel.ulysses = 1\*4"):
         check_layout(spec(nodes=2), cfg)
 
 

@@ -55,20 +55,22 @@ def test_error_messages_name_the_key_and_the_fix():
         _check(zero_stage=0, offload="cpu")
 
 
-def test_pipeline_deeper_than_model_and_zero3_with_sp_rejected():
+def test_pipeline_deeper_than_model_and_zero3_with_pp_rejected():
     with pytest.raises(LayoutError, match=r"parallel\.pp=3 exceeds model\.depth=2"):
         _check(world=3, pp=3)
-    with pytest.raises(LayoutError, match=r"train\.zero_stage=3 with sequence parallelism \(parallel\.ulysses=1 \* "
-                                          r"parallel\.ring=2"):
-        _check(zero_stage=3, ring=2)
+    # The one ZeRO-3 layout the engine cannot shard: pipeline stages (one line, the limit and the fix).
+    with pytest.raises(LayoutError, match=r"train\.zero_stage=3 with parallel\.pp=2: pipeline stages support ZeRO "
+                                          r"stage 1 or 2 .*; set train\.zero_stage=1 or 2"):
+        _check(zero_stage=3, pp=2)
     _check(zero_stage=2, ring=2)
     _check(zero_stage=3, tp=2)
+    _check(zero_stage=3, ring=2, ulysses=2, tp=2)  # partitioned over dp x sp (tests/test_zero3_sp.py)
 
 
 def test_config_loading_checks_what_needs_no_world_and_launch_checks_the_rest():
     """Loading runs check_layout without a world size; the trainer's and submit's check adds it."""
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["parallel.ring=2", "train.zero_stage=3"])  # loads
-    with pytest.raises(LayoutError, match="train.zero_stage=3 with sequence parallelism"):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["parallel.ring=2", "parallel.ulysses=2"])  # loads
+    with pytest.raises(LayoutError, match=r"world size 2 is not divisible by .* = 4"):
         validate_config_layout(cfg, 2)
     assert validate_config_layout(load_config(REPO / "configs" / "tiny.yaml", ["parallel.ring=2"]), 4) == \
         ParallelLayout(dp=2, ring=2)

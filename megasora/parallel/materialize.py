@@ -29,9 +29,10 @@ other stages' blocks? Every fresh run's initial weights would change, so recipes
 recorded on today's (docs/prompt_following.md) would no longer reproduce; replaying the
 draws saves the memory, which is what stops a large model from starting.
 
-ZeRO-3: DeepSpeed partitions the parameters it is given over dp x sp when the engine is
-built, so before that a rank holds its tp / pp shard, never the whole model; materialising
-only the ZeRO-3 partition (deepspeed.zero.Init) would lower that peak further.
+ZeRO-3: `partition` (train/engine.py zero3_partitioner: DeepSpeed's zero.Init over dp x sp)
+takes each parameter as soon as its final value is drawn and keeps only this rank's ZeRO-3
+partition, so a rank never holds even its whole tp shard: peak = 1/(dp*sp) of the shard plus
+one full-size module and that module's tp part (plan/memory.py: startup_host_bytes).
 """
 from __future__ import annotations
 
@@ -140,9 +141,19 @@ def local_part(full: torch.Tensor, param: torch.Tensor, tp_rank: int) -> torch.T
     return full.clone(memory_format=torch.contiguous_format)
 
 
-def adopt(local: nn.Module, values: dict[str, torch.Tensor]) -> None:
-    """Replace each meta parameter of `local` by a real one holding values[name], keeping what
-    parallelize() attached to it: attributes (tp marks) and gradient hooks (the tp sums)."""
+def real_parameter(meta: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
+    """A real parameter holding `value` in place of the meta one, keeping what parallelize()
+    attached to it: attributes (tp marks) and gradient hooks (the tp sums)."""
+    new = nn.Parameter(value, requires_grad=meta.requires_grad)
+    new.__dict__.update(meta.__dict__)
+    for hook in (meta._backward_hooks or {}).values():
+        new.register_hook(hook)
+    return new
+
+
+def adopt(local: nn.Module, values: dict[str, nn.Parameter]) -> None:
+    """Replace each meta parameter of `local` by values[name] (from real_parameter), shared
+    parameters by the same one."""
     done: dict[int, nn.Parameter] = {}
     for module_name, module in local.named_modules():
         for name, old in list(module._parameters.items()):
@@ -154,21 +165,21 @@ def adopt(local: nn.Module, values: dict[str, torch.Tensor]) -> None:
                 full_name = f"{module_name}.{name}" if module_name else name
                 if full_name not in values:
                     raise KeyError(f"{full_name}: no step of the DiT's init sets it")
-                new = nn.Parameter(values.pop(full_name), requires_grad=old.requires_grad)
-                new.__dict__.update(old.__dict__)
-                for hook in (old._backward_hooks or {}).values():
-                    new.register_hook(hook)
-                done[id(old)] = new
+                done[id(old)] = values.pop(full_name)
             module._parameters[name] = done[id(old)]
     left = [name for name, tensor in [*local.named_parameters(), *local.named_buffers()] if tensor.is_meta]
     if left:
         raise RuntimeError(f"still on the meta device after materialize: {left}")
 
 
-def materialize(local: nn.Module, build: Callable[[], DiT], tp_rank: int) -> None:
+def materialize(local: nn.Module, build: Callable[[], DiT], tp_rank: int,
+                partition: Callable[[nn.Parameter], None] | None = None) -> None:
     """Give `local` — `build()` made on the meta device, parallelized, possibly one pipeline
     stage — this rank's part of the values `torch.manual_seed(s); build()` gives the whole model
-    (call it right after seeding). Peak: `local`'s parameters plus one full-size module."""
+    (call it right after seeding). Peak: `local`'s parameters plus one full-size module; with
+    `partition` (ZeRO-3), each parameter is handed to it as soon as it is final, so only its
+    partitions accumulate. `partition` must be collective-safe: every rank of its group
+    reaches the same parameters in the same order (the init's order)."""
     steps = init_steps(*build_on_meta(build))
     final = {name: index for index, step in enumerate(steps) for name in step.names}  # the write that stays
     held = dict(local.named_parameters())
@@ -179,5 +190,7 @@ def materialize(local: nn.Module, build: Callable[[], DiT], tp_rank: int) -> Non
         step.draw(tensors)  # also when nothing is kept: the next steps need the RNG state it leaves
         for name, value in zip(step.names, tensors):
             if name in held and final[name] == index:
-                values[name] = local_part(value, held[name], tp_rank)
+                values[name] = real_parameter(held[name], local_part(value, held[name], tp_rank))
+                if partition is not None:
+                    partition(values[name])
     adopt(local, values)

@@ -23,8 +23,11 @@ Z = dp*sp ranks (DeepSpeed reduces gradients over dp x sp; mesh.py `dpsp`):
     optimizer   fp32 master copy 4Psi/Z (ZeRO 1-3: DeepSpeed clones its partition even in fp32;
                 ZeRO 0 + bf16: 4Psi) and Adam m, v 8Psi/Z (8Psi at ZeRO 0).
     ZeRO 1/2:   one gradient reduce bucket of 5e8 elements (DeepSpeed's reduce_bucket_size) in the
-                gradient dtype; ZeRO 3: two (overlap_comm) plus the gathered weights of the block
-                in use and the one prefetched.
+                gradient dtype, two with overlap_comm (on CUDA); ZeRO 3: two (overlap_comm) plus the
+                gathered weights of the block in use and the one prefetched.
+    reduction:  a bf16 model reducing in fp32 (train.grad_reduce_dtype) copies the bucket being
+                reduced to fp32, min(Psi, 5e8) x 4 bytes: during backward with overlap_comm, after
+                it otherwise (reduce_transient_bytes).
     EMA:        fp32, 4Psi/Z: each rank keeps its part of every parameter's even split over dp x sp
                 (train/ema.py; under ZeRO-3 its own weight partition, nothing gathered).
 
@@ -66,6 +69,7 @@ class MemoryBreakdown:
     transient: float          # the peak's working set: one block's recompute / backward grads / sp buffers
     allowance: float          # stated: fragmentation share + fixed workspaces (0 on CPU)
     save_transient: float = 0.0  # a checkpoint save's bytes beyond the model state (module docstring)
+    reduce_transient: float = 0.0  # the fp32 copy of the bucket being reduced (bf16 model, fp32 reduction)
 
     @property
     def live_bytes(self) -> float:
@@ -79,8 +83,14 @@ class MemoryBreakdown:
         return self.weights + self.grads + self.optimizer + self.ema + self.zero_buffers + self.save_transient
 
     @property
+    def reduce_peak_bytes(self) -> float:
+        """Live bytes while a gradient bucket is reduced after backward (overlap_comm off): the model
+        state and the bucket's fp32 copy. With overlap_comm the copy is in `transient` instead."""
+        return self.weights + self.grads + self.optimizer + self.ema + self.zero_buffers + self.reduce_transient
+
+    @property
     def total_bytes(self) -> float:
-        return max(self.live_bytes, self.save_peak_bytes) + self.allowance
+        return max(self.live_bytes, self.save_peak_bytes, self.reduce_peak_bytes) + self.allowance
 
     def terms(self) -> dict[str, float]:
         return asdict(self)
@@ -134,11 +144,13 @@ def stage_params(work: Workload, layout: Layout, stage: int) -> int:
 # ------------------------------------------------------------------ model state
 
 
-def model_state(work: Workload, layout: Layout, params: int) -> dict[str, float]:
+def model_state(work: Workload, layout: Layout, params: int, overlap_comm: bool = False) -> dict[str, float]:
     """weights / grads / optimizer / ema / zero_buffers for `params` parameters on this rank.
 
     Gradients are in the model dtype (DeepSpeed's grad_accum_dtype defaults to it, so a bf16 run
-    takes the ordinary ZeRO optimizer at stages 1/2, not the BF16_Optimizer)."""
+    takes the ordinary ZeRO optimizer at stages 1/2, not the BF16_Optimizer). With overlap_comm
+    (train/engine.py: on CUDA) ZeRO 1/2 keep a second reduce bucket, filled while the first is
+    reduced (stage_1_and_2.py setup_buckets)."""
     z, stage = layout.dp * layout.sp, layout.zero_stage
     w = 2 if work.bf16 else FP32
     weights = params * w / (z if stage == 3 else 1)
@@ -150,11 +162,20 @@ def model_state(work: Workload, layout: Layout, params: int) -> dict[str, float]
     ema = params * FP32 / z if work.ema else 0.0
     buffers = 0.0
     if stage in (1, 2):
-        buffers = REDUCE_BUCKET_ELEMENTS * w
+        buffers = REDUCE_BUCKET_ELEMENTS * w * (2 if overlap_comm else 1)
     elif stage == 3:
         gathered = 2 * block_params(work, layout.tp) * w
         buffers = 2 * REDUCE_BUCKET_ELEMENTS * w + gathered
     return {"weights": weights, "grads": grads, "optimizer": master + adam, "ema": ema, "zero_buffers": buffers}
+
+
+def reduce_transient_bytes(work: Workload, params: int) -> float:
+    """The fp32 copy DeepSpeed makes of the gradients it reduces when the model is bf16 and
+    train.grad_reduce_dtype is fp32 (stage_1_and_2.py / stage3.py / engine.py: `.to(
+    communication_data_type)`): at most one bucket at a time, so min(params, bucket) elements."""
+    if not work.bf16 or work.grad_reduce_bytes == 2:
+        return 0.0
+    return min(params, REDUCE_BUCKET_ELEMENTS) * work.grad_reduce_bytes
 
 
 def startup_host_bytes(work: Workload, layout: Layout) -> float:
@@ -331,16 +352,25 @@ def peak_candidate_stages(counts: tuple[int, ...]) -> list[int]:
     return sorted({0, pp - 1} | firsts | {min(s + 1, pp - 1) for s in firsts})
 
 
-def memory_breakdown(work: Workload, layout: Layout, allowance: bool = True) -> MemoryBreakdown:
-    """Peak bytes per GPU; with pp > 1 the stage with the largest total."""
+def memory_breakdown(work: Workload, layout: Layout, allowance: bool = True,
+                     overlap_comm: bool | None = None) -> MemoryBreakdown:
+    """Peak bytes per GPU; with pp > 1 the stage with the largest total. `overlap_comm` (DeepSpeed
+    reduces during backward, as train/engine.py configures on CUDA) defaults to `allowance`, i.e.
+    on for a GPU and off for a CPU run's exact count; with it the reduction's fp32 copy coincides
+    with backward's working set, without it it comes after (MemoryBreakdown.reduce_peak_bytes)."""
+    overlap = allowance if overlap_comm is None else overlap_comm
     terms = _StageTerms(work, layout)
     best = None
     for stage in peak_candidate_stages(terms.counts):
-        state = model_state(work, layout, stage_params(work, layout, stage))
+        params = stage_params(work, layout, stage)
+        state = model_state(work, layout, params, overlap)
         act, transient = terms.activations(stage)
+        reduce = reduce_transient_bytes(work, params)
+        transient += reduce if overlap else 0.0
         live = sum(state.values()) + act + transient
         extra = ALLOWANCE_FRACTION * live + ALLOWANCE_FIXED_BYTES if allowance else 0.0
-        candidate = MemoryBreakdown(activations=act, transient=transient, allowance=extra, **state)
+        candidate = MemoryBreakdown(activations=act, transient=transient, allowance=extra,
+                                    reduce_transient=0.0 if overlap else reduce, **state)
         if best is None or candidate.total_bytes > best.total_bytes:
             best = candidate
     assert best is not None

@@ -21,7 +21,8 @@ step of the ring, for twice the bytes (measured: bench/bench_grad_reduce.py, doc
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -37,6 +38,8 @@ def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) ->
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage > 0:  # ZeRO-0 has no reduction to overlap
         zero["overlap_comm"] = overlap_comm()
+    if t.zero_stage == 3:  # the path zero3_partitioner's sequence-parallel gradient scaling is written for
+        zero["reduce_scatter"] = True
     if t.offload_optimizer == "cpu":  # ZeRO-Offload: fp32 master weights + Adam state live on the host
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
@@ -114,7 +117,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     for name, p in model.named_parameters():
         if not p.requires_grad:  # frozen: the base model under LoRA (parallel/lora.py)
             continue
-        (no_decay if p.ndim < 2 or "null_embedding" in name else decay).append(p)
+        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 parameter's own tensor is empty (zero3_partitioner)
+        (no_decay if len(shape) < 2 or "null_embedding" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [group for group in groups if group["params"]]  # LoRA's adapters are all matrices: no no_decay
     betas = (t.betas[0], t.betas[1])
@@ -130,6 +134,41 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         return apex_adam(groups, lr=t.lr, betas=betas, eps=EPS, adam_w_mode=True)
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=t.lr, betas=betas, eps=EPS, fused=on_cuda or None)
+
+
+def zero3_partitioner(cfg: Config, mpu: Any) -> Callable[[nn.Parameter], None]:
+    """ZeRO-3 at initialisation: a function that turns one parameter into DeepSpeed's ZeRO-3
+    parameter holding only this rank's partition over dp x sp (`mpu`'s sequence-data-parallel
+    group), for parallel/materialize.py to call as each value is drawn.
+
+    Why not let the engine partition: DeepSpeed 0.19 converts a plain module's parameters over
+    mpu.get_data_parallel_group() (dp; runtime/zero/parameter_offload.py) but reduces and
+    partitions their gradients over dp x sp (engine.seq_data_parallel_group), which disagree
+    when sp > 1; and it would need the whole tp shard on the rank first. Parameters converted
+    here keep their group (engine._resolve_zero3_param_placement honours ds_process_group), so
+    weights, gradients and optimizer state are all split over dp x sp; gradients are summed
+    over sp and averaged over dp as under ZeRO-1/2 (stage3.py divides by dp*sp / sp).
+    The parameter is cast to the engine's dtype first, as the engine would cast the module."""
+    import deepspeed  # lazy: DeepSpeed, ~1 s (see load_deepspeed_op)
+    init = deepspeed.zero.Init(data_parallel_group=mpu.get_sequence_data_parallel_group(), mpu=mpu,
+                               config_dict_or_path=deepspeed_config(cfg, mpu.get_data_parallel_world_size()))
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    sp = mpu.get_sequence_parallel_world_size()
+
+    def partition(param: nn.Parameter) -> None:
+        param.data = param.data.to(dtype)
+        if sp > 1:
+            param.register_hook(partial(torch.mul, other=sp))  # see _SP_SUM
+        init._convert_to_zero_parameters([param])  # broadcast over dp x sp (same values), keep 1/(dp*sp)
+    return partition
+
+
+# ZeRO-3 reduce-scatters a gradient over dp x sp and divides by dp*sp (stage3.py __avg_scatter_grads;
+# only its all-reduce path, reduce_scatter=false, divides by dp*sp / sp). A sequence rank's gradient
+# is its chunk's part of the sample's, so the ranks of one sample must be summed, not averaged:
+# each gradient is multiplied by sp before the reduction (exact: a power-of-two sp scales the
+# exponent only). deepspeed_config keeps reduce_scatter on so the two do not both apply.
+_SP_SUM = "ZeRO-3 sums sequence-parallel gradients through a x sp gradient hook"
 
 
 def build_engine(cfg: Config, model: nn.Module, dp_size: int, mpu: Any = None, load_universal: bool = False) -> Any:

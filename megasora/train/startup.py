@@ -21,6 +21,7 @@ from torch import nn
 from megasora.config import Config, save_config
 from megasora.launcher.env import DistEnv
 from megasora.parallel import comm_counter, device_check
+from megasora.parallel.block_attention import Accelerator, choose_kernel
 from megasora.parallel.mesh import ParallelLayout
 from megasora.train import checkpoint
 from megasora.train.distributed import device_for, init_distributed
@@ -60,6 +61,15 @@ class TrainingRun:
 
 # (config, launcher env) -> (this rank's model, not yet on the device; its data-parallel view)
 ModelBuilder = Callable[[Config, DistEnv], tuple[nn.Module, DataParallel]]
+
+
+def check_attention_kernel(cfg: Config, device: Accelerator) -> str:
+    """The attention kernel this run takes on `device` (the GPU's name and capability, so a test
+    can describe one), or one line naming the GPU and the kernels it runs. Called before any
+    process group exists: a kernel the GPU cannot run would otherwise fail at the first forward,
+    after start-up (and every rank's model init) had been paid for."""
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    return choose_kernel(cfg.model.attention_kernel, device, dtype)
 
 
 def layout_record(cfg: Config, layout: ParallelLayout, world_size: int) -> dict[str, int]:

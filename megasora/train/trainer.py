@@ -19,13 +19,15 @@ from megasora.launcher.env import DistEnv, discover
 from megasora.models import DiT, build_dit
 from megasora.parallel import MeshMPU, init_parallel
 from megasora.parallel.activation_checkpointing import apply_activation_checkpointing
+from megasora.parallel.block_attention import Accelerator
 from megasora.parallel.materialize import materialize
 from megasora.parallel.mesh import validate_config_layout
-from megasora.train.engine import check_optimizer
+from megasora.train.distributed import device_for
+from megasora.train.engine import check_optimizer, zero3_partitioner
 from megasora.train.loop import TrainingLoop, TrainResult
 from megasora.train.objective import FlowMatchingObjective
 from megasora.train.pipeline_loop import PipelineTrainingLoop, pipeline_stage
-from megasora.train.startup import DataParallel, training_run
+from megasora.train.startup import DataParallel, check_attention_kernel, training_run
 from megasora.train.throughput import DiTWork
 
 log = logging.getLogger("megasora")
@@ -47,7 +49,8 @@ def build_parallel_dit(cfg: Config, env: DistEnv) -> tuple[nn.Module, DataParall
         model = build_dit(cfg)
     parallel = setup_parallel(cfg, model, env.world_size)
     local = pipeline_stage(cfg, model, parallel.mpu.mesh) if cfg.parallel.pp > 1 else model
-    materialize(local, partial(build_dit, cfg), parallel.mpu.mesh.rank_in("tp"))
+    partition = zero3_partitioner(cfg, parallel.mpu) if cfg.train.zero_stage == 3 else None
+    materialize(local, partial(build_dit, cfg), parallel.mpu.mesh.rank_in("tp"), partition)
     return local, parallel
 
 
@@ -55,6 +58,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     layout = validate_config_layout(cfg, discover().world_size)  # fails here, before any process group exists
     check_source(cfg)  # so does a data path that holds nothing
     check_optimizer(cfg)  # and an optimizer this machine cannot run
+    check_attention_kernel(cfg, Accelerator.of(device_for(discover())))  # and an attention kernel its GPU cannot
     with training_run(cfg, layout, resume, build_parallel_dit) as run:
         objective = FlowMatchingObjective(cfg)
         loop_type = PipelineTrainingLoop if cfg.parallel.pp > 1 else TrainingLoop
