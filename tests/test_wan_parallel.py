@@ -16,13 +16,19 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
+from megasora.models.flops import attended_text_tokens, dit_forward_flops, dit_train_flops
 from megasora.models.wan import WanArch, WanModel
 from megasora.parallel.activation_checkpointing import apply_activation_checkpointing, checkpointing_summary
 from megasora.parallel.mesh import Mesh, ParallelLayout, build_mesh
 from megasora.parallel.parallelize import parallelize
 from megasora.parallel.pipeline import build_stage, gather_stages
 from megasora.parallel.tensor import TensorParallelRMSNorm, is_tensor_parallel, tp_partition_dims
+from megasora.plan.communication import stage_params as plan_stage_params
+from megasora.plan.memory import total_params
+from megasora.plan.workload import Workload
 from megasora.train.checkpoint import read_model_weights
 
 from launch_utils import read_losses
@@ -167,7 +173,8 @@ def _layout_worker(rank: int, world: int, names: list[str]) -> dict:
             out = model(latents, t, text, mask, DROP)
             (out * dout).sum().backward()
             out = out.detach()
-        results[name] = {"out": out, "grads": _whole_grads(model, mesh), "ac": checkpointing_summary(model)}
+        results[name] = {"out": out, "grads": _whole_grads(model, mesh), "ac": checkpointing_summary(model),
+                         "numel": sum(p.numel() for p in model.parameters()), "pp_rank": mesh.rank_in("pp")}
         dist.barrier()
     return {"ref": (ref_out, ref_grads), **results}
 
@@ -254,3 +261,47 @@ def test_wan_resume_resharded_equals_uninterrupted(wan_runs, resumed, uninterrup
     for name, tensor in want.items():  # Adam turns rounding-level gradient differences into ~lr-sized steps
         err = (have[name] - tensor).abs().max().item()
         assert err <= 1e-4, f"{name} differs by {err:.2e}"
+
+
+# ---------------------------------------------------------------- the planner's Wan terms
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2xulysses2"])
+def test_planner_parameters_per_rank_equal_the_parallel_model(layout_runs, layout):
+    degrees = LAYOUTS[layout][1]
+    planned = ParallelLayout(**degrees, dp=LAYOUTS[layout][0] // math.prod(degrees.values()))
+    for result in layout_runs[layout]["ranks"]:
+        counts = plan_stage_params(ARCH, planned, result["pp_rank"])
+        assert counts["matrix"] + counts["vector"] == result["numel"], layout
+
+
+@pytest.mark.parametrize("name, hidden, heads, ffn, depth, published", [
+    ("1.3B", 1536, 12, 8960, 30, 1_418_996_800), ("14B", 5120, 40, 13824, 40, 14_288_491_584)])
+def test_planner_parameters_equal_wan_and_diffusers(name, hidden, heads, ffn, depth, published):
+    """Wan 2.1 T2V's published sizes (diffusers' WanTransformer3DModel with the released configs) = the
+    planner's count = MegaSora's model, all built on the meta device."""
+    from diffusers import WanTransformer3DModel
+    arch = WanArch(in_channels=16, hidden=hidden, depth=depth, heads=heads, text_dim=4096, mlp_ratio=ffn / hidden,
+                   ffn_dim=ffn)
+    work = Workload(arch=arch, tokens=1, text_tokens=arch.text_len, bf16=True, ema=False, samples_per_rank=1)
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in WanModel(arch).parameters())
+        theirs = sum(p.numel() for p in WanTransformer3DModel(
+            num_attention_heads=heads, attention_head_dim=hidden // heads, ffn_dim=ffn, num_layers=depth,
+            text_dim=4096).parameters())
+    assert total_params(work) == ours == theirs == published
+
+
+def test_wan_flops_match_flop_counter():
+    """Forward and forward + backward FLOPs of the tiny Wan model against torch's counter (2%: the
+    counter also sees the input gradients nobody needs and the table / norm arithmetic it skips)."""
+    model = _wan()
+    latents, t, text, mask, _ = _wan_inputs()
+    tokens = FRAMES * (SIDE // 2) ** 2
+    for backward, flops in ((False, dit_forward_flops), (True, dit_train_flops)):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            out = model(latents, t, text, mask)
+            if backward:
+                out.square().mean().backward()
+        expected = B * flops(ARCH, tokens, attended_text_tokens(ARCH, TEXT))
+        assert counter.get_total_flops() == pytest.approx(expected, rel=0.02), backward

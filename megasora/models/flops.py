@@ -14,15 +14,28 @@ from __future__ import annotations
 import math
 
 from megasora.models.dit import DiTArch
+from megasora.models.wan import MODULATIONS, WanArch
 
 TIMESTEP_FREQ_DIM = 256  # models/embeddings.py TimestepEmbedder's sinusoidal width
+
+
+def attended_text_tokens(arch: DiTArch, caption_tokens: int) -> int:
+    """Text tokens cross-attention runs over: the caption's, or Wan's whole zero-padded text_len context."""
+    return arch.text_len if isinstance(arch, WanArch) else caption_tokens
+
+
+def ffn_width(arch: DiTArch) -> int:
+    """The MLP's hidden width: hidden * mlp_ratio, or the Wan family's ffn_dim."""
+    return arch.ffn_width if isinstance(arch, WanArch) else int(arch.hidden * arch.mlp_ratio)
 
 
 def block_forward_flops(arch: DiTArch, tokens: int, text_tokens: int) -> dict[str, float]:
     """One block's forward FLOPs for one sample, split into `self_attention` (QK^T and AV of the
     spacetime attention: what selective checkpointing keeps) and `rest`."""
     d, n, l = arch.hidden, tokens, text_tokens
-    mlp = int(d * arch.mlp_ratio)
+    mlp = ffn_width(arch)
+    # adaLN modulation (per-sample conditioning); a Wan block adds its table to the shared projection
+    adaln = 0 if isinstance(arch, WanArch) else 2 * d * 6 * d
     self_attention = 2 * 2 * n * n * d      # scores QK^T and weighted sum AV
     rest = (
         2 * n * 4 * d * d                   # self-attention q, k, v, out projections
@@ -30,15 +43,26 @@ def block_forward_flops(arch: DiTArch, tokens: int, text_tokens: int) -> dict[st
         + 2 * l * 2 * d * d                 # cross-attention k, v projections on text tokens
         + 2 * 2 * n * l * d                 # cross-attention scores and weighted sum
         + 2 * n * 2 * d * mlp               # MLP fc1 + fc2
-        + 2 * d * 6 * d                     # adaLN modulation (per-sample conditioning)
+        + adaln
     )
     return {"self_attention": float(self_attention), "rest": float(rest)}
 
 
 def embed_forward_flops(arch: DiTArch, tokens: int, text_tokens: int) -> float:
-    """Everything outside the blocks: patch embedding, timestep MLP, caption projection(s), final layer."""
+    """Everything outside the blocks: patch embedding, timestep MLP, caption projection(s), final layer.
+
+    Wan: its own sinusoid width (freq_dim), the shared 6D time projection once per sample, no
+    pooled caption, and an output head without a modulation linear (table + time embedding)."""
     d, n, l = arch.hidden, tokens, text_tokens
     patch_in = arch.in_channels * math.prod(arch.patch)
+    if isinstance(arch, WanArch):
+        return float(
+            2 * n * patch_in * d                        # patch embedding (Conv3d = a linear per patch)
+            + 2 * (arch.freq_dim * d + d * d)           # timestep MLP (per sample)
+            + 2 * d * MODULATIONS * d                   # shared time projection (per sample)
+            + 2 * l * (arch.text_dim * d + d * d)       # caption projection over text_len tokens
+            + 2 * n * d * patch_in                      # proj_out
+        )
     return float(
         2 * n * patch_in * d                            # patch embedding
         + 2 * (TIMESTEP_FREQ_DIM * d + d * d)           # timestep MLP (per sample)

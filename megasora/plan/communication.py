@@ -47,7 +47,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from megasora.models.dit import DiTArch
-from megasora.models.flops import TIMESTEP_FREQ_DIM
+from megasora.models.flops import TIMESTEP_FREQ_DIM, ffn_width
+from megasora.models.wan import MODULATIONS, WanArch
 from megasora.parallel.activation_checkpointing import checkpointed_blocks
 from megasora.parallel.mesh import ParallelLayout, axis_name
 from megasora.plan.workload import Layout, Workload
@@ -110,6 +111,8 @@ def dit_param_counts(arch: DiTArch, tp: int = 1) -> dict[str, dict[str, int]]:
     row-parallel biases, everything outside the blocks but the final adaLN), whose gradients
     tp sums. adaLN is column-parallel like q/k/v (parallel/tensor.py: ModulationLinear).
     """
+    if isinstance(arch, WanArch):
+        return wan_param_counts(arch, tp)
     d, h, text_dim = arch.hidden, arch.heads, arch.text_dim
     mlp = int(d * arch.mlp_ratio)
     patch_in = arch.in_channels * math.prod(arch.patch)
@@ -129,6 +132,30 @@ def dit_param_counts(arch: DiTArch, tp: int = 1) -> dict[str, dict[str, int]]:
             "final": final}
 
 
+def wan_param_counts(arch: WanArch, tp: int = 1) -> dict[str, dict[str, int]]:
+    """dit_param_counts of the Wan family (models/wan.py; diffusers' WanTransformer3DModel).
+
+    A block has no adaLN linear: a (1, 6, D) table (a matrix for weight decay: 3 dims), replicated.
+    Its qk-norms are (D,) weights over all heads, split over tp with the q/k columns
+    (parallel/tensor.py TensorParallelRMSNorm); the cross-attention's affine LayerNorm is replicated.
+    The embeddings hold the shared 6D time projection; the output head a (1, 2, D) table and proj_out.
+    """
+    d, f, text_dim = arch.hidden, arch.ffn_width, arch.text_dim
+    patch_in = arch.in_channels * math.prod(arch.patch)
+    sharded_matrix = 2 * 4 * d * d + 2 * d * f       # q, k, v, out of both attentions; fc1, fc2
+    sharded_vector = 2 * 3 * d + f + 2 * 2 * d       # q, k, v biases; fc1 bias; q/k norms of both attentions
+    replicated_vector = 2 * d + d + 2 * d * arch.cross_attn_norm  # out biases, fc2 bias, cross LayerNorm
+    table = MODULATIONS * d
+    block = {"matrix": sharded_matrix // tp + table, "vector": sharded_vector // tp + replicated_vector,
+             "replicated": replicated_vector + table}
+    embed_matrix = patch_in * d + arch.freq_dim * d + d * d + d * MODULATIONS * d + text_dim * d + d * d
+    embed_vector = d + 2 * d + MODULATIONS * d + 2 * d  # biases: patch, time MLP, time projection, caption
+    final_matrix = d * patch_in + 2 * d
+    return {"block": block,
+            "embed": {"matrix": embed_matrix, "vector": embed_vector, "replicated": embed_matrix + embed_vector},
+            "final": {"matrix": final_matrix, "vector": patch_in, "replicated": final_matrix + patch_in}}
+
+
 def stage_params(arch: DiTArch, layout: ParallelLayout, stage: int,
                  boundaries: Sequence[int] = ()) -> dict[str, int]:
     """Local parameters of pipeline stage `stage` on one rank: {"matrix", "vector", "replicated"}, and
@@ -137,7 +164,7 @@ def stage_params(arch: DiTArch, layout: ParallelLayout, stage: int,
     blocks = stage_block_counts(arch.depth, layout.pp, list(boundaries) or None)[stage]
     pieces = [("block", blocks), ("embed", int(stage == 0)), ("final", int(stage == layout.pp - 1))]
     out = {key: sum(counts[piece][key] * k for piece, k in pieces) for key in ("matrix", "vector", "replicated")}
-    mlp = int(arch.hidden * arch.mlp_ratio)
+    mlp = ffn_width(arch)
     out["largest_matrix"] = max(arch.hidden * 6 * arch.hidden // layout.tp, arch.hidden * mlp // layout.tp,
                                 arch.text_dim * arch.hidden)
     return out
@@ -188,8 +215,9 @@ def comm_volume(work: Workload, layout: Layout, *, stage: int = 0, pp_boundaries
     tally = _Tally(layout)
 
     cond = 1 if not per_token_timesteps else n // shards  # adaLN input tokens per rank
+    wan = isinstance(work.arch, WanArch)
     # Per micro-batch, per block: what its forward (f) and backward (b) pass exchange.
-    per_mb = _block_traffic(layout, b, n, d, act, cond)
+    per_mb = _block_traffic(layout, b, n, d, act, cond, wan_text_tokens=work.text_tokens if wan else None)
     for kind_key, nbytes in per_mb.items():
         axes, kind, when = kind_key
         runs = blocks
@@ -200,7 +228,7 @@ def comm_volume(work: Workload, layout: Layout, *, stage: int = 0, pp_boundaries
     if stage == layout.pp - 1 and shards > 1:  # final layer output gathered over tp x sp for the loss
         patch_out = work.arch.in_channels * math.prod(work.arch.patch)
         tally.add(("tp", "ulysses", "ring"), "all_gather", micro * b * n * patch_out * act)
-    if stage == layout.pp - 1 and layout.tp > 1:  # the final layer's adaLN, forward and backward
+    if stage == layout.pp - 1 and layout.tp > 1 and not wan:  # the final layer's adaLN, forward and backward
         for (kind, _), nbytes in _modulation_traffic(layout.tp, b * cond, d, 2 * d, act).items():
             tally.add(("tp",), kind, micro * nbytes)
 
@@ -208,16 +236,20 @@ def comm_volume(work: Workload, layout: Layout, *, stage: int = 0, pp_boundaries
     tally.add(("tp",), "all_reduce", micro * params["replicated"] * act)  # tp hooks sum replicated grads
     _deepspeed_traffic(tally, layout, layout.zero_stage, micro, params, act, work.grad_reduce_bytes)
     if layout.pp > 1:
-        _pipeline_traffic(tally, layout, stage, micro, b, n // shards, cond, work.text_tokens, d, act)
+        cond_rows = cond * (1 + MODULATIONS) if wan else cond  # Wan's cond is (B, c, 7D): 7c rows of D
+        _pipeline_traffic(tally, layout, stage, micro, b, n // shards, cond_rows, work.text_tokens, d, act)
         tally.add(("pp",), "broadcast", LOSS_BYTES)                # the last stage's loss
     tally.add(("dp",), "all_reduce", LOSS_BYTES)                   # logged loss averaged over dp
     return tally.result()
 
 
-def _block_traffic(layout: ParallelLayout, b: int, n: int, d: int, act: int,
-                   cond: int = 1) -> dict[tuple[tuple[str, ...], str, str], float]:
+def _block_traffic(layout: ParallelLayout, b: int, n: int, d: int, act: int, cond: int = 1,
+                   wan_text_tokens: int | None = None) -> dict[tuple[tuple[str, ...], str, str], float]:
     """{(axes, kind, fwd|bwd): bytes} of one block for one micro-batch of b samples of n tokens
-    (`cond`: adaLN input tokens per rank, 1 for per-sample timesteps)."""
+    (`cond`: adaLN input tokens per rank, 1 for per-sample timesteps). A Wan block
+    (`wan_text_tokens` = its text_len) has no adaLN linear; under tp its all-heads qk-norms
+    all-reduce one fp32 sum of squares per row: self q and k, cross q (attention tokens each)
+    and cross k (text tokens), forward and backward (parallel/tensor.py TensorParallelRMSNorm)."""
     out: dict[tuple[tuple[str, ...], str, str], float] = defaultdict(float)
     attn_tokens = n // layout.sp  # tokens a rank's attention chunk holds (tp gathers its residual pieces)
     if layout.tp > 1:
@@ -226,8 +258,12 @@ def _block_traffic(layout: ParallelLayout, b: int, n: int, d: int, act: int,
         for when in ("fwd", "bwd"):
             out[(("tp",), "all_gather", when)] += 3 * chunk
             out[(("tp",), "reduce_scatter", when)] += 3 * chunk
-        for (kind, when), nbytes in _modulation_traffic(layout.tp, b * cond, d, 6 * d, act).items():
-            out[(("tp",), kind, when)] += nbytes
+        if wan_text_tokens is None:
+            for (kind, when), nbytes in _modulation_traffic(layout.tp, b * cond, d, 6 * d, act).items():
+                out[(("tp",), kind, when)] += nbytes
+        else:
+            for when in ("fwd", "bwd"):
+                out[(("tp",), "all_reduce", when)] += b * (3 * attn_tokens + wan_text_tokens) * 4
     heads_width = d // layout.tp  # this rank's heads after tp, times head dim
     if layout.ulysses > 1:
         # q, k, v in and out: 4 all-to-alls of the (B, H, N_ring, Dh) chunk, each way

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from megasora.config import CheckpointingMode, Config, DataConfig, model_parallel_size
 from megasora.models import dit_arch
 from megasora.models.dit import DiTArch
+from megasora.models.flops import attended_text_tokens, ffn_width
+from megasora.models.wan import WanArch
 from megasora.parallel.mesh import ParallelLayout
 
 
@@ -55,7 +57,12 @@ class Workload:
 
     @property
     def mlp_hidden(self) -> int:
-        return int(self.arch.hidden * self.arch.mlp_ratio)
+        return ffn_width(self.arch)
+
+    @property
+    def wan(self) -> bool:
+        """The Wan family (models/wan.py): no adaLN linear per block, fp32 residual arithmetic."""
+        return isinstance(self.arch, WanArch)
 
     @property
     def patch_volume(self) -> int:
@@ -85,7 +92,8 @@ def workload_from_config(cfg: Config, tokens: int | None = None) -> tuple[Worklo
         micro = max(1, budget // tokens) if budget else cfg.train.micro_batch_size
         if budget and cfg.data.max_micro_batch:
             micro = min(micro, cfg.data.max_micro_batch)
-    work = Workload(arch=dit_arch(cfg), tokens=n, text_tokens=cfg.text.max_length,
+    arch = dit_arch(cfg)
+    work = Workload(arch=arch, tokens=n, text_tokens=attended_text_tokens(arch, cfg.text.max_length),
                     bf16=cfg.train.precision == "bf16", ema=cfg.train.ema_decay > 0,
                     samples_per_rank=micro * cfg.train.grad_accum,
                     grad_reduce_bytes=4 if cfg.train.grad_reduce_dtype == "fp32" else 2)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 from megasora.config import Config
 from megasora.models import dit_arch
-from megasora.models.flops import dit_train_flops
+from megasora.models.flops import attended_text_tokens, dit_train_flops
 from megasora.train.objective import FlowMatchingObjective
 from megasora.train.recompute import dit_recompute_flops
 
@@ -39,6 +39,6 @@ class DiTWork:
     def __call__(self, micro_batches: list[dict[str, Any]]) -> StepWork:
         samples = sum(m["latents"].shape[0] for m in micro_batches)
         tokens = sum(self.tokens_per_sample(m) * m["latents"].shape[0] for m in micro_batches)
-        text_len = micro_batches[0]["text_emb"].shape[1]
+        text_len = attended_text_tokens(self.arch, micro_batches[0]["text_emb"].shape[1])
         return StepWork(samples, dit_train_flops(self.arch, tokens // samples, text_len), tokens,
                         dit_recompute_flops(self.arch, tokens // samples, text_len, self.ac_mode, self.ac_every))
