@@ -218,10 +218,27 @@ def block_activation_bytes(work: Workload, layout: Layout) -> float:
     r, a, lt = _regions(work, layout)
     head_sharded = 9 + (1 if layout.sp > 1 else 0)
     elements = 5 * r * d + 3 * a * d + head_sharded * a * d / t + 2 * a * m / t + 3 * lt * d / t
+    if work.wan:
+        return _wan_block_activation_bytes(work, layout, elements)
     # adaLN (per sample): input, SiLU output (gathered over tp: t rows), 6-way modulation
     elements += (7 + t) * layout.micro_batch_size * d
     stats = 6 * r + 8 * a * h / t + 2 * lt * h / t
     return elements * work.act_bytes + stats * FP32
+
+
+def _wan_block_activation_bytes(work: Workload, layout: Layout, elements: float) -> float:
+    """block_activation_bytes of a Wan block (models/wan.py WanBlock.body), from `elements`, the DiT's
+    count without adaLN: its residual arithmetic is fp32, so of the 5 r D residual-stream tensors
+    the three norm inputs (both modulated norms and the cross-attention LayerNorm take x.float())
+    and the FFN output are saved in fp32; the modulation is the (b, 6, D) fp32 table + projection
+    sum (no adaLN linear); the all-heads qk-norms keep one fp32 statistic per token (3 a + b L),
+    not per head. (Counted from the code; not yet compared with a live-tensor count.)"""
+    d, h, t = work.arch.hidden, work.arch.heads, layout.tp
+    r, a, lt = _regions(work, layout)
+    elements -= 4 * r * d
+    fp32 = 4 * r * d + 6 * layout.micro_batch_size * d
+    stats = 6 * r + 3 * a + lt + 2 * a * h / t
+    return elements * work.act_bytes + (fp32 + stats) * FP32
 
 
 def retained_block_bytes(work: Workload, layout: Layout) -> float:
