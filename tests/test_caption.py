@@ -47,8 +47,14 @@ CHAT = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% i
 
 def save_llava(directory: Path) -> Path:
     """LLaVA (CLIP vision tower + Llama decoder, chat template: the instruction is a user turn)."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
     tok = tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     torch.manual_seed(0)
@@ -189,3 +195,39 @@ def test_two_processes_equal_one_and_killed_run_resumes(captioners, media, tmp_p
     resumed = caption(media, model, killed, max_clips_per_video=0, batch_size=2)
     assert (resumed.skipped, resumed.captioned) == (done, 8 - done)
     assert killed.read_text() == expected
+
+
+def save_causal_lm(directory: Path) -> Path:
+    """A tiny random Llama with the BERT tokenizer and a chat template (a stand-in for Qwen2-Instruct)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def test_sample_extend_prompt_encodes_the_extension(sampling_run, tmp_path):
+    from megasora.models.prompt_extension import PromptExtender
+    from megasora.models.text import TextEncoder
+
+    lm = save_causal_lm(tmp_path / "lm")
+    short = "a red circle"
+    out = tmp_path / "s.mp4"
+    proc = subprocess.run([sys.executable, "-m", "megasora", "sample", "--run", str(sampling_run), "--prompt", short,
+                           "--steps", "1", "--extend-prompt", str(lm), "--extend-max-tokens", "12",
+                           "--save-latents", str(tmp_path / "l.pt"), "--out", str(out)],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    extended = PromptExtender(str(lm), max_new_tokens=12).extend([short])[0]
+    assert extended != short and f"extended prompt {short!r} -> {extended!r}" in proc.stdout
+    assert json.loads(out.with_suffix(".prompt.json").read_text()) == {"prompt": short, "extended": extended}
+    saved = torch.load(tmp_path / "l.pt", weights_only=False)
+    encoder = TextEncoder(max_length=32)
+    assert saved["prompts"] == [extended]
+    assert torch.equal(saved["text"], encoder.encode([extended])[0])  # what the model was given
+    assert not torch.equal(saved["text"], encoder.encode([short])[0])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from test_golden import _full_params
 
 from parallel_utils import run_launched
-from test_golden import _full_params
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8

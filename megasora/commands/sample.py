@@ -25,6 +25,7 @@ from megasora.diffusion.modes import Codec, InputError, InputLoader
 from megasora.launcher.env import discover
 from megasora.models import build_dit
 from megasora.models.dit import DiT
+from megasora.models.prompt_extension import DEFAULT_EXTENSION_TEMPLATE, PromptExtender, check_model_dir, check_template
 from megasora.models.text import TextEncoder, check_text_path
 from megasora.models.vae import check_vae_path
 from megasora.parallel import init_parallel
@@ -60,6 +61,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="prompting mode (default: t2v)")
     p.add_argument("--prompt", action="append", default=[], help="caption; repeat for several clips")
     p.add_argument("--prompts", default=None, metavar="FILE", help="captions, one per line (added to --prompt)")
+    p.add_argument("--extend-prompt", nargs="?", const="", default=None, metavar="DIR",
+                   help="rewrite each prompt into a detailed caption with the local causal LM in DIR (its chat "
+                        "template, greedy decoding) before encoding; printed and stored beside the sample")
+    p.add_argument("--extend-max-tokens", type=int, default=120,
+                   help="--extend-prompt: cap on the extension's length in tokens (default: 120)")
+    p.add_argument("--extend-template", default=DEFAULT_EXTENSION_TEMPLATE,
+                   help="--extend-prompt: the request to the LM; {prompt} is the user's prompt")
     p.add_argument("--image", default=None, help="i2v: the image to animate (a video's first frame works too)")
     p.add_argument("--video", default=None, help="extend / loop / connect / edit: the input video")
     p.add_argument("--video2", default=None, help="connect: the video to lead into")
@@ -180,9 +188,31 @@ def check_world(cfg: Config, world: int) -> None:
 # ---------------------------------------------------------------- running a mode
 
 
+def check_extension(args: argparse.Namespace) -> None:
+    """--extend-prompt's model and template, one line each, before any model loads."""
+    if getattr(args, "extend_prompt", None) is None:
+        return
+    check_template(args.extend_template, "--extend-template", required=("prompt",))
+    check_model_dir(args.extend_prompt, "--extend-prompt")
+    if args.extend_max_tokens < 1:
+        raise InputError(f"--extend-max-tokens {args.extend_max_tokens} must be >= 1", "pass e.g. 120")
+
+
+def extend_prompts(args: argparse.Namespace, prompts: list[str], device: str) -> list[str]:
+    """The prompts the text encoder sees: the user's, or their extensions (printed)."""
+    if getattr(args, "extend_prompt", None) is None:
+        return prompts
+    extender = PromptExtender(args.extend_prompt, device, args.extend_max_tokens, args.extend_template)
+    extended = extender.extend(prompts)
+    for short, long in zip(prompts, extended):
+        print(f"extended prompt {short!r} -> {long!r}")
+    return extended
+
+
 def run(args: argparse.Namespace) -> int:
     world = discover().world_size
     prompts = read_prompts(args)
+    check_extension(args)
     model, cfg, out_dir = load_sampling_model(args)
     check_request(args, cfg)
     if world > 1:
@@ -193,7 +223,9 @@ def run(args: argparse.Namespace) -> int:
         rank = start_sequence_parallel(model, cfg, world)
     elif torch.cuda.is_available():
         model.cuda()
-    text, mask = TextEncoder(cfg.text.path or None, cfg.text.max_length).encode(prompts)
+    # Every rank extends the same prompts the same way (greedy), so no collective is needed.
+    encoded = extend_prompts(args, prompts, "cuda" if torch.cuda.is_available() else "cpu")
+    text, mask = TextEncoder(cfg.text.path or None, cfg.text.max_length).encode(encoded)
     window = args.window or cfg.data.frames
     context = modes.context_frames(args.mode, window, cfg.model.patch[0])
     progress = modes.StepProgress(rank == 0, windows_needed(args, cfg, window, context))
@@ -201,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     latents = run_mode(sampler, args, cfg, inputs, window, context)
     progress.close()
     if rank == 0:
-        write_outputs(args, cfg, out_dir, prompts, latents, inputs)
+        write_outputs(args, cfg, out_dir, prompts, latents, inputs, encoded, text)
     return 0
 
 
@@ -265,7 +297,11 @@ def run_mode(s, args: argparse.Namespace, cfg: Config, inputs: dict[str, torch.T
 
 
 def write_outputs(args: argparse.Namespace, cfg: Config, out_dir: Path, prompts: list[str],
-                  latents: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
+                  latents: torch.Tensor, inputs: dict[str, torch.Tensor], encoded: list[str] | None = None,
+                  text: torch.Tensor | None = None) -> None:
+    """Clips, contact sheet, `--save-latents`; with --extend-prompt, PATH.prompt.json beside each clip holds
+    the user's prompt and the extended one the model was given."""
+    encoded = encoded or prompts
     codec = Codec(cfg) if cfg.vae.path or cfg.model.in_channels == 3 else None
     pixels = codec.decode(latents) if codec is not None else latents[:, :3].clamp(-1, 1)
     upscale = args.upscale if not cfg.vae.path else 1
@@ -281,11 +317,14 @@ def write_outputs(args: argparse.Namespace, cfg: Config, out_dir: Path, prompts:
         write_video(path, frames, args.fps or cfg.data.fps)
         clips.append(frames)
         print(f"wrote {path}  ({prompts[i]!r})")
+        if encoded[i] != prompts[i]:
+            path.with_suffix(".prompt.json").write_text(json.dumps({"prompt": prompts[i], "extended": encoded[i]}))
     sheet = out.with_name(f"{out.stem}_sheet.png")
     write_video(sheet, contact_sheet(clips)[None], 1.0)
     print(f"wrote {sheet}  (contact sheet: one row per prompt)")
     if args.save_latents:
-        torch.save({"latents": latents, "inputs": inputs, "mode": args.mode}, args.save_latents)
+        torch.save({"latents": latents, "inputs": inputs, "mode": args.mode, "prompts": encoded, "text": text},
+                   args.save_latents)
 
 
 def zoom_frames(frames: np.ndarray, upscale: int) -> np.ndarray:

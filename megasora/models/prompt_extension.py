@@ -89,7 +89,9 @@ class PromptExtender:
         """Greedy, at most max_new_tokens new tokens each; an empty answer keeps the user's prompt."""
         tokens = self.tokenizer([self.chat_text(p) for p in prompts], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(self.device)
-        out = self.model.generate(**tokens, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
+        # Only ids and mask: a BERT-style tokenizer's token_type_ids mean nothing to a causal LM.
+        out = self.model.generate(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                                  do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
                                   pad_token_id=self.tokenizer.pad_token_id)
         texts = self.tokenizer.batch_decode(out[:, tokens["input_ids"].shape[1]:], skip_special_tokens=True)
         return [" ".join(t.split()) or p for t, p in zip(texts, prompts)]

@@ -23,6 +23,7 @@ from megasora.data.video_io import write_video
 from megasora.diffusion.modes import Codec
 from megasora.diffusion.sampler import sample_euler
 from megasora.models import build_dit
+from megasora.models.prompt_extension import PromptExtender
 from megasora.models.text import TextEncoder
 
 log = logging.getLogger("megasora")
@@ -33,6 +34,11 @@ def _text_encoder(path: str, max_length: int):
     return TextEncoder(path or None, max_length)
 
 
+@lru_cache(maxsize=1)
+def _extender(path: str, device: str) -> PromptExtender:
+    return PromptExtender(path, device, key="train.sample_extend_prompt")
+
+
 @torch.no_grad()
 def sample_previews(cfg: Config, weights: dict[str, torch.Tensor], device: torch.device) -> np.ndarray:
     """uint8 (T, H, B*W, 3): the prompts' clips side by side, at the training clip size."""
@@ -40,6 +46,8 @@ def sample_previews(cfg: Config, weights: dict[str, torch.Tensor], device: torch
     model.load_state_dict({k: v.float() for k, v in weights.items()})
     model.to(device).eval()
     prompts = list(cfg.train.sample_prompts)
+    if cfg.train.sample_extend_prompt:  # detailed captions, as `sample --extend-prompt` writes them
+        prompts = _extender(cfg.train.sample_extend_prompt, str(device)).extend(prompts)
     text, mask = _text_encoder(cfg.text.path, cfg.text.max_length).encode(prompts)
     shape = (len(prompts), cfg.model.in_channels, cfg.data.frames, cfg.data.height, cfg.data.width)
     latents = sample_euler(model, shape, text, mask, cfg.diffusion, steps=cfg.train.sample_steps,
