@@ -1,7 +1,7 @@
 """Conditioning masks: which token frames of a clip are given clean (t = 0) instead of noised.
 
 One mechanism serves every prompting mode of the Sora report. Training draws a mask per
-sample (from the same (seed, sample id, step) generator as its noise, flow.noise_batch);
+sample (from the same (seed, sample id, step) generator as its timestep, flow.draw_samples);
 sampling (megasora/diffusion/modes.py) builds the mask its mode needs:
 
     first_frame  image-to-video               last_frame  what led up to an image

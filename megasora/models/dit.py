@@ -5,15 +5,17 @@ latents (B, C, T, H, W) -> patch tokens (B, N, D) -> blocks of
 timestep conditioning -> predicted velocity (B, C, T, H, W).
 
 Parallelism is applied from outside (megasora/parallel/parallelize.py): it swaps linears,
-each SelfAttention's `attention` callable, and this model's `sequence` hook, which shards
-the token sequence after embedding and gathers it before unpatchify. Activation
+each SelfAttention's `attention` callable, and this model's `sequence` hook, which says which
+tokens (a TokenSpan) this rank holds: only those are patch-embedded, get RoPE rows and
+conditioning. Training feeds each rank only its span's patch tokens and gets the velocity of
+those tokens back (the loss is taken per span, train/objective.py); given whole latents
+(sampling), the model slices its span itself and gathers the output before unpatchify. Activation
 checkpointing sets each checkpointed block's `checkpoint` hook. A pipeline stage
 (megasora/parallel/pipeline.py) is this model holding one contiguous run of the blocks,
 and runs this forward.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional, Protocol, cast
@@ -23,8 +25,8 @@ from torch import nn
 
 from megasora import kernels
 from megasora.models.attention import CrossAttention, SelfAttention
-from megasora.models.embeddings import TimestepEmbedder, rope_3d
-from megasora.models.patch import PatchEmbed3D, patch_grid, unpatchify
+from megasora.models.embeddings import TimestepEmbedder, rope_at
+from megasora.models.patch import PatchEmbed3D, TokenSpan, patch_grid, unpatchify
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,17 @@ class TokenState:
     key_padding_mask: Optional[torch.Tensor]  # (B, N) bool, True = real token; None = no padding
 
 
-def rope_tables(arch: DiTArch, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE cos, sin (N, head_dim/2) of the whole token grid (sequence parallelism shards them)."""
-    return rope_3d(grid, arch.hidden // arch.heads, arch.rope_theta, device, arch.rope_layout)
+def rope_tables(arch: DiTArch, span: TokenSpan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos, sin (n, head_dim/2) fp32 of the span's positions only."""
+    return rope_at(span.positions(device), span.grid, arch.hidden // arch.heads, arch.rope_theta, arch.rope_layout)
+
+
+def key_padding_mask(span: TokenSpan, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+    """(B, n) True = real token over the span, or None when the sequence has no padding at all
+    (every rank agrees: the choice depends on the clip, not on the rank's span)."""
+    if span.padded == span.num_tokens:
+        return None
+    return (span.positions(device) < span.num_tokens).expand(batch, -1)
 
 
 # Fills one parameter in place, drawing from the global RNG like the constructors do.
@@ -62,18 +72,30 @@ ParamInit = Callable[[torch.Tensor], object]
 
 
 class SequenceHook(Protocol):
-    def shard(self, state: TokenState) -> TokenState: ...
-    def gather(self, tokens: torch.Tensor) -> torch.Tensor: ...
+    def span(self, grid: tuple[int, int, int]) -> TokenSpan:
+        """This rank's residual-stream tokens (x, per-token cond, final layer)."""
+    def attention_span(self, grid: tuple[int, int, int]) -> TokenSpan:
+        """The tokens this rank's self-attention sees (RoPE rows, key-padding mask)."""
+    def gather(self, tokens: torch.Tensor, span: TokenSpan) -> torch.Tensor:
+        """(B, n, E) of `span` -> (B, N, E) whole on every rank."""
+    def sum(self, local: torch.Tensor) -> torch.Tensor:
+        """A loss summed over the ranks' spans (the gradient of each rank's part stays its own)."""
 
 
 class NoSequenceSharding:
     """Single device: the whole sequence stays local."""
 
-    def shard(self, state: TokenState) -> TokenState:
-        return state
+    def span(self, grid: tuple[int, int, int]) -> TokenSpan:
+        return TokenSpan.whole(grid)
 
-    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+    def attention_span(self, grid: tuple[int, int, int]) -> TokenSpan:
+        return TokenSpan.whole(grid)
+
+    def gather(self, tokens: torch.Tensor, span: TokenSpan) -> torch.Tensor:
         return tokens
+
+    def sum(self, local: torch.Tensor) -> torch.Tensor:
+        return local
 
 
 class BlockCheckpoint(Protocol):
@@ -251,10 +273,14 @@ class DiT(nn.Module):
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 drop_text: Optional[torch.Tensor] = None, received: Optional[torch.Tensor] = None,
-                blocks: Optional[range] = None) -> torch.Tensor:
+                blocks: Optional[range] = None, grid: Optional[tuple[int, int, int]] = None) -> torch.Tensor:
         """latents (B, C, T, H, W); t (B,) or per-token (B, N) in [0, 1]; text (B, L, Dt); mask (B, L).
 
         Returns the predicted velocity (noise - data), same shape as latents.
+
+        Or, as training calls it: latents = this rank's patch tokens (B, n, C*pt*ph*pw) of its
+        span (self.sequence.span(grid)) of a clip with token grid `grid`, t (B,) or (B, n) for
+        the span; returns the velocity of those tokens (B, n, C*pt*ph*pw), nothing gathered.
 
         `blocks` (default: every block this module holds) runs a contiguous run of the blocks,
         as a pipeline stage does: the inputs are embedded only if it starts at block 0, else
@@ -263,18 +289,18 @@ class DiT(nn.Module):
         """
         blocks = self.held_blocks() if blocks is None else blocks
         if blocks.start == 0:
-            state, text_tokens, text_mask = self.embed(latents, t, text, text_mask, drop_text)
+            state, text_tokens, text_mask = self.embed(latents, t, text, text_mask, drop_text, grid)
         elif received is None:
             raise ValueError(f"blocks {blocks.start}..{blocks.stop - 1} need `received`, the message of the "
                              f"blocks before")
         else:
-            state, text_tokens = self.unpack(received, self.token_layout(latents, t))
+            state, text_tokens = self.unpack(received, self.token_layout(latents, t, grid))
             text_mask = caption_mask(text_mask, drop_text)
         for index in blocks:
             state.x = self.block(index)(state, text_tokens, text_mask)
         if blocks.stop < self.arch.depth:
             return self.pack(state, text_tokens)  # (B, n + c + L, D)
-        return self.head(state, self.token_grid(latents))
+        return self.head(state, self.token_grid(latents, grid), whole=latents.dim() == 5)
 
     def pack(self, state: TokenState, text_tokens: torch.Tensor) -> torch.Tensor:
         """The message to the next run of blocks (a family with a wider cond packs it its own way)."""
@@ -293,40 +319,59 @@ class DiT(nn.Module):
         """Block `index` (global: a pipeline stage holding it looks it up by the same index)."""
         return cast(DiTBlock, self.blocks[index])
 
-    def token_grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
-        """(T', H', W') patch grid of latents (B, C, T, H, W)."""
-        _, _, frames, height, width = latents.shape
-        return patch_grid((frames, height, width), self.arch.patch)
+    def token_grid(self, latents: torch.Tensor, grid: Optional[tuple[int, int, int]] = None) -> tuple[int, int, int]:
+        """(T', H', W') patch grid of latents (B, C, T, H, W); patch tokens (B, n, E) come with theirs, `grid`."""
+        if latents.dim() == 5:
+            _, _, frames, height, width = latents.shape
+            return patch_grid((frames, height, width), self.arch.patch)
+        if grid is None:
+            raise ValueError("patch tokens (B, n, E) need the clip's token `grid` (T', H', W')")
+        return grid
 
     def embed(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-              drop_text: Optional[torch.Tensor]) -> tuple[TokenState, torch.Tensor, torch.Tensor]:
-        """Inputs -> this rank's TokenState, the projected text tokens (B, L, D) and their mask (B, L)."""
-        grid = self.token_grid(latents)
-        text_tokens, text_mask, pooled = self.caption(text, text_mask, drop_text)
-        state = TokenState(x=self.patch_embed(latents), cond=conditioning(self.t_embed(t), pooled),
-                           rope=rope_tables(self.arch, grid, latents.device), key_padding_mask=None)
-        return self.sequence.shard(state), text_tokens, text_mask
+              drop_text: Optional[torch.Tensor], grid: Optional[tuple[int, int, int]] = None
+              ) -> tuple[TokenState, torch.Tensor, torch.Tensor]:
+        """Inputs -> this rank's TokenState, the projected text tokens (B, L, D) and their mask (B, L).
 
-    def token_layout(self, latents: torch.Tensor, t: torch.Tensor) -> TokenState:
-        """This rank's TokenState for these inputs with feature width 1, embedding nothing.
-
-        The sequence hook slices it exactly as it slices the real activations, which yields
-        the local RoPE rows, padding mask and token counts.
+        Only the span's tokens are patch-embedded, conditioned and given RoPE rows.
         """
-        grid = self.token_grid(latents)
-        b, n = latents.shape[0], math.prod(grid)
-        cond_tokens = 1 if t.dim() == 1 else n
-        probe = TokenState(x=latents.new_zeros(b, n, 1), cond=latents.new_zeros(b, cond_tokens, 1),
-                           rope=rope_tables(self.arch, grid, latents.device), key_padding_mask=None)
-        return self.sequence.shard(probe)
+        grid = self.token_grid(latents, grid)
+        span = self.sequence.span(grid)
+        if latents.dim() == 5:  # the whole clip: keep the span's latent frames, then its tokens
+            latents = span.patches(span.latent_rows(latents, self.arch.patch[0]), self.arch.patch)
+            t = span.take(t) if t.dim() == 2 else t  # (B, N) -> (B, n)
+        text_tokens, text_mask, pooled = self.caption(text, text_mask, drop_text)
+        x = self.patch_embed.project(latents)  # (B, n, D)
+        attention = self.sequence.attention_span(grid)
+        state = TokenState(x=x, cond=conditioning(self.t_embed(t), pooled),
+                           rope=rope_tables(self.arch, attention, x.device),
+                           key_padding_mask=key_padding_mask(attention, x.shape[0], x.device))
+        return state, text_tokens, text_mask
 
-    def message_shape(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> tuple[int, int, int]:
+    def token_layout(self, latents: torch.Tensor, t: torch.Tensor,
+                     grid: Optional[tuple[int, int, int]] = None) -> TokenState:
+        """This rank's TokenState for these inputs with feature width 1, embedding nothing:
+        the local RoPE rows, padding mask and token counts (x and cond are zeros)."""
+        grid = self.token_grid(latents, grid)
+        span, attention = self.sequence.span(grid), self.sequence.attention_span(grid)
+        b = latents.shape[0]
+        cond_tokens = 1 if t.dim() == 1 else span.length
+        return TokenState(x=latents.new_zeros(b, span.length, 1), cond=latents.new_zeros(b, cond_tokens, 1),
+                          rope=rope_tables(self.arch, attention, latents.device),
+                          key_padding_mask=key_padding_mask(attention, b, latents.device))
+
+    def message_shape(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                      grid: Optional[tuple[int, int, int]] = None) -> tuple[int, int, int]:
         """Shape (B, n + c + L, D) of pack_message's message for these inputs, on this rank."""
-        local = self.token_layout(latents, t)
+        local = self.token_layout(latents, t, grid)
         b, n, _ = local.x.shape
         return b, n + local.cond.shape[1] + text.shape[1], self.arch.hidden
 
-    def head(self, state: TokenState, grid: tuple[int, int, int]) -> torch.Tensor:
-        """Final layer on this rank's tokens, whole sequence gathered, -> velocity (B, C, T, H, W)."""
-        out = self.sequence.gather(self.final(state.x, state.cond))  # (B, N, pt*ph*pw*C)
+    def head(self, state: TokenState, grid: tuple[int, int, int], whole: bool = True) -> torch.Tensor:
+        """Final layer on this rank's tokens -> their velocity (B, n, pt*ph*pw*C), or with `whole`
+        the whole sequence gathered -> velocity (B, C, T, H, W)."""
+        out = self.final(state.x, state.cond)  # (B, n, pt*ph*pw*C)
+        if not whole:
+            return out
+        out = self.sequence.gather(out, self.sequence.span(grid))  # (B, N, pt*ph*pw*C)
         return unpatchify(out, grid, self.arch.patch, self.arch.in_channels)

@@ -84,14 +84,23 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0, layout: str = "axial
 
 def rope_3d(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0,
             device: torch.device | None = None, layout: str = "axial") -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (N, head_dim/2), N = T'*H'*W' in patchify's t-major order.
+    """cos, sin of shape (N, head_dim/2), N = T'*H'*W' in patchify's t-major order (rope_at every position)."""
+    n = grid[0] * grid[1] * grid[2]
+    return rope_at(torch.arange(n, device=device), grid, head_dim, theta, layout)
+
+
+def rope_at(positions: torch.Tensor, grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0,
+            layout: str = "axial") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (n, head_dim/2) fp32 for flat t-major token `positions` (n,) of a `grid` clip.
 
     Pair i rotates by (its frequency vector, rope_frequencies) . (t, h, w), so q·k depends
-    only on the (dt, dh, dw) offset between tokens, for any grid size.
+    only on the (dt, dh, dw) offset between tokens, for any grid size. Built for the given
+    positions only (a sequence-parallel rank's), in fp32, one elementwise sum per axis so a
+    position's row is the same bits whichever rows are built with it; positions past the grid
+    (sequence padding) get finite rows that the key-padding mask ignores.
     """
-    gt, gh, gw = grid
-    pos = torch.stack(torch.meshgrid(
-        torch.arange(gt, device=device), torch.arange(gh, device=device), torch.arange(gw, device=device),
-        indexing="ij"), dim=-1).reshape(-1, 3).double()  # (N, 3)
-    angle = pos @ rope_frequencies(head_dim, theta, layout).to(device).T  # (N, head_dim/2)
-    return torch.cos(angle).float(), torch.sin(angle).float()
+    _, gh, gw = grid
+    freqs = rope_frequencies(head_dim, theta, layout).to(device=positions.device, dtype=torch.float32)  # (Dh/2, 3)
+    t, h, w = (positions // (gh * gw)).float(), (positions // gw % gh).float(), (positions % gw).float()
+    angle = t[:, None] * freqs[:, 0] + h[:, None] * freqs[:, 1] + w[:, None] * freqs[:, 2]  # (n, Dh/2)
+    return torch.cos(angle), torch.sin(angle)

@@ -260,40 +260,46 @@ def retained_block_bytes(work: Workload, layout: Layout) -> float:
 
 
 def io_activation_bytes(work: Workload, layout: Layout, first: bool, last: bool) -> float:
-    """Outside the blocks. Stage 0: patchified latents (b N x C*p), the embedded sequence
-    (b N x D: the rank's chunk is a view of it, so all of it stays alive when t*s > 1),
-    caption MLP (b L x (Dtext + 3D)). Last stage: final layer input and modulated norm (2 r D),
-    and the loss on the gathered sequence: prediction, target, noise, difference (4 b N x C*p).
+    """Outside the blocks, all of it per sequence span (parallel/sequence.py: a rank is handed
+    only its r tokens). Stage 0: the span's noised patch tokens (r x C*p, the patch embedding's
+    saved input), caption MLP (b L x (Dtext + 3D)). Every stage: the RoPE tables of the
+    attention span (cos, sin: a x Dh/2 fp32 each). Last stage: final layer input and modulated
+    norm (2 r D), and the span's loss: prediction, target, difference, its square (4 r x C*p).
     With pp: the message each stage but the last sent, and the cond/text that came with x."""
-    b, n, d = layout.micro_batch_size, work.tokens, work.arch.hidden
-    r, _, lt = _regions(work, layout)
+    b, d = layout.micro_batch_size, work.arch.hidden
+    r, a, lt = _regions(work, layout)
     pvol = work.arch.in_channels * work.patch_volume
     elements = 0.0
     if first:
-        elements += b * n * pvol + lt * (work.arch.text_dim + 3 * d)
-        if layout.tp * layout.sp > 1:
-            elements += b * n * d
+        elements += r * pvol + lt * (work.arch.text_dim + 3 * d)
     if last:
-        elements += 2 * r * d + 4 * b * n * pvol
+        elements += 2 * r * d + 4 * r * pvol
     if layout.pp > 1:  # 1F1B messages (pipeline.py): (b, r + 1 + L, D) kept until its backward
         if not last:
             elements += (r + b * (1 + work.text_tokens)) * d
         if not first:  # the received cond and text ride along with the saved x
             elements += b * (1 + work.text_tokens) * d
-    return elements * work.act_bytes
+    return elements * work.act_bytes + rope_table_bytes(work, layout)
+
+
+def rope_table_bytes(work: Workload, layout: Layout) -> float:
+    """RoPE cos and sin (a/b x Dh/2 each, fp32) for the attention span's positions only (models/dit.py)."""
+    _, a, _ = _regions(work, layout)
+    return a / layout.micro_batch_size * (work.arch.hidden // work.arch.heads) * FP32
 
 
 def pipeline_inputs_bytes(work: Workload, layout: Layout, stage: int) -> float:
     """Model inputs held outside autograd at a backward: pipeline_loop.py builds a micro-batch's
     inputs just in time and its forward consumes them (what backward needs is counted in
     io_activation_bytes), except on a stage that posts receives early (parallel/p2p.py): it builds
-    the next forward's when posting its receive, before the backward runs. Those are the noised
-    latents, the target (b N x C p each) and the caption features (b L x D_text)."""
+    the next forward's when posting its receive, before the backward runs. Those are the span's
+    noised patch tokens, its target (r x C p each) and the caption features (b L x D_text)."""
     early = stage > 0 and parity_posts_early(stage) and layout.grad_accum >= layout.pp
     if layout.pp == 1 or not early:
         return 0.0
     b, pvol = layout.micro_batch_size, work.arch.in_channels * work.patch_volume
-    return b * (2 * work.tokens * pvol + work.text_tokens * work.arch.text_dim) * work.act_bytes
+    r, _, _ = _regions(work, layout)
+    return (2 * r * pvol + b * work.text_tokens * work.arch.text_dim) * work.act_bytes
 
 
 def block_transient_bytes(work: Workload, layout: Layout) -> float:

@@ -3,6 +3,13 @@
 `FlowMatchingObjective.inputs` is the one place a micro-batch becomes model inputs and loss
 terms (noise, timesteps, caption dropout, conditioning frames); the single-process loop calls
 the objective, the pipeline loop calls `inputs` just in time for each micro-batch's forward.
+
+Under sequence parallelism each rank builds the inputs of its own span of tokens only (the
+model's `sequence` hook says which): the clip's latents are cut to the span's latent frames
+before anything is noised, the noise of those frames alone is drawn, and the model returns
+the velocity of the span's tokens. Each rank's loss is its span's squared errors over the
+whole micro-batch's element count; the hook's `sum` adds the ranks' parts (the exact mean),
+and the gradient of each part stays on its rank, which DeepSpeed then sums over sp.
 """
 from __future__ import annotations
 
@@ -13,51 +20,66 @@ import torch
 from torch import nn
 
 from megasora.config import Config
-from megasora.diffusion.flow import masked_mse, noise_batch
+from megasora.diffusion.flow import clip_grid, noise_span, span_mse
+from megasora.models.dit import NoSequenceSharding, SequenceHook
 
 
 @dataclass
 class FlowInputs:
-    """One micro-batch as the model and the loss see it."""
-    x_t: torch.Tensor        # (B, C, T, H, W) noised latents
-    t: torch.Tensor          # (B,) or per-token (B, N) timesteps
+    """One micro-batch's span of tokens as the model and the loss see it (E = C*pt*ph*pw)."""
+    x_t: torch.Tensor        # (B, n, E) noised patch tokens of this rank's span
+    t: torch.Tensor          # (B,) or per-token (B, n) timesteps
     text: torch.Tensor       # (B, L, Dt) caption features
     text_mask: torch.Tensor  # (B, L) bool
     drop_text: torch.Tensor  # (B,) bool: caption dropped
-    target: torch.Tensor     # (B, C, T, H, W) velocity
-    loss_mask: torch.Tensor  # (B, 1, T, 1, 1): 0 on conditioning frames
+    target: torch.Tensor     # (B, n, E) velocity
+    loss_mask: torch.Tensor  # (B, n, 1): 0 on conditioning frames and sequence padding
+    loss_elements: torch.Tensor  # () elements of the whole micro-batch in the mean
+    grid: tuple[int, int, int]   # (T', H', W') token grid of the clips
+    sequence: SequenceHook
 
     def model_args(self) -> tuple[torch.Tensor, ...]:
         """DiT.forward's positional inputs (a pipeline stage appends the received message)."""
         return self.x_t, self.t, self.text, self.text_mask, self.drop_text
 
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"grid": self.grid}
+
     def loss(self, pred: torch.Tensor) -> torch.Tensor:
-        """Masked MSE of the predicted velocity (B, C, T, H, W)."""
-        return masked_mse(pred, self.target, self.loss_mask)
+        """Masked MSE of the predicted velocity (B, n, E) over the whole clip (summed over sp)."""
+        return self.sequence.sum(span_mse(pred, self.target, self.loss_mask, self.loss_elements))
 
 
 class FlowMatchingObjective:
-    """loss(model, micro_batch, step): noise the clean latents, predict the velocity, masked MSE."""
+    """loss(model, micro_batch, step): noise the clean latents, predict the velocity, masked MSE.
 
-    def __init__(self, cfg: Config) -> None:
+    `sequence`: the model's sequence hook (which tokens this rank holds; default: all).
+    """
+
+    def __init__(self, cfg: Config, sequence: SequenceHook | None = None) -> None:
         self.diffusion = cfg.diffusion
         self.seed = cfg.train.seed
         pt, ph, pw = cfg.model.patch
         self.patch = (pt, ph, pw)
+        self.sequence: SequenceHook = sequence or NoSequenceSharding()
 
     def tokens_per_sample(self, batch: dict[str, Any]) -> int:
         _, _, t, h, w = batch["latents"].shape
         return (t // self.patch[0]) * (h // self.patch[1]) * (w // self.patch[2])
 
     def inputs(self, batch: dict[str, Any], step: int, dtype: torch.dtype, device: torch.device) -> FlowInputs:
-        """The micro-batch's model inputs and loss terms on `device`; noise and timesteps are drawn
-        from (seed, sample id, step), so every rank and every call gets the same ones."""
-        x0 = batch["latents"].to(device=device, dtype=dtype)
-        noised = noise_batch(x0, batch["ids"], step, self.seed, self.diffusion, self.patch)
+        """This rank's span of the micro-batch as model inputs and loss terms on `device`; noise and
+        timesteps are drawn from (seed, sample id, step), so every rank and every call gets the same ones."""
+        grid = clip_grid(batch["latents"], self.patch)
+        span = self.sequence.span(grid)
+        rows = span.latent_rows(batch["latents"], self.patch[0]).to(device=device, dtype=dtype)  # before noising
+        noised = noise_span(rows, batch["ids"], step, self.seed, self.diffusion, self.patch, span)
+        del rows
         return FlowInputs(noised.x_t, noised.t_tokens.to(dtype), batch["text_emb"].to(device=device, dtype=dtype),
-                          batch["text_mask"].to(device), noised.drop_text, noised.target, noised.loss_mask)
+                          batch["text_mask"].to(device), noised.drop_text, noised.target, noised.loss_mask,
+                          noised.loss_elements, grid, self.sequence)
 
     def __call__(self, model: nn.Module, batch: dict[str, Any], step: int, dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
         inputs = self.inputs(batch, step, dtype, device)
-        return inputs.loss(model(*inputs.model_args()))
+        return inputs.loss(model(*inputs.model_args(), **inputs.model_kwargs()))

@@ -73,7 +73,7 @@ class PipelineTrainingLoop(TrainingLoop):
         def forward(i: int, received: Optional[torch.Tensor]) -> torch.Tensor:
             micro = inputs(i)
             del pending[i]  # from here on autograd holds what backward needs
-            out = engine(*micro.model_args(), received)
+            out = engine(*micro.model_args(), received, **micro.model_kwargs())
             if stage.is_last:
                 out = micro.loss(out)
                 losses.append(out.detach())
@@ -89,7 +89,7 @@ class PipelineTrainingLoop(TrainingLoop):
 
         def message_shape(i: int) -> tuple[int, ...]:
             micro = inputs(i)
-            return stage.message_shape(micro.x_t, micro.t, micro.text)
+            return stage.message_shape(micro.x_t, micro.t, micro.text, micro.grid)
 
         return StageFunctions(forward, backward, message_shape, after_backward=lambda i: engine.step())
 

@@ -60,6 +60,6 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     check_optimizer(cfg)  # and an optimizer this machine cannot run
     check_attention_kernel(cfg, Accelerator.of(device_for(discover())))  # and an attention kernel its GPU cannot
     with training_run(cfg, layout, resume, build_parallel_dit) as run:
-        objective = FlowMatchingObjective(cfg)
+        objective = FlowMatchingObjective(cfg, run.engine.module.sequence)  # each rank noises its span only
         loop_type = PipelineTrainingLoop if cfg.parallel.pp > 1 else TrainingLoop
         return loop_type(run, objective, DiTWork(cfg, objective)).run(run.step, run.samples)
