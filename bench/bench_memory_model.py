@@ -64,6 +64,13 @@ CASES = [
 ]
 
 
+def bucket_bytes(probe) -> int:
+    """Live bytes of DeepSpeed's fixed-size reduce buckets (reduce_bucket_size = 5e8 elements each,
+    allocated whole whatever the model's size): the storages of at least that many 16-bit elements."""
+    from megasora.plan.memory import REDUCE_BUCKET_ELEMENTS
+    return sum(nbytes for nbytes in probe._live.values() if nbytes >= 2 * REDUCE_BUCKET_ELEMENTS)
+
+
 def _worker(rank: int, world: int, config: str, overrides: list[str], run_dir: str) -> dict[str, int]:
     """One rank: 2 training steps under the live-tensor probe; returns its measured bytes."""
     from megasora.config import load_config
@@ -85,6 +92,7 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], run_dir: s
         def probed_step(self, micro_batches, step):
             if step == 1:
                 measured["static"] = probe.current_bytes
+                measured["buckets"] = bucket_bytes(probe)
                 probe.reset_peak()
             out = train_step(self, micro_batches, step)
             if step == 1:

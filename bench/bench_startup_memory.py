@@ -1,7 +1,9 @@
-"""Peak host memory per rank at start-up: one process vs tp2 vs pp2, whole-model build vs meta + materialize.
+"""Peak host memory per rank at start-up: one process vs tp2 vs pp2 vs ZeRO-3 over dp2 or ulysses2,
+whole-model build vs meta + materialize.
 
     python bench/bench_startup_memory.py                  # ~1B-parameter DiT, every case, markdown table
     python bench/bench_startup_memory.py --hidden 256     # a small model, for a quick look
+    python bench/bench_startup_memory.py --cases "one process,ZeRO-3 dp2,ZeRO-3 ulysses2" --whole ""
 
 Each case runs the real start-up (megasora/train/startup.py: training_run, gloo processes
 launched like torchrun) with the trainer's model builder up to the DeepSpeed engine, and
@@ -10,8 +12,10 @@ model is built. It stops there: the engine's own state (fp32 master, Adam moment
 buckets) goes to the GPU on a GPU run and is plan/memory.py's memory_breakdown; on this CPU
 it would take the host and hide the start-up term. The `whole` builder is the start-up before
 materialize: the whole model on every rank, then parallelize slices it and the pipeline keeps
-one stage. Predicted: plan/memory.py startup_host_bytes (parameter bytes; the baseline is the
-interpreter, torch and DeepSpeed).
+one stage. Under ZeRO-3 (train/engine.py zero3_partitioner) a rank keeps each parameter's dp x sp
+partition as soon as it is drawn; `params held` is then the partitions' bytes (ds_tensor).
+Predicted: plan/memory.py startup_host_bytes (parameter bytes; the baseline is the interpreter,
+torch and DeepSpeed).
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 GIB = 1024 ** 3
-CASES = {"one process": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2", "train.grad_accum=2"])}
+CASES = {"one process": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2", "train.grad_accum=2"]),
+         "ZeRO-3 dp2": (2, ["train.zero_stage=3"]),
+         "ZeRO-3 ulysses2": (2, ["train.zero_stage=3", "parallel.ulysses=2"])}
 
 
 class StopBeforeEngine(Exception):
@@ -34,6 +40,12 @@ class StopBeforeEngine(Exception):
 
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def held_bytes(p) -> int:
+    """Bytes a parameter holds on this rank: its ZeRO-3 partition if partitioned, else itself."""
+    tensor = p.ds_tensor if hasattr(p, "ds_tensor") else p
+    return tensor.numel() * tensor.element_size()
 
 
 def whole_model_build(cfg, env):
@@ -60,7 +72,7 @@ def _worker(rank: int, world: int, overrides: list[str], builder: str) -> dict[s
     def measured(cfg, env):
         model, _ = build(cfg, env)
         marks["built"] = peak_rss()
-        marks["params"] = sum(p.numel() * p.element_size() for p in model.parameters())
+        marks["params"] = sum(held_bytes(p) for p in model.parameters())
         raise StopBeforeEngine
 
     try:

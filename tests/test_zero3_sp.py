@@ -107,3 +107,44 @@ def test_zero3_over_ulysses2_resumes_exactly(runs: Path) -> None:
     full_w, resumed_w = _fp32_weights(runs / "zero3_ulysses2"), _fp32_weights(runs / "resumed")
     for name, value in full_w.items():
         assert torch.allclose(resumed_w[name], value, rtol=0, atol=1e-6), name
+
+
+def _zero3_startup(rank: int, world: int, overrides: list[str]):
+    """The trainer's builder under ZeRO-3: what each parameter holds, the gathered values, the planner's term."""
+    import deepspeed
+
+    from megasora.config import load_config
+    from megasora.models import build_dit
+    from megasora.plan.memory import startup_host_bytes
+    from megasora.plan.workload import layout_from_config, workload_from_config
+    from megasora.train.distributed import init_distributed
+    from megasora.train.trainer import build_parallel_dit
+    env = init_distributed()
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [*BASE, *overrides])
+    torch.manual_seed(cfg.train.seed)
+    model, _ = build_parallel_dit(cfg, env)
+    held = {name: (p.data.numel(), p.ds_tensor.numel(), p.ds_numel) for name, p in model.named_parameters()}
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        values = {name: p.detach().clone() for name, p in model.named_parameters()}
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in build_dit(cfg).modules())
+    predicted = startup_host_bytes(workload_from_config(cfg)[0], layout_from_config(cfg, world))
+    return held, values, largest, predicted
+
+
+@pytest.mark.parametrize("layout", [["parallel.ulysses=2"], []], ids=["ulysses2", "dp2"])
+def test_zero3_startup_holds_only_the_partition_of_the_seeded_init(layout):
+    from megasora.config import load_config
+    from megasora.models import build_dit
+    results = run_launched(_zero3_startup, 2, ["train.zero_stage=3", *layout])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", BASE)
+    torch.manual_seed(cfg.train.seed)
+    expected = dict(build_dit(cfg).named_parameters())
+    for held, values, largest, predicted in results:
+        assert values.keys() == expected.keys()
+        for name, ref in expected.items():
+            assert torch.equal(values[name], ref), f"{name}: not the seeded single-process init"
+            own, partition, whole = held[name]
+            assert own == 0 and whole == ref.numel() and partition == -(-whole // 2), name  # half, padded
+        partitions = sum(partition for _, partition, _ in held.values())
+        # The planner: the partition plus the module being drawn and its (tp1: whole) local copy.
+        assert predicted == pytest.approx((partitions + 2 * largest) * 4, rel=0.01)

@@ -181,11 +181,15 @@ def reduce_transient_bytes(work: Workload, params: int) -> float:
 def startup_host_bytes(work: Workload, layout: Layout) -> float:
     """Host bytes of parameters a rank holds at start-up, before the engine (parallel/materialize.py):
     its fp32 part of the largest pipeline stage, plus the one full-size module being initialised
-    (the largest: adaLN, fc1, fc2 or the caption projection, with its bias). Building the whole
-    model on every rank, as the start-up did before, held total_params(work) x 4."""
+    (the largest: adaLN, fc1, fc2 or the caption projection, with its bias). Under ZeRO-3 the part
+    held is the dp x sp partition of it. Building the whole model on every rank, as the start-up
+    did before, held total_params(work) x 4."""
     held = max(stage_params(work, layout, stage) for stage in range(layout.pp))
     d, m, text = work.arch.hidden, work.mlp_hidden, work.arch.text_dim
     largest_module = max(6 * d * (d + 1), m * (d + 1), d * (m + 1), d * (text + 1))
+    if layout.zero_stage == 3:  # train/engine.py zero3_partitioner: each parameter kept as its dp x sp
+        # partition as soon as it is drawn; the module being drawn and its tp part are alive meanwhile
+        return (held / (layout.dp * layout.sp) + largest_module + largest_module / layout.tp) * FP32
     return (held + largest_module) * FP32
 
 
