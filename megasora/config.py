@@ -213,6 +213,8 @@ class LoRAConfig:
                                "shell wildcards allowed; `attn.q` adapts every block's self-attention query.",
                                default_factory=lambda: ["attn.q", "attn.k", "attn.v", "attn.out"])
     dropout: float = _help("Dropout on the adapters' input (peft's lora_dropout).", default=0.0)
+    init: str = _help("Start the adapters from this LoRA file (`megasora ckpt export RUN --format diffusers-lora`; "
+                      "same rank and targets); empty = A random, B zero.", default="")
 
     @property
     def scale(self) -> float:
@@ -270,6 +272,7 @@ class TrainConfig:
                                       default_factory=lambda: ["a red circle moving right",
                                                                "a blue square moving down"])
     sample_steps: int = _help("Euler steps of the training-time samples.", default=10)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     sample_extend_prompt: str = _help("Local causal LM directory that rewrites train.sample_prompts into "
                                       "detailed captions before the previews encode them (as `sample "
                                       "--extend-prompt`); empty = the prompts as written.", default="")

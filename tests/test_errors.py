@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from megasora.cli import build_parser, report
 from megasora.errors import MissingPathError, UserError
@@ -67,6 +69,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shutil.copytree(ckpt, garbage)
     states = next(garbage.glob("mp_rank_*_model_states.pt"))
     states.write_bytes(b"\0" * states.stat().st_size)  # same size: passes the manifest, fails to unpickle
+    lora_files(root)
     return {"root": root, "empty": root / "empty", "run": run, "ckpt": ckpt, "truncated": truncated,
             "garbage": garbage.parent.parent}
 
@@ -151,6 +154,31 @@ def cases(f: dict[str, Path]) -> list[Case]:
         Case("plan a missing config", ["plan", "--config", "configs/nope.yaml", "--nodes", "1",
                                        "--gpus-per-node", "8"], "config", "config file not found"),
         *path_cases(f),
+        *lora_cases(f),
+    ]
+
+
+def lora_files(root: Path) -> None:
+    """LoRA files (diffusers' format) for another model (Wan's layer names) and another rank (8, not 4)."""
+    r, d = 8, 64  # configs/tiny.yaml: hidden 64, 2 blocks
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, d),
+               "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(d, 4)}, root / "lora_wan.safetensors")
+    save_file({f"transformer.blocks.{i}.attn.{p}.lora_{f}.weight": torch.zeros((r, d) if f == "A" else (d, r))
+               for i in range(2) for p in ("q", "k", "v", "out") for f in "AB"}, root / "lora_rank8.safetensors")
+
+
+def lora_cases(f: dict[str, Path]) -> list[Case]:
+    """train.lora (docs/lora.md): targets that match nothing, a LoRA file for another model or rank."""
+    lora = ["train", "--config", TINY, "--set", "train.lora.rank=4", "--set", "train.ema_decay=0",
+            "--set", f"run.dir={f['root'] / 'out' / 'lora'}"]
+    return [
+        Case("LoRA targets that match no layer", [*lora, "--set", "train.lora.targets=[to_q]"], "config",
+             "'to_q' matches no linear layer of this model; name layers it has (a full name or a dotted suffix "
+             "such as attn.q): patch_embed.proj"),
+        Case("LoRA file of another model", [*lora, "--set", f"train.lora.init={f['root'] / 'lora_wan.safetensors'}"],
+             "config", "is a LoRA for another model or other layers: it adapts ['blocks.0.attn1.to_q']"),
+        Case("LoRA file of another rank", [*lora, "--set", f"train.lora.init={f['root'] / 'lora_rank8.safetensors'}"],
+             "config", "holds rank-8 adapters but train.lora.rank=4; set train.lora.rank=8"),
     ]
 
 

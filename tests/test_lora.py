@@ -7,22 +7,26 @@ from __future__ import annotations
 
 import copy
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
+from test_wan import TEXT_DIM, diffusers_text, tiny_wan
 
 from megasora.cli import main
 from megasora.config import ConfigError, LoRAConfig, load_config
-from megasora.models import build_dit
+from megasora.models import build_dit, from_diffusers
 from megasora.models.dit import DiT, DiTArch
 from megasora.parallel.lora import apply_lora, is_lora_parameter, lora_partition_dims
 from megasora.parallel.mesh import ParallelLayout, build_mesh
 from megasora.parallel.parallelize import parallelize
 from megasora.train import trainer
 from megasora.train.loop import TrainingLoop
+from megasora.train.lora_export import diffusers_lora
 
 from parallel_utils import REPO, run_distributed, run_launched
 
@@ -286,3 +290,39 @@ def test_diffusers_lora_export_loads_with_peft(one_process_runs, tmp_path: Path,
     assert not result.unexpected_keys
     with torch.no_grad():
         assert torch.allclose(peft_model(*inputs), adapted(*inputs), atol=1e-5, rtol=1e-5)
+    # and train.lora.init starts a run's adapters from the file: the trained ones again
+    torch.manual_seed(cfg.train.seed)
+    restarted = apply_lora(build_dit(cfg), replace(cfg.train.lora, init=str(tmp_path / "lora.safetensors")))
+    for name, tensor in restarted.named_parameters():
+        assert torch.allclose(tensor, full["state"][name], atol=1e-7, rtol=1e-6), name
+
+
+# ---------------------------------------------------------------- Wan: diffusers loads the export
+
+WAN_TARGETS = ["attn.q", "attn.k", "attn.v", "attn.out", "cross_attn.q", "cross_attn.v", "mlp.fc1", "mlp.fc2"]
+
+
+def test_wan_lora_export_loads_into_diffusers(tmp_path: Path) -> None:
+    """A tiny random WanTransformer3DModel saved here, imported, adapted (q/k: RoPE-reordered rows),
+    exported; diffusers' own load_lora_adapter on the saved model gives MegaSora's output."""
+    tiny_wan().save_pretrained(tmp_path / "transformer")
+    lora = LoRAConfig(rank=4, alpha=2.0, targets=WAN_TARGETS)
+    ours = apply_lora(from_diffusers(tmp_path / "transformer"), lora).eval()
+    _random_adapters(ours)
+    exported = diffusers_lora({n: p.detach() for n, p in ours.named_parameters() if is_lora_parameter(n)},
+                              lora.scale, ours.arch)
+    assert "transformer.blocks.1.attn1.to_q.lora_A.weight" in exported
+    assert "transformer.blocks.0.ffn.net.0.proj.lora_B.weight" in exported
+    theirs = WanTransformer3DModel.from_pretrained(tmp_path / "transformer").eval()
+    theirs.load_lora_adapter(exported, prefix="transformer")
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, ours.arch.in_channels, 3, 6, 10, generator=g)
+    text = torch.randn(2, 9, TEXT_DIM, generator=g)
+    mask = torch.arange(9)[None] < torch.tensor([[4], [9]])
+    sigma = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        want = theirs(latents, sigma * 1000, diffusers_text(text, mask), return_dict=False)[0]
+        got = ours(latents, sigma, text, mask)
+        base = from_diffusers(tmp_path / "transformer").eval()(latents, sigma, text, mask)
+    assert (got - base).abs().max() > 1e-2  # the adapters matter
+    assert (got - want).abs().max() <= 1e-5

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from megasora.config import Config, ConfigError, config_from_dict, pretrained_settings
-from megasora.models import wan_arch
+from megasora.models import dit_arch, wan_arch
 from megasora.models.convert import check_shapes, read_diffusers, wan_arch_from_config, wan_to_megasora, write_diffusers
 from megasora.train.checkpoint import (
     TAG_RE,
@@ -153,7 +153,8 @@ def run_export(args: argparse.Namespace) -> int:
                               "train.ema_decay=0)", "drop --ema to export the raw weights")
     if args.format == "diffusers-lora" or args.merge:
         lora_cfg = lora_config(cfg)
-        weights = diffusers_lora(weights, lora_cfg) if args.format == "diffusers-lora" else merged(weights, lora_cfg)
+        weights = (diffusers_lora(weights, lora_cfg.train.lora.scale, dit_arch(lora_cfg))
+                   if args.format == "diffusers-lora" else merged(weights, lora_cfg))
     out = Path(args.out)
     if args.format == "diffusers":
         export_diffusers(weights, cfg, out)

@@ -25,14 +25,19 @@ import math
 import re
 import zlib
 from functools import partial
-from typing import Literal, Optional, cast
+from typing import Callable, Literal, Optional, cast
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed import ProcessGroup
 
 from megasora.config import ConfigError, LoRAConfig
+from megasora.models import convert
+from megasora.models.dit import DiTArch
+from megasora.models.wan import WanArch
 from megasora.parallel.comm import reduce_scatter_seq_for_tp
 from megasora.parallel.mesh import Mesh
 from megasora.parallel.tensor import (
@@ -119,9 +124,9 @@ def select_targets(model: nn.Module, lora: LoRAConfig) -> dict[str, nn.Module]:
     linears = adaptable_linears(model)
     for pattern in lora.targets:
         if not any(matches(name, pattern) for name in linears):
-            raise ConfigError(f"train.lora.targets: {pattern!r} matches no linear layer of this model; "
-                              f"it can adapt {', '.join(generic_names(list(linears)))} (a name or its dotted "
-                              f"suffix, e.g. attn.q)")
+            raise ConfigError(f"train.lora.targets: {pattern!r} matches no linear layer of this model",
+                              f"name layers it has (a full name or a dotted suffix such as attn.q): "
+                              f"{', '.join(generic_names(list(linears)))}")
     return {name: module for name, module in linears.items() if any(matches(name, p) for p in lora.targets)}
 
 
@@ -167,10 +172,13 @@ def apply_lora(model: nn.Module, lora: LoRAConfig, mesh: Optional[Mesh] = None) 
     Call after tensor parallelism sliced the linears (the adapter follows their split); `mesh`
     None means one process.
     """
-    for name, base in select_targets(model, lora).items():
+    targets = select_targets(model, lora)
+    for name, base in targets.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, _adapter(name, base, lora, mesh))
+    if lora.init:
+        load_adapters(model, list(targets), lora, mesh)
     for name, param in model.named_parameters():
         if not is_lora_parameter(name):
             param.requires_grad_(False)
@@ -209,3 +217,97 @@ def merged_weights(weights: dict[str, torch.Tensor], scale: float) -> dict[str, 
             a, b = weights[name], weights[f"{prefix}.lora_B.weight"]
             out[f"{prefix}.weight"] = out[f"{prefix}.weight"] + scale * (b.float() @ a.float()).to(out[f"{prefix}.weight"].dtype)
     return out
+
+
+# ---------------------------------------------------------------- diffusers' LoRA format
+
+PREFIX = "transformer."  # diffusers' pipelines keep the denoiser's adapters under this prefix
+RowMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _same(rows: torch.Tensor) -> torch.Tensor:
+    return rows
+
+
+def module_map(arch: DiTArch, to_diffusers: bool = True) -> Callable[[str], tuple[str, RowMap]]:
+    """MegaSora module name -> (diffusers module name, map of B's rows (out, r) between the two orders).
+
+    The Wan family goes through models/convert.py's name table (q/k rows are RoPE-reordered,
+    proj_out's are (pt, ph, pw, C) there); the default family has no diffusers twin: names kept.
+    """
+    if not isinstance(arch, WanArch):
+        return lambda name: (name, _same)
+    wan = arch
+    table = {mega.removesuffix(".weight"): (diff.removesuffix(".weight"), transform)
+             for diff, mega, transform in convert.name_pairs(wan) if mega.endswith(".weight")}
+    to_rows = convert.to_diffusers_tensor if to_diffusers else convert.to_megasora_tensor
+
+    def rename(name: str) -> tuple[str, RowMap]:
+        diffusers, transform = table[name]
+        return diffusers, lambda rows: to_rows(rows, transform, wan)
+    return rename
+
+
+def _read_lora_file(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"train.lora.init={path} is not a readable safetensors file ({err})",
+                          "pass a LoRA file from `megasora ckpt export RUN --format diffusers-lora`") from err
+
+
+def _check_file(path: str, tensors: dict[str, torch.Tensor], wanted: dict[str, tuple[int, int]],
+                lora: LoRAConfig) -> None:
+    """The file holds exactly the adapters `wanted` (diffusers module -> (out, in)) at train.lora.rank."""
+    modules = {key.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for key in tensors}
+    strangers = sorted(modules - set(wanted))
+    if strangers or not modules:
+        raise ConfigError(f"train.lora.init={path} is a LoRA for another model or other layers: it adapts "
+                          f"{strangers[:3] or 'nothing'}, this model's train.lora.targets are "
+                          f"{sorted(wanted)[:3]}...", "pass a LoRA exported from a run of this model, or set "
+                          "train.lora.targets to the layers it adapts")
+    for module, (out_features, in_features) in wanted.items():
+        a, b = tensors.get(f"{PREFIX}{module}.lora_A.weight"), tensors.get(f"{PREFIX}{module}.lora_B.weight")
+        if a is None or b is None:
+            raise ConfigError(f"train.lora.init={path} has no adapter for {module}",
+                              "set train.lora.targets to the layers the file adapts")
+        if a.shape[0] != lora.rank:
+            raise ConfigError(f"train.lora.init={path} holds rank-{a.shape[0]} adapters but train.lora.rank="
+                              f"{lora.rank}", f"set train.lora.rank={a.shape[0]}")
+        if tuple(a.shape) != (lora.rank, in_features) or tuple(b.shape) != (out_features, lora.rank):
+            raise ConfigError(f"train.lora.init={path}: {module} has A {list(a.shape)}, B {list(b.shape)} but "
+                              f"this model's layer needs A {[lora.rank, in_features]}, B {[out_features, lora.rank]}"
+                              f" (a LoRA for another model)", "pass a LoRA exported from a run of this model")
+
+
+@torch.no_grad()
+def load_adapters(model: nn.Module, names: list[str], lora: LoRAConfig, mesh: Optional[Mesh] = None) -> None:
+    """Start the adapters of `names` from train.lora.init (diffusers' LoRA format, alpha / r folded
+    into B: divided back out here); each rank copies its tp part."""
+    tensors = _read_lora_file(lora.init)
+    rename = module_map(cast(DiTArch, model.arch), to_diffusers=False)
+    split = lora_partition_dims(model)
+    tp_rank, tp_size = (mesh.rank_in("tp"), mesh.size("tp")) if mesh is not None else (0, 1)
+    wanted, values = {}, {}
+    for name in names:
+        adapter = cast(LoRALinear, model.get_submodule(name))
+        diffusers, rows = rename(name)
+        shapes = {}
+        for factor in ("lora_A", "lora_B"):
+            shape = list(adapter.get_parameter(f"{factor}.weight").shape)
+            dim = split.get(f"{name}.{factor}.weight")
+            if dim is not None:
+                shape[dim] *= tp_size
+            shapes[factor] = shape
+        wanted[diffusers] = (shapes["lora_B"][0], shapes["lora_A"][1])
+        values[name] = (diffusers, rows)
+    _check_file(lora.init, tensors, wanted, lora)
+    for name, (diffusers, rows) in values.items():
+        adapter = cast(LoRALinear, model.get_submodule(name))
+        whole = {"lora_A": tensors[f"{PREFIX}{diffusers}.lora_A.weight"],
+                 "lora_B": rows(tensors[f"{PREFIX}{diffusers}.lora_B.weight"]) / lora.scale}
+        for factor, value in whole.items():
+            param = adapter.get_parameter(f"{factor}.weight")
+            dim = split.get(f"{name}.{factor}.weight")
+            part = value.chunk(tp_size, dim=dim)[tp_rank] if dim is not None else value
+            param.copy_(part.to(param.dtype))

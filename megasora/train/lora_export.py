@@ -11,19 +11,16 @@ q and k) go through models/convert.py's name table.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from megasora.config import Config, ConfigError, config_from_dict
-from megasora.models import build_dit
-from megasora.parallel.lora import is_lora_parameter, merged_weights
+from megasora.models import build_dit, convert
+from megasora.models.dit import DiTArch
+from megasora.parallel.lora import PREFIX, is_lora_parameter, merged_weights, module_map
 
-PREFIX = "transformer."
 FACTORS = (".lora_A.weight", ".lora_B.weight")
-
-# MegaSora module name -> (diffusers module name, transform of B's rows (out, r))
-ModuleMap = Callable[[str], tuple[str, Callable[[torch.Tensor], torch.Tensor]]]
 
 
 def lora_config(cfg_dict: dict[str, Any]) -> Config:
@@ -34,51 +31,30 @@ def lora_config(cfg_dict: dict[str, Any]) -> Config:
     return cfg
 
 
-def _identity(name: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
-    return name, lambda rows: rows
-
-
-def module_map(cfg: Config) -> ModuleMap:
-    """How MegaSora's module names become diffusers' for this family (the default family: unchanged)."""
-    if getattr(cfg.model, "family", "megasora") != "wan":
-        return _identity
-    from megasora.models import convert, dit_arch  # lazy: only a Wan run's export reads its name table
-    from megasora.models.wan import WanArch  # lazy: as above
-    arch = dit_arch(cfg)
-    assert isinstance(arch, WanArch)
-    table = {mega.removesuffix(".weight"): (diff.removesuffix(".weight"), transform)
-             for diff, mega, transform in convert.name_pairs(arch) if mega.endswith(".weight")}
-
-    def rename(name: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
-        diffusers, transform = table[name]
-        return diffusers, lambda rows: convert.to_diffusers_tensor(rows, transform, arch)
-    return rename
-
-
-def diffusers_lora(weights: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """A LoRA checkpoint's adapters -> peft/diffusers keys, alpha / r folded into B."""
-    rename, out = module_map(cfg), {}
+def diffusers_lora(weights: dict[str, torch.Tensor], scale: float, arch: DiTArch) -> dict[str, torch.Tensor]:
+    """Adapters by MegaSora parameter name -> peft/diffusers keys, `scale` (alpha / r) folded into B."""
+    rename, out = module_map(arch), {}
     for name, tensor in weights.items():
         if not name.endswith(FACTORS[0]):
             continue
         module = name.removesuffix(FACTORS[0])
         target, rows = rename(module)
         out[f"{PREFIX}{target}.lora_A.weight"] = tensor.float().contiguous()
-        b = weights[f"{module}{FACTORS[1]}"].float() * cfg.train.lora.scale
+        b = weights[f"{module}{FACTORS[1]}"].float() * scale
         out[f"{PREFIX}{target}.lora_B.weight"] = rows(b).contiguous()
     return out
 
 
 def base_weights(cfg: Config) -> dict[str, torch.Tensor]:
-    """The frozen base a LoRA run trained on: its config's seeded init."""
+    """The frozen base a LoRA run trained on: the pretrained model its config names, or its seeded init."""
+    if cfg.model.pretrained:
+        config, state = convert.read_diffusers(cfg.model.pretrained)
+        return convert.wan_to_megasora(state, convert.wan_arch_from_config(config))
     torch.manual_seed(cfg.train.seed)
     return {name: p.detach() for name, p in build_dit(cfg).named_parameters()}
 
 
 def merged(weights: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
     """Full weights with the adapters folded in (W + alpha/r * B A), named like the base model."""
-    if getattr(cfg.model, "pretrained", ""):
-        raise ConfigError("ckpt export --merge of a LoRA run on model.pretrained is not supported yet",
-                          "export --format diffusers-lora and load it onto the pretrained model")
     adapters = {name: t for name, t in weights.items() if is_lora_parameter(name)}
     return merged_weights({**base_weights(cfg), **adapters}, cfg.train.lora.scale)
