@@ -272,7 +272,6 @@ class TrainConfig:
                                       default_factory=lambda: ["a red circle moving right",
                                                                "a blue square moving down"])
     sample_steps: int = _help("Euler steps of the training-time samples.", default=10)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
     sample_extend_prompt: str = _help("Local causal LM directory that rewrites train.sample_prompts into "
                                       "detailed captions before the previews encode them (as `sample "
                                       "--extend-prompt`); empty = the prompts as written.", default="")
