@@ -6,6 +6,7 @@ two at a time), then a few of them again under a 2-rank torchrun, where only ran
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 from megasora.cli import build_parser, report
@@ -69,6 +71,15 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shutil.copytree(ckpt, garbage)
     states = next(garbage.glob("mp_rank_*_model_states.pt"))
     states.write_bytes(b"\0" * states.stat().st_size)  # same size: passes the manifest, fails to unpickle
+    wan = root / "wan"  # a tiny diffusers Wan transformer, and broken variants of it
+    WanTransformer3DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+                          freq_dim=16, ffn_dim=32, num_layers=1).save_pretrained(wan)
+    shutil.copytree(wan, root / "wan_bad_shape")
+    config = json.loads((wan / "config.json").read_text())
+    (root / "wan_bad_shape" / "config.json").write_text(json.dumps({**config, "ffn_dim": 64}))
+    (root / "hunyuan").mkdir()
+    (root / "hunyuan" / "config.json").write_text(json.dumps({"_class_name": "HunyuanVideoTransformer3DModel"}))
+    (root / "hunyuan" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     lora_files(root)
     return {"root": root, "empty": root / "empty", "run": run, "ckpt": ckpt, "truncated": truncated,
             "garbage": garbage.parent.parent}
@@ -155,7 +166,27 @@ def cases(f: dict[str, Path]) -> list[Case]:
                                        "--gpus-per-node", "8"], "config", "config file not found"),
         *path_cases(f),
         *lora_cases(f),
+        *pretrained_cases(f),
     ]
+
+
+def pretrained_cases(f: dict[str, Path]) -> list[Case]:
+    """Loading a diffusers model: `ckpt import` and model.pretrained (docs/wan.md)."""
+    root, out = f["root"], str(f["root"] / "out" / "imported")
+    imp = ["ckpt", "import", "--from", "diffusers", "--out", out]
+    return [
+        Case("import a directory that is not a diffusers transformer", [*imp, str(f["empty"])], "pretrained model",
+             "is not a diffusers transformer directory"),
+        Case("import a model family MegaSora cannot load", [*imp, str(root / "hunyuan")], "pretrained model",
+             "HunyuanVideoTransformer3DModel, a model family MegaSora cannot load; MegaSora loads "
+             "WanTransformer3DModel (model.family=wan)"),
+        Case("import weights whose shapes do not match the config", [*imp, str(root / "wan_bad_shape")],
+             "pretrained model", "makes it [64, 24]"),
+        Case("train from a pretrained model with a conflicting model.hidden",
+             ["train", "--config", TINY, "--set", f"model.pretrained={root / 'wan'}", "--set", "model.hidden=96"],
+             "config", "model.hidden=96 conflicts with model.pretrained"),
+    ]
+
 
 
 def lora_files(root: Path) -> None:
