@@ -81,6 +81,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "hunyuan" / "config.json").write_text(json.dumps({"_class_name": "HunyuanVideoTransformer3DModel"}))
     (root / "hunyuan" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     lora_files(root)
+    caption_files(root)
     return {"root": root, "empty": root / "empty", "run": run, "ckpt": ckpt, "truncated": truncated,
             "garbage": garbage.parent.parent}
 
@@ -165,6 +166,7 @@ def cases(f: dict[str, Path]) -> list[Case]:
         Case("plan a missing config", ["plan", "--config", "configs/nope.yaml", "--nodes", "1",
                                        "--gpus-per-node", "8"], "config", "config file not found"),
         *path_cases(f),
+        *caption_cases(f),
         *lora_cases(f),
         *pretrained_cases(f),
     ]
@@ -257,6 +259,48 @@ def path_cases(f: dict[str, Path]) -> list[Case]:
     ]
 
 
+def caption_files(root: Path) -> None:
+    """A transformers directory that is neither a captioner nor a causal LM (a ViT's config), and a
+    well-formed safetensors file without the .json `ckpt export` writes beside it."""
+    import torch as _torch
+    from safetensors.torch import save_file as save_tensors
+    from transformers import ViTConfig
+    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(root / "vit")
+    save_tensors({"w": _torch.zeros(2)}, str(root / "no_config.safetensors"))
+
+
+def caption_cases(f: dict[str, Path]) -> list[Case]:
+    """`caption` and `sample --extend-prompt` (docs/data.md re-captioning, docs/sampling.md), and the
+    exported-weights cases of eval-prompts / sample without their config."""
+    root, out = f["root"], str(f["root"] / "out")
+    cap = ["caption", str(f["empty"]), "--out", f"{out}/captions.jsonl"]
+    sample = ["sample", "--run", str(f["run"]), "--prompt", "x", "--steps", "1", "--out", f"{out}/s.mp4"]
+    return [
+        Case("caption with a model that is not a captioner", [*cap, "--model", str(root / "vit")], "input",
+             "holds a 'vit' model, which is not an image/video captioner"),
+        Case("caption with a missing model", [*cap, "--model", "/nonexistent/llava"], "input",
+             "is not a transformers model directory"),
+        Case("caption with an unknown instruction placeholder",
+             [*cap, "--model", str(root / "vit"), "--instruction", "Describe {subject}."], "usage",
+             "names the unknown placeholder {subject}"),
+        Case("caption without --out", ["caption", str(f["empty"]), "--model", str(root / "vit")], "usage",
+             "needs inputs and an output file"),
+        Case("sample --extend-prompt without a model", [*sample, "--extend-prompt"], "input",
+             "--extend-prompt needs a model directory"),
+        Case("sample --extend-prompt with a model that is not a causal LM",
+             [*sample, "--extend-prompt", str(root / "vit")], "input", "which is not a causal language model"),
+        Case("sample --extend-template without {prompt}",
+             [*sample, "--extend-prompt", str(root / "vit"), "--extend-template", "Write a long caption."], "usage",
+             "has no {prompt} placeholder"),
+        Case("sample weights without their .json", ["sample", "--weights", str(root / "no_config.safetensors"),
+                                                    "--prompt", "x"], "checkpoint", "is missing or not JSON"),
+        Case("eval-prompts corrupt weights", ["eval-prompts", "--weights", str(root / "corrupt.safetensors")],
+             "checkpoint", "is not a readable safetensors file"),
+        Case("eval-prompts weights without their .json",
+             ["eval-prompts", "--weights", str(root / "no_config.safetensors")], "checkpoint", "is missing or not JSON"),
+    ]
+
+
 def run_cli(case: Case) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megasora", *case.args], cwd=REPO, env=clean_env(**(case.env or {})),
                           capture_output=True, text=True, timeout=300)
@@ -283,7 +327,7 @@ def check_one_line(case: Case, proc: subprocess.CompletedProcess) -> str | None:
 
 
 COMMANDS = ["train", "train-vae", "sample", "preprocess", "ckpt", "submit", "plan", "config-docs", "scale",
-            "eval-prompts"]
+            "eval-prompts", "caption"]
 
 
 def test_the_table_covers_every_command() -> None:

@@ -89,7 +89,7 @@ def check_captioner_dir(path: str) -> Any:
     if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
         raise UserError(f"--model {path!r} holds a {config.model_type!r} model, which is not an image/video "
                         "captioner", "pass --model a directory AutoModelForImageTextToText loads (BLIP, LLaVA, "
-                        "Qwen2-VL ...)")
+                        "Qwen2-VL ...)", kind="input")
     return config
 
 

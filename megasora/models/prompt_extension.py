@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from megasora.config import ConfigError
 from megasora.errors import MissingPathError, UserError
 
 DEFAULT_EXTENSION_TEMPLATE = (
@@ -27,28 +26,29 @@ def check_template(template: str, key: str, required: tuple[str, ...] = (),
     try:
         names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as err:
-        raise ConfigError(f"{key}={template!r} is not a valid template ({err})",
-                          "write placeholders as {name} and literal braces as {{ }}") from err
+        raise UserError(f"{key} {template!r} is not a valid template ({err})",
+                        "write placeholders as {name} and literal braces as {{ }}") from err
     known = set(required) | set(allowed)
     missing = [n for n in required if n not in names]
     if missing:
-        raise ConfigError(f"{key}={template!r} has no {{{missing[0]}}} placeholder",
-                          f"put {{{missing[0]}}} where the text should go, e.g. \"... Prompt: {{{missing[0]}}}\"")
+        raise UserError(f"{key} {template!r} has no {{{missing[0]}}} placeholder",
+                        f"put {{{missing[0]}}} where the text should go, e.g. \"... Prompt: {{{missing[0]}}}\"")
     unknown = sorted(names - known)
     if unknown:
-        raise ConfigError(f"{key}={template!r} names the unknown placeholder {{{unknown[0]}}}",
-                          f"use only {', '.join('{' + n + '}' for n in sorted(known)) or 'no placeholders'} "
-                          "(write a literal brace as {{ or }})")
+        raise UserError(f"{key} {template!r} names the unknown placeholder {{{unknown[0]}}}",
+                        f"use only {', '.join('{' + n + '}' for n in sorted(known)) or 'no placeholders'} "
+                        "(write a literal brace as {{ or }})")
 
 
 def check_model_dir(path: str, key: str) -> Path:
     """A local transformers model directory (one line if not: nothing is downloaded)."""
     if not path:
-        raise UserError(f"{key} needs a model directory", f"pass {key} DIR, a local transformers model directory")
+        raise UserError(f"{key} needs a model directory", f"pass {key} DIR, a local transformers model directory",
+                        kind="input")
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise MissingPathError(f"{key} {path!r} is not a transformers model directory (no config.json)",
-                               f"pass {key} a directory saved with save_pretrained")
+                               f"pass {key} a directory saved with save_pretrained", kind="input")
     return directory
 
 
@@ -65,7 +65,7 @@ class PromptExtender:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
             raise UserError(f"{key} {path!r} holds a {config.model_type!r} model, which is not a causal language model",
-                            f"pass {key} a directory AutoModelForCausalLM loads (Qwen2, Llama, GPT-2 ...)")
+                            f"pass {key} a directory AutoModelForCausalLM loads (Qwen2, Llama, GPT-2 ...)", kind="input")
         self.device = torch.device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
