@@ -177,3 +177,26 @@ def test_pretrained_sets_the_shape_and_reads_only_a_ranks_part(saved: tuple[WanT
             third = want.shape[split[name]] // 3
             want = want.narrow(split[name], third, third)
         assert torch.equal(value, want), name
+
+
+@pytest.mark.slow
+def test_train_from_pretrained_then_export(tmp_path: Path) -> None:
+    """model.pretrained -> `megasora train` (one process, lr 0) -> `ckpt export --format diffusers`: the
+    exported tensors are the checkpoint's, bit for bit, so loading, training's state and export agree."""
+    model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=3, out_channels=3,
+                                  text_dim=384, freq_dim=32, ffn_dim=72, num_layers=2)  # configs/tiny.yaml's data
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "wan")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args in (["train", "--config", "configs/tiny.yaml", "--set", f"model.pretrained={tmp_path / 'wan'}",
+                  "--set", "train.steps=1", "--set", "train.lr=0", "--set", f"run.dir={tmp_path / 'run'}"],
+                 ["ckpt", "export", str(tmp_path / "run"), "--format", "diffusers", "--out", str(tmp_path / "out")]):
+        proc = subprocess.run([sys.executable, "-m", "megasora", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    original = load_file(tmp_path / "wan" / "diffusion_pytorch_model.safetensors")
+    exported = load_file(tmp_path / "out" / "diffusion_pytorch_model.safetensors")
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], v) for k, v in original.items())

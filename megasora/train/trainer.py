@@ -27,6 +27,7 @@ from megasora.train.engine import check_optimizer, zero3_partitioner
 from megasora.train.loop import TrainingLoop, TrainResult
 from megasora.train.objective import FlowMatchingObjective
 from megasora.train.pipeline_loop import PipelineTrainingLoop, pipeline_stage
+from megasora.train.pretrained import load_pretrained
 from megasora.train.startup import DataParallel, check_attention_kernel, training_run
 from megasora.train.throughput import DiTWork
 
@@ -50,7 +51,10 @@ def build_parallel_dit(cfg: Config, env: DistEnv) -> tuple[nn.Module, DataParall
     parallel = setup_parallel(cfg, model, env.world_size)
     local = pipeline_stage(cfg, model, parallel.mpu.mesh) if cfg.parallel.pp > 1 else model
     partition = zero3_partitioner(cfg, parallel.mpu) if cfg.train.zero_stage == 3 else None
-    materialize(local, partial(build_dit, cfg), parallel.mpu.mesh.rank_in("tp"), partition)
+    if cfg.model.pretrained:  # the checkpoint's weights instead of the seeded init
+        load_pretrained(local, cfg, parallel.mpu.mesh.rank_in("tp"), partition)
+    else:
+        materialize(local, partial(build_dit, cfg), parallel.mpu.mesh.rank_in("tp"), partition)
     return local, parallel
 
 
