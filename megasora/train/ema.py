@@ -13,7 +13,8 @@ A checkpoint holds these parts as they are (megasora/train/shard_files.py): ever
 its own into `ema/slice_mpXX_dpYYY.safetensors` (XX its model-parallel rank, YYY its dp x sp
 rank), named like the whole model's parameters, each part written as the few rectangles of the
 whole parameter its flat range covers (`flat_pieces`); a tp-replicated parameter is written by
-tp rank 0 only. Restoring reads, for each rectangle this rank holds under the CURRENT layout,
+tp rank 0 only; under ZeRO-3 over fewer ranks than dp x sp (replicated partitions), one replica
+writes. Restoring reads, for each rectangle this rank holds under the CURRENT layout,
 the overlapping bytes of whichever files hold it, so tp / pp / dp / sp changes need no
 conversion, and no rank gathers, clones or pickles the EMA. The whole EMA is assembled on one
 process only from the files: `megasora ckpt export --ema` and the training previews.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -55,6 +56,7 @@ class ShardPlace:
     part: int = 0              # this rank's part of every parameter: its dp x sp rank
     parts: int = 1             # dp x sp
     writes: bool = True        # False: a copy another rank writes (train-vae's replicated EMA)
+    dpsp_ranks: tuple[int, ...] = ()  # global ranks of this rank's dp x sp group (ZeRO-3's writer choice)
     # its file in the checkpoint's ema/ directory; not "mp_rank_*": DeepSpeed's universal
     # conversion takes every file of the checkpoint directory tree named so for its own
     file: str = "slice_mp00"
@@ -66,7 +68,7 @@ class ShardPlace:
         if mesh is None:
             return cls(writes=not dist.is_initialized() or dist.get_rank() == 0)
         part = mesh.rank_in("dpsp")
-        return cls(mesh.rank_in("tp"), mesh.size("tp"), part, mesh.size("dpsp"), True,
+        return cls(mesh.rank_in("tp"), mesh.size("tp"), part, mesh.size("dpsp"), True, tuple(mesh.ranks["dpsp"]),
                    f"slice_mp{mesh.rank_in('mp'):02d}_dp{part:03d}")
 
     def piece(self, param: torch.Tensor, shape: tuple[int, ...]) -> Piece:
@@ -87,6 +89,14 @@ class Part:
     replicated: bool        # the same on every tp rank (tp rank 0 writes it)
 
 
+def _zero3_writes(model: nn.Module, place: ShardPlace) -> bool:
+    """Whether this rank's ZeRO-3 partitions are the copy to save. DeepSpeed may partition over
+    fewer ranks than dp x sp (e.g. over dp only, the sp ranks then holding the same partitions):
+    of the partition groups inside this rank's dp x sp group, the one with its lowest rank writes."""
+    group = next(model.parameters()).ds_process_group  # type: ignore[attr-defined]
+    return not place.dpsp_ranks or min(place.dpsp_ranks) in dist.get_process_group_ranks(group)
+
+
 def _zero3_range(param: torch.Tensor) -> tuple[int, int]:
     """The flat range of `param` in this rank's ZeRO-3 partition (`ds_tensor`, padded at the end)."""
     size = param.ds_tensor.ds_numel  # type: ignore[attr-defined]
@@ -98,7 +108,8 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, zero_stage: int = 0, place: ShardPlace = ShardPlace()) -> None:
         self.decay = decay
         self.zero_stage = zero_stage
-        self.place = place
+        # under ZeRO-3 the parts are DeepSpeed's partitions, whatever group it partitions over
+        self.place = replace(place, writes=place.writes and _zero3_writes(model, place)) if zero_stage == 3 else place
         self.parts: list[Part] = []
         offset = 0
         for name, p in model.named_parameters():
