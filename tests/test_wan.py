@@ -31,6 +31,12 @@ from megasora.models.convert import (
     wan_to_megasora,
     write_diffusers,
 )
+from megasora.parallel.mesh import ParallelLayout, build_mesh
+from megasora.parallel.parallelize import parallelize
+from megasora.parallel.tensor import full_state_dict
+from megasora.train.pretrained import load_pretrained
+
+from parallel_utils import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,3 +206,29 @@ def test_train_from_pretrained_then_export(tmp_path: Path) -> None:
     exported = load_file(tmp_path / "out" / "diffusion_pytorch_model.safetensors")
     assert exported.keys() == original.keys()
     assert all(torch.equal(exported[k], v) for k, v in original.items())
+
+
+def _pretrained_tp_worker(rank: int, world: int, path: str) -> dict:
+    cfg = load_config(None, [f"model.pretrained={path}"])
+    mesh = build_mesh(ParallelLayout(tp=world))
+    with torch.device("meta"):
+        model = parallelize(build_dit(cfg), mesh)
+    load_pretrained(model, cfg, mesh.rank_in("tp"))
+    return {"whole": full_state_dict(model, mesh), "held": sum(p.numel() for p in model.parameters())}
+
+
+def test_pretrained_tp2_each_rank_loads_its_shard(tmp_path: Path) -> None:
+    """model.pretrained under tp2 (real parallelize on meta, then the loader): each rank holds less than
+    the model and the tp-gathered weights are from_diffusers' exactly."""
+    torch.manual_seed(3)
+    model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                  text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    model.save_pretrained(tmp_path / "wan", max_shard_size="40KB")
+    whole = from_diffusers(tmp_path / "wan").state_dict()
+    for run in run_distributed(_pretrained_tp_worker, 2, str(tmp_path / "wan")):
+        assert run["held"] < sum(t.numel() for t in whole.values())
+        assert run["whole"].keys() == whole.keys()
+        assert all(torch.equal(run["whole"][k], v) for k, v in whole.items())
