@@ -26,6 +26,7 @@ BASE = ["model.hidden=32", "model.heads=4", "model.depth=2", "model.mlp_ratio=2.
         f"train.steps={STEPS}", "train.save_every=3", "train.warmup_steps=0", "train.lr=1e-2",
         "train.ema_decay=0.9", "train.zero_stage=2", "train.grad_clip=1.0", "diffusion.cond_frames_prob=1.0"]
 GLOBAL_BATCH = 4
+PREVIEW = [f"train.sample_every={STEPS}", "train.sample_steps=1"]  # rank 0 samples the EMA from every rank's part
 LAYOUTS = {  # name -> (world, overrides, gradient accumulation steps)
     "single": (1, [], 1),
     "dp2": (2, [], 1),
@@ -34,10 +35,10 @@ LAYOUTS = {  # name -> (world, overrides, gradient accumulation steps)
     "dp2_zero3": (2, ["train.zero_stage=3"], 1),
     # DeepSpeed partitions ZeRO-3 over dp only here (so the sp ranks hold the same partitions and
     # one writes them); its training is not yet one process's (issue 22 item 5): restore only
-    "ulysses2_zero3": (2, ["train.zero_stage=3", "parallel.ulysses=2"], 1),
+    "ulysses2_zero3": (2, ["train.zero_stage=3", "parallel.ulysses=2", *PREVIEW], 1),
     "tp2xulysses2": (4, ["parallel.tp=2", "parallel.ulysses=2"], 1),
     "pp2xring2": (4, ["parallel.pp=2", "parallel.ring=2"], 2),  # 1F1B needs pp micro-batches
-    "dp2xulysses2": (4, ["parallel.ulysses=2"], 1),
+    "dp2xulysses2": (4, ["parallel.ulysses=2", *PREVIEW], 1),
 }
 TOLERANCE = 1e-5  # EMA elements, absolute (the parameters agree to 1e-4 in test_golden; the EMA averages them)
 
@@ -93,6 +94,13 @@ def test_resume_continues_the_sharded_ema(runs: Path) -> None:
     weights_err = max((weights[0][k] - weights[1][k]).abs().max().item() for k in full)
     ema_err = max((full[k] - resumed[k]).abs().max().item() for k in full)
     assert weights_err <= 1e-6 and ema_err <= weights_err, (ema_err, weights_err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["dp2xulysses2", "ulysses2_zero3"])
+def test_previews_sample_the_sharded_ema(runs: Path, layout: str) -> None:
+    assert (runs / layout / "samples" / f"step_{STEPS}.mp4").stat().st_size > 0
+    assert not (runs / layout / "samples" / ".ema").exists()  # the parts were assembled, then removed
 
 
 RESHARDS = {  # name -> (saved by, step, world, layout overrides)

@@ -19,8 +19,9 @@ the overlapping bytes of whichever files hold it, so tp / pp / dp / sp changes n
 conversion, and no rank gathers, clones or pickles the EMA. The whole EMA is assembled on one
 process only from the files: `megasora ckpt export --ema` and the training previews.
 
-Without a mesh (train-vae: data parallel only) the EMA is whole on every rank and global rank 0
-writes it (`state_dict()` hands the export its tensors).
+Without a mesh (train-vae: data parallel only) the EMA is whole on every rank (under ZeRO-3
+gathered to build and update it: the VAE is small) and global rank 0 writes it (`state_dict()`
+hands the export its tensors).
 """
 from __future__ import annotations
 
@@ -107,15 +108,17 @@ def _zero3_range(param: torch.Tensor) -> tuple[int, int]:
 class EMA:
     def __init__(self, model: nn.Module, decay: float, zero_stage: int = 0, place: ShardPlace = ShardPlace()) -> None:
         self.decay = decay
-        self.zero_stage = zero_stage
-        # under ZeRO-3 the parts are DeepSpeed's partitions, whatever group it partitions over
-        self.place = replace(place, writes=place.writes and _zero3_writes(model, place)) if zero_stage == 3 else place
+        # under ZeRO-3 the parts are DeepSpeed's partitions, whatever group it partitions over; without
+        # a mesh (train-vae) the EMA stays whole, built and updated from the gathered parameters
+        self.partitions = zero_stage == 3 and bool(place.dpsp_ranks)
+        self.gather = 3 if zero_stage == 3 and not self.partitions else 0
+        self.place = replace(place, writes=place.writes and _zero3_writes(model, place)) if self.partitions else place
         self.parts: list[Part] = []
         offset = 0
         for name, p in model.named_parameters():
             shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3: the unpartitioned (tp-local) shape
             numel = math.prod(shape)
-            if zero_stage == 3:
+            if self.partitions:
                 lo, hi = _zero3_range(p)
             else:
                 chunk = -(-numel // place.parts)
@@ -124,7 +127,7 @@ class EMA:
             offset += hi - lo
         device = next(model.parameters()).device
         self.flat = torch.empty(offset, dtype=torch.float32, device=device)  # (sum of the parts,)
-        with torch.no_grad():
+        with torch.no_grad(), gathered_parameters(model, self.gather):
             for ema, weights in self._sources(model):
                 ema.copy_(weights)
 
@@ -132,15 +135,16 @@ class EMA:
         """(this rank's EMA part, the same elements of the current weights) per parameter."""
         for part, p in zip(self.parts, model.parameters()):
             n = part.hi - part.lo
-            weights = p.ds_tensor[:n] if self.zero_stage == 3 else p.detach().reshape(-1)[part.lo:part.hi]  # type: ignore[attr-defined]
+            weights = p.ds_tensor[:n] if self.partitions else p.detach().reshape(-1)[part.lo:part.hi]  # type: ignore[attr-defined]
             yield self.flat[part.offset:part.offset + n], weights
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         # Early steps average over fewer updates so the EMA is useful before 1/(1-decay) steps.
         decay = min(self.decay, (1 + step) / (10 + step))
-        for ema, weights in self._sources(model):
-            ema.lerp_(weights.float(), 1 - decay)  # a bf16 part is upcast one parameter at a time
+        with gathered_parameters(model, self.gather):
+            for ema, weights in self._sources(model):
+                ema.lerp_(weights.float(), 1 - decay)  # a bf16 part is upcast one parameter at a time
 
     def slices(self) -> Iterator[tuple[str, Piece, torch.Tensor, bool]]:
         """(parameter name, rectangle of the whole parameter, this rank's EMA of it (a view of the
@@ -153,7 +157,7 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole EMA's tensors of an unsharded EMA (train-vae: no mesh, no tp, one part), views
         of the buffer: copy them to keep them past the next update."""
-        if self.place.parts != 1 or self.place.tp_size != 1:
+        if self.place.parts != 1 or self.place.tp_size != 1 or self.partitions:
             raise RuntimeError("a sharded EMA is whole only in its files (ema.save, ShardIndex.whole)")
         return {name: view for name, _, view, _ in self.slices()}
 

@@ -57,10 +57,16 @@ def sample_previews(cfg: Config, weights: dict[str, torch.Tensor], device: torch
     return torch.cat(list(frames), dim=-1).permute(1, 2, 3, 0).numpy()  # (T, H, B*W, 3)
 
 
+def preview_device(cfg: Config, device: torch.device) -> torch.device:
+    """Where rank 0 samples: its device, but the host under ZeRO-3, which partitions a model too
+    large for one GPU (a whole model must never land on one there)."""
+    return torch.device("cpu") if cfg.train.zero_stage == 3 else device
+
+
 def write_previews(cfg: Config, weights: dict[str, torch.Tensor], step: int, device: torch.device,
                    writer=None) -> Path:
     """Sample and write run/samples/step_N.mp4 (+ TensorBoard through `writer`); returns the mp4 path."""
-    frames = sample_previews(cfg, weights, device)
+    frames = sample_previews(cfg, weights, preview_device(cfg, device))
     zoom = max(1, 64 // frames.shape[1])  # tiny pixel-space clips are unwatchable at 16 px
     frames = frames.repeat(zoom, axis=1).repeat(zoom, axis=2)
     path = Path(cfg.run.dir) / "samples" / f"step_{step}.mp4"
