@@ -331,7 +331,8 @@ def test_wan_lora_export_loads_into_diffusers(tmp_path: Path) -> None:
 def test_wan_lora_trained_at_tp2_exports_to_diffusers(tmp_path: Path, capsys) -> None:
     """model.pretrained (a tiny Wan saved here) -> LoRA training at tp2 through the trainer -> `ckpt export
     --format diffusers-lora` (tp shards consolidated) -> diffusers' load_lora_adapter == MegaSora with the
-    same file as train.lora.init, within 1e-5, and the trained adapters changed the output."""
+    same file as train.lora.init, within 1e-5, and the trained adapters changed the output; `--format diffusers
+    --merge` is a WanTransformer3DModel directory giving that output too."""
     torch.manual_seed(4)
     wan = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=3, out_channels=3,
                                 text_dim=384, freq_dim=32, ffn_dim=72, num_layers=2)  # configs/tiny.yaml's data
@@ -358,3 +359,8 @@ def test_wan_lora_trained_at_tp2_exports_to_diffusers(tmp_path: Path, capsys) ->
         base = from_diffusers(tmp_path / "wan").eval()(latents, sigma, text, mask)
     assert (got - base).abs().max() > 1e-4  # two steps of training moved the adapters
     assert (got - want).abs().max() <= 1e-5
+    # --merge onto model.pretrained, written as a diffusers directory: the same model, adapters folded in
+    _export(capsys, str(tmp_path / "run"), "--format", "diffusers", "--merge", "--out", str(tmp_path / "merged"))
+    with torch.no_grad():
+        merged = WanTransformer3DModel.from_pretrained(tmp_path / "merged").eval()
+        assert (merged(latents, sigma * 1000, diffusers_text(text, mask), return_dict=False)[0] - want).abs().max() <= 1e-5
