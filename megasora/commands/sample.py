@@ -26,12 +26,14 @@ from megasora.launcher.env import discover
 from megasora.models import build_dit
 from megasora.models.dit import DiT
 from megasora.models.prompt_extension import DEFAULT_EXTENSION_TEMPLATE, PromptExtender, check_model_dir, check_template
-from megasora.models.text import TextEncoder, check_text_path
+from megasora.models.text import EMPTY_CAPTION, check_text_path, text_encoder_from_config, uses_empty_caption
 from megasora.models.vae import check_vae_path
 from megasora.parallel import init_parallel
+from megasora.parallel.lora import is_lora_parameter
 from megasora.parallel.mesh import LayoutError, validate_config_layout
 from megasora.train.checkpoint import CheckpointError, read_model_weights
 from megasora.train.distributed import device_for, init_distributed
+from megasora.train.lora_export import merged
 
 log = logging.getLogger("megasora")
 
@@ -108,6 +110,8 @@ def load_sampling_model(args: argparse.Namespace) -> tuple[DiT, Config, Path]:
         weights, cfg_dict, used_ema = read_model_weights(root, args.tag or tag, not args.no_ema)
         source, out_dir = f"{root} ({'EMA' if used_ema else 'raw'} weights)", Path(args.run)
     cfg = config_from_dict(apply_overrides(cfg_dict, getattr(args, "overrides", [])))
+    if cfg.train.lora.rank > 0 and any(is_lora_parameter(name) for name in weights):
+        weights = merged(weights, cfg)  # a LoRA checkpoint holds only adapters: fold them into the base
     model = build_dit(cfg)
     model.load_state_dict(weights)
     log.info("loaded %s", source)
@@ -225,11 +229,14 @@ def run(args: argparse.Namespace) -> int:
         model.cuda()
     # Every rank extends the same prompts the same way (greedy), so no collective is needed.
     encoded = extend_prompts(args, prompts, "cuda" if torch.cuda.is_available() else "cpu")
-    text, mask = TextEncoder(cfg.text.path or None, cfg.text.max_length).encode(encoded)
+    encoder = text_encoder_from_config(cfg.text)
+    text, mask = encoder.encode(encoded)
+    null = encoder.encode([EMPTY_CAPTION]) if uses_empty_caption(cfg) else None  # Wan's guidance negative
     window = args.window or cfg.data.frames
     context = modes.context_frames(args.mode, window, cfg.model.patch[0])
     progress = modes.StepProgress(rank == 0, windows_needed(args, cfg, window, context))
-    sampler = modes.ModeSampler(model, cfg, text, mask, args.steps, args.guidance, args.seed, progress)
+    sampler = modes.ModeSampler(model, cfg, text, mask, args.steps, args.guidance, args.seed, progress,
+                                null_caption=None if null is None else (null[0][0], null[1][0]))
     latents = run_mode(sampler, args, cfg, inputs, window, context)
     progress.close()
     if rank == 0:

@@ -5,6 +5,11 @@ Work unit = a shard = `inputs_per_shard` consecutive input files (sorted), so th
 across ranks (shard i goes to rank i % world) and the resume check (shard i's index file
 exists) need no coordination. Unreadable inputs are skipped, logged and counted; the
 report (report.json, or report-rank{r}.json when multi-process) lists them.
+
+Caption embeddings are stored trimmed after their last valid token (a 512-token UMT5 caption
+is mostly padding) with the padded length in the sample's meta (`text_length`); reading pads
+them back with zeros (data/shards.py). A model whose null caption is the empty string's
+embedding (Wan) gets it stored once as null_caption.npz beside the shards.
 """
 from __future__ import annotations
 
@@ -21,10 +26,17 @@ from tqdm import tqdm
 
 from megasora.config import Config
 from megasora.data.captions import CaptionTable, captions_for, check_caption_file, load_captions
-from megasora.data.shards import Sample, finished_shards, shard_name, write_json_atomic, write_shard
+from megasora.data.shards import (
+    NULL_CAPTION_FILE,
+    Sample,
+    finished_shards,
+    shard_name,
+    write_json_atomic,
+    write_shard,
+)
 from megasora.data.video_io import clip_to_tensor, is_media, iter_clips
 from megasora.errors import MissingPathError, UserError
-from megasora.models.text import check_text_path
+from megasora.models.text import EMPTY_CAPTION, check_text_path, trim_caption
 from megasora.models.vae import check_vae_path, pixels_to_latents
 
 log = logging.getLogger("megasora.preprocess")
@@ -44,6 +56,7 @@ class PreprocessSpec:
     rank: int = 0
     world_size: int = 1
     encoders: dict = field(default_factory=dict)  # identity of the VAE / text encoder (see encoder_identity)
+    null_caption: bool = False  # store the empty caption's embedding (models whose null caption it is: Wan)
 
     def settings(self) -> dict:
         """Everything that changes a shard's content; a resumed run must match it."""
@@ -198,17 +211,33 @@ def process_shard(shard: int, paths: list[str], first_index: int, tables: list[C
             log.warning("skipping %s: %s: %s", path, type(err).__name__, err)
     if samples:
         emb, mask = text_encoder.encode([s.meta["caption"] for s in samples])
-        for s, e, m in zip(samples, emb.numpy(), mask.numpy()):
-            s.text_emb, s.text_mask = e, m
+        for s, e, m in zip(samples, emb, mask):
+            s.text_emb, s.text_mask = stored_caption(e, m)
+            s.meta["text_length"] = int(m.shape[0])
         for s in samples:  # further captions (few samples have them; the encoder caches repeats)
             if len(s.meta.get("captions", ())) > 1:
                 extra_emb, extra_mask = text_encoder.encode(s.meta["captions"][1:])
-                s.extra_text = list(zip(extra_emb.numpy(), extra_mask.numpy()))
+                s.extra_text = [stored_caption(e, m) for e, m in zip(extra_emb, extra_mask)]
     # An all-failed shard still gets an (empty) index so a resumed run does not retry it forever.
     write_shard(spec.out, shard, samples, extra={"inputs": paths, "failures": report.failures[failed_before:],
                                                  "settings": spec.settings()})
     report.clips += len(samples)
     report.shards_written += 1
+
+
+def stored_caption(emb, mask) -> tuple[np.ndarray, np.ndarray]:
+    """One caption's (L, D) / (L,) tensors as stored: trimmed after the last valid token."""
+    emb, mask = trim_caption(emb, mask)
+    return emb.numpy(), mask.numpy()
+
+
+def write_null_caption(out: Path, text_encoder) -> None:
+    """The empty caption's embedding, stored like a sample's caption, for caption dropout (Wan)."""
+    emb, mask = text_encoder.encode([EMPTY_CAPTION])
+    null_emb, null_mask = stored_caption(emb[0], mask[0])
+    tmp = out / f"{NULL_CAPTION_FILE}.tmp.npz"
+    np.savez(tmp, text_emb=null_emb, text_mask=null_mask, text_length=np.int64(mask.shape[1]))
+    tmp.replace(out / NULL_CAPTION_FILE)
 
 
 def check_resumable(index_file: Path, spec: PreprocessSpec) -> None:
@@ -242,6 +271,8 @@ def run_preprocess(spec: PreprocessSpec, vae, text_encoder) -> Report:
     shards = [i for i in range((len(inputs) + n - 1) // n) if i % spec.world_size == spec.rank]
     report = Report(inputs=sum(len(inputs[i * n:(i + 1) * n]) for i in shards))
     progress = Progress(report.inputs, f"preprocess rank {spec.rank}/{spec.world_size}")
+    if spec.null_caption and spec.rank == 0:
+        write_null_caption(out, text_encoder)
     for shard in shards:
         paths = inputs[shard * n:(shard + 1) * n]
         if (out / f"{shard_name(shard)}.json").is_file():

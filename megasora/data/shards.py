@@ -6,6 +6,8 @@ A sample is four tar members sharing a key (the webdataset convention, so
     KEY.text_emb.npy   float32 (L, D)        text encoder tokens
     KEY.text_mask.npy  bool    (L,)          valid-token mask
     KEY.json           metadata: source, clip start, fps, frames, pixel H/W, caption, latent shape
+The text members may be stored trimmed after the last valid token, the meta's `text_length`
+then naming the padded length L they are zero-padded back to when read (decode_sample).
 A sample with several captions (data.caption_mix) adds KEY.text_emb.K.npy / KEY.text_mask.K.npy
 for its captions K = 1, 2, ... (the plain members are caption 0; meta "captions" lists them all).
 Next to `shard-000007.tar`, `shard-000007.json` holds the index: per sample the key,
@@ -25,7 +27,12 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from megasora.config import Config
+from megasora.errors import DataError
+from megasora.models.text import uses_empty_caption
+
 FIELDS = ("latents.npy", "text_emb.npy", "text_mask.npy", "json")
+NULL_CAPTION_FILE = "null_caption.npz"  # the empty caption's embedding beside the shards (Wan's null caption)
 INDEX_VERSION = 1
 
 
@@ -137,8 +144,40 @@ def decode_sample(key: str, raw: dict[str, bytes], shape: list[int] | None = Non
         meta = json.loads(raw["json"])
     except Exception as err:  # np.load raises several types on garbage bytes
         raise ValueError(f"sample {key}: undecodable member ({type(err).__name__}: {err})") from err
+    if emb.ndim == 2 and mask.shape == emb.shape[:1] and emb.shape[0] < meta.get("text_length", 0):
+        emb, mask = pad_rows(emb, mask, meta["text_length"])
     if shape is not None and list(latents.shape) != list(shape):
         raise ValueError(f"sample {key}: latents shape {list(latents.shape)} != indexed {shape}")
     if latents.dtype != np.float32 or emb.ndim != 2 or mask.shape != emb.shape[:1]:
         raise ValueError(f"sample {key}: bad dtypes/shapes latents {latents.dtype} emb {emb.shape} mask {mask.shape}")
     return Sample(key, latents, emb, mask.astype(bool), meta)
+
+
+def pad_rows(emb: np.ndarray, mask: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """A trimmed caption (l, D) / (l,) zero-padded back to `length` rows."""
+    extra = length - emb.shape[0]
+    return (np.concatenate([emb, np.zeros((extra, emb.shape[1]), emb.dtype)]),
+            np.concatenate([mask, np.zeros(extra, bool)]))
+
+
+def read_null_caption(directory: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The empty caption's (L, D) embedding and (L,) mask `megasora preprocess` stored, or None."""
+    path = Path(directory) / NULL_CAPTION_FILE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return pad_rows(data["text_emb"], data["text_mask"].astype(bool), int(data["text_length"]))
+
+
+def dataset_null_caption(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
+    """The null caption a run's caption dropout substitutes, when its model's is the empty string's
+    embedding (Wan) and it trains on shards; None = the model's own dropped-caption input."""
+    if not uses_empty_caption(cfg) or cfg.data.kind != "shards":
+        return None
+    null = read_null_caption(cfg.data.shards)
+    if null is None and cfg.diffusion.caption_dropout > 0:
+        raise DataError(f"{cfg.data.shards} has no {NULL_CAPTION_FILE} (the empty caption's embedding, model.family="
+                        f"{cfg.model.family}'s null caption for diffusion.caption_dropout)",
+                        "re-run `megasora preprocess` with this config (it writes the file), or set "
+                        "diffusion.caption_dropout=0")
+    return null

@@ -31,7 +31,10 @@ def frame_generator(seed: int, sample_id: int, step: int, frame: int) -> torch.G
 
 
 def resolution_shift(num_tokens: int, cfg: DiffusionConfig) -> float:
-    """Larger / longer clips need more noise to destroy the same structure: shift ~ sqrt(tokens/base)."""
+    """Larger / longer clips need more noise to destroy the same structure: shift ~ sqrt(tokens/base);
+    diffusion.shift > 0 fixes it instead (Wan 2.1 was trained with one shift per resolution)."""
+    if cfg.shift > 0:
+        return cfg.shift
     return min(max(math.sqrt(num_tokens / cfg.shift_base_tokens), 1.0), cfg.max_shift)
 
 

@@ -177,6 +177,7 @@ class ModeSampler:
     seed: int = 0
     progress: Optional[Callable[[int], Progress]] = None  # window index -> that window's step callback
     windows_done: int = 0
+    null_caption: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (L, Dt), (L,): guidance negative (Wan)
 
     @property
     def batch(self) -> int:
@@ -194,7 +195,7 @@ class ModeSampler:
         self.windows_done += 1
         latents = sample_euler(self.model, shape, self.text, self.text_mask, self.cfg.diffusion, steps=self.steps,
                                guidance=self.guidance, patch=self.patch, generator=generator, condition=condition,
-                               init=init, strength=strength, progress=progress)
+                               init=init, strength=strength, progress=progress, null_caption=self.null_caption)
         return latents.cpu()  # windows are stitched with the (CPU) inputs
 
     def window_with(self, known: dict[str, torch.Tensor], window: int) -> torch.Tensor:

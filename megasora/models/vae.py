@@ -317,9 +317,10 @@ def check_vae_path(path: str) -> None:
 
 
 _DIFFUSERS_CLASSES = ("AutoencoderKLCogVideoX", "AutoencoderKLWan")
+_KIND_CLASSES = {"cogvideox": "AutoencoderKLCogVideoX", "wan": "AutoencoderKLWan"}  # vae.kind -> diffusers class
 
 
-def load_diffusers_vae(path: str, dtype: torch.dtype = torch.float32) -> DiffusersVAE:
+def load_diffusers_vae(path: str, dtype: torch.dtype = torch.float32, kind: str = "auto") -> DiffusersVAE:
     """Load a diffusers video VAE from a local directory holding config.json + weights."""
     import diffusers  # lazy: seconds to import; only a pretrained diffusers VAE needs it
 
@@ -331,6 +332,9 @@ def load_diffusers_vae(path: str, dtype: torch.dtype = torch.float32) -> Diffuse
     if class_name not in _DIFFUSERS_CLASSES:
         raise ConfigError(f"vae.path: {config_file} has _class_name={class_name!r}",
                           f"supported diffusers VAEs: {', '.join(_DIFFUSERS_CLASSES)}")
+    if kind in _KIND_CLASSES and class_name != _KIND_CLASSES[kind]:
+        raise ConfigError(f"vae.kind={kind} but vae.path={path!r} holds a {class_name}",
+                          f"point vae.path at a diffusers {_KIND_CLASSES[kind]} directory, or set vae.kind=auto")
     model = getattr(diffusers, class_name).from_pretrained(path, torch_dtype=dtype, local_files_only=True)
     return DiffusersVAE(model.eval().requires_grad_(False))
 
@@ -357,13 +361,20 @@ def load_vae_file(path: str) -> VideoVAE:
     return vae.eval()
 
 
-def load_vae(path: str, arch: VAEArch | None = None) -> VideoVAE | DiffusersVAE:
-    """One entry point: a diffusers directory, a MegaSora .safetensors file, or (no path) a fresh VideoVAE."""
+def load_vae(path: str, arch: VAEArch | None = None, kind: str = "auto") -> VideoVAE | DiffusersVAE:
+    """One entry point: a diffusers directory, a MegaSora .safetensors file, or (no path) a fresh VideoVAE;
+    `kind` (vae.kind) names which of them the path must be."""
     check_vae_path(path)
     if not path:
         return VideoVAE(arch or VAEArch()).eval()
     if Path(path).is_dir():
-        return load_diffusers_vae(path)
+        if kind == "megasora":
+            raise ConfigError(f"vae.kind=megasora but vae.path={path!r} is a directory (a diffusers VAE)",
+                              "point vae.path at a `megasora train-vae` .safetensors file, or set vae.kind=auto")
+        return load_diffusers_vae(path, kind=kind)
+    if kind in _KIND_CLASSES:
+        raise ConfigError(f"vae.kind={kind} but vae.path={path!r} is a file, not a diffusers directory",
+                          f"point vae.path at a diffusers {_KIND_CLASSES[kind]} directory, or set vae.kind=auto")
     return load_vae_file(path)
 
 
@@ -376,4 +387,4 @@ def arch_from_config(cfg: VAEConfig) -> VAEArch:
 
 def vae_from_config(cfg: VAEConfig) -> VideoVAE | DiffusersVAE:
     """The VAE a `VAEConfig` names: loaded from `cfg.path`, or a fresh VideoVAE when it is empty."""
-    return load_vae(cfg.path, arch_from_config(cfg))
+    return load_vae(cfg.path, arch_from_config(cfg), cfg.kind)

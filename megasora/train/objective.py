@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from megasora.config import Config
+from megasora.data.shards import dataset_null_caption
 from megasora.diffusion.flow import clip_grid, noise_span, span_mse
 from megasora.models.dit import NoSequenceSharding, SequenceHook
+from megasora.models.text import with_null_caption
 
 
 @dataclass
@@ -62,6 +64,9 @@ class FlowMatchingObjective:
         pt, ph, pw = cfg.model.patch
         self.patch = (pt, ph, pw)
         self.sequence: SequenceHook = sequence or NoSequenceSharding()
+        # Wan drops a caption to the empty string's embedding (stored by preprocess), not to zeros.
+        null = dataset_null_caption(cfg)
+        self.null_caption = None if null is None else (torch.from_numpy(null[0]), torch.from_numpy(null[1]))
 
     def tokens_per_sample(self, batch: dict[str, Any]) -> int:
         _, _, t, h, w = batch["latents"].shape
@@ -75,9 +80,13 @@ class FlowMatchingObjective:
         rows = span.latent_rows(batch["latents"], self.patch[0]).to(device=device, dtype=dtype)  # before noising
         noised = noise_span(rows, batch["ids"], step, self.seed, self.diffusion, self.patch, span)
         del rows
-        return FlowInputs(noised.x_t, noised.t_tokens.to(dtype), batch["text_emb"].to(device=device, dtype=dtype),
-                          batch["text_mask"].to(device), noised.drop_text, noised.target, noised.loss_mask,
-                          noised.loss_elements, grid, self.sequence)
+        text, text_mask = batch["text_emb"].to(device=device, dtype=dtype), batch["text_mask"].to(device)
+        drop = noised.drop_text
+        if self.null_caption is not None:  # on the device: the (L, Dt) null caption is copied, nothing synced
+            text, text_mask = with_null_caption(text, text_mask, drop, *self.null_caption)
+            drop = torch.zeros_like(drop)
+        return FlowInputs(noised.x_t, noised.t_tokens.to(dtype), text, text_mask, drop, noised.target,
+                          noised.loss_mask, noised.loss_elements, grid, self.sequence)
 
     def __call__(self, model: nn.Module, batch: dict[str, Any], step: int, dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
