@@ -30,7 +30,7 @@ from megasora.data.captions import caption_from_filename
 from megasora.data.preprocess import Progress, collect_inputs
 from megasora.data.shards import write_json_atomic
 from megasora.data.video_io import Clip, iter_clips
-from megasora.errors import UserError
+from megasora.errors import EnvironmentProblem, UserError
 from megasora.models.prompt_extension import check_model_dir, check_template
 
 log = logging.getLogger("megasora.caption")
@@ -107,7 +107,16 @@ class Captioner:
         check_captioner_dir(path)
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        try:
+            self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        except ImportError as err:  # transformers' video processors need torchvision
+            first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+            raise EnvironmentProblem(f"the processor of --model {path!r} cannot load: {first}",
+                                     "install the package it names (e.g. `pip install torchvision` for video "
+                                     "models)") from err
+        except OSError as err:  # weights without the processor's files
+            raise UserError(f"--model {path!r} has no processor files ({' '.join(str(err).split())[:200]})",
+                            "save the processor into it too (processor.save_pretrained(DIR))", kind="input") from err
         model: Any = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         tokenizer = getattr(self.processor, "tokenizer", None)
