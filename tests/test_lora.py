@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from diffusers import WanTransformer3DModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_wan import TEXT_DIM, diffusers_text, tiny_wan
 
 from megasora.cli import main
@@ -113,23 +113,34 @@ def _gathered_grads(model: DiT, mesh) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tp_worker(rank: int, world: int) -> dict:
+def _single_adapted() -> DiT:
     single = apply_lora(_base(), LORA)
     _random_adapters(single)
+    return single
+
+
+def _tp_worker(rank: int, world: int, lora_file: str) -> dict:
+    single = _single_adapted()
     mesh = build_mesh(ParallelLayout(tp=TP))
     model = parallelize(_base(), mesh, lora=LORA)
     _random_adapters(model, mesh.rank_in("tp"), TP)
     ref, out = _forward_backward(single), _forward_backward(model)
-    return {"out": (out, ref), "grads": (_gathered_grads(model, mesh),
+    from_file = parallelize(_base(), mesh, lora=replace(LORA, init=lora_file))  # each rank reads its tp part
+    return {"out": (out, ref), "from_file": _forward_backward(from_file), "grads": (_gathered_grads(model, mesh),
                                          {n: p.grad for n, p in single.named_parameters() if is_lora_parameter(n)}),
             "base_grads": [n for n, p in model.named_parameters() if p.grad is not None and not is_lora_parameter(n)],
             "split": lora_partition_dims(model)}
 
 
-def test_tp2_lora_forward_and_gradients_equal_one_process() -> None:
-    for run in run_distributed(_tp_worker, TP):
+def test_tp2_lora_forward_and_gradients_equal_one_process(tmp_path: Path) -> None:
+    """Also: the one-process adapters exported to a diffusers-lora file and read back at tp2 (train.lora.init)."""
+    single = _single_adapted()
+    adapters = {n: p.detach() for n, p in single.named_parameters() if is_lora_parameter(n)}
+    save_file(diffusers_lora(adapters, LORA.scale, ARCH), tmp_path / "lora.safetensors")
+    for run in run_distributed(_tp_worker, TP, str(tmp_path / "lora.safetensors")):
         out, ref = run["out"]
         assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(run["from_file"], ref, atol=1e-5, rtol=1e-5)
         grads, ref_grads = run["grads"]
         assert sorted(grads) == sorted(ref_grads) and len(grads) == 2 * 2 * (len(TARGETS) - 1) + 2
         for name, grad in grads.items():
