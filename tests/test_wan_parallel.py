@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from megasora.models.convert import from_diffusers, megasora_to_wan
 from megasora.models.flops import attended_text_tokens, dit_forward_flops, dit_train_flops
 from megasora.models.wan import WanArch, WanModel
 from megasora.parallel.activation_checkpointing import apply_activation_checkpointing, checkpointing_summary
@@ -305,3 +306,37 @@ def test_wan_flops_match_flop_counter():
                 out.square().mean().backward()
         expected = B * flops(ARCH, tokens, attended_text_tokens(ARCH, TEXT))
         assert counter.get_total_flops() == pytest.approx(expected, rel=0.02), backward
+
+
+# ---------------------------------------------------------------- the padded text context at the caption's cost
+
+
+def test_merged_text_padding_gives_diffusers_gradients(tmp_path):
+    """WanCrossAttention computes the zero-padded text_len context as one token weighted by the padding's
+    count: output and every parameter gradient equal diffusers' (which attends to all 512 tokens)."""
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    theirs = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                   out_channels=4, text_dim=24, freq_dim=32, ffn_dim=48, num_layers=2,
+                                   rope_max_seq_len=64)
+    with torch.no_grad():
+        for param in theirs.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    theirs.save_pretrained(tmp_path)
+    ours = from_diffusers(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    latents, text = torch.randn(2, 4, 3, 6, 6, generator=g), torch.randn(2, 7, 24, generator=g)
+    mask = torch.arange(7)[None] < torch.tensor([[3], [7]])
+    dout = torch.randn(2, 4, 3, 6, 6, generator=g)
+    sigma = torch.tensor([0.3, 0.8])
+    padded = nn.functional.pad(text * mask[..., None], (0, 0, 0, 512 - 7))
+    want = theirs(latents, sigma * 1000, padded, return_dict=False)[0]
+    (want * dout).sum().backward()
+    got = ours(latents, sigma, text, mask)
+    (got * dout).sum().backward()
+    assert _relative_error(got.detach(), want.detach()) <= 1e-5
+    grads = megasora_to_wan({name: p.grad for name, p in ours.named_parameters()}, ours.arch)
+    ref = {name: p.grad for name, p in theirs.named_parameters()}
+    assert grads.keys() == ref.keys()
+    for name, grad in ref.items():
+        assert _relative_error(grads[name], grad) <= 1e-4, name

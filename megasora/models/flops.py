@@ -14,14 +14,15 @@ from __future__ import annotations
 import math
 
 from megasora.models.dit import DiTArch
-from megasora.models.wan import MODULATIONS, WanArch
+from megasora.models.wan import MODULATIONS, WanArch, text_rows
 
 TIMESTEP_FREQ_DIM = 256  # models/embeddings.py TimestepEmbedder's sinusoidal width
 
 
 def attended_text_tokens(arch: DiTArch, caption_tokens: int) -> int:
-    """Text tokens cross-attention runs over: the caption's, or Wan's whole zero-padded text_len context."""
-    return arch.text_len if isinstance(arch, WanArch) else caption_tokens
+    """Text tokens the blocks compute: the caption's; Wan's zero-padded text_len context costs the
+    caption's tokens plus the one that stands for all the padding (models/wan.py text_rows)."""
+    return text_rows(caption_tokens, arch.text_len) if isinstance(arch, WanArch) else caption_tokens
 
 
 def ffn_width(arch: DiTArch) -> int:

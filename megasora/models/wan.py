@@ -17,7 +17,8 @@ TP plan's linears, activation checkpointing and DiTStage apply unchanged. Where 
   head (models/convert.py: rope_row_order) so the shared rotate-half kernel applies.
 - block: self-attention -> cross-attention (ungated, after an affine LayerNorm) -> FFN, the
   residual adds in fp32.
-- text: zeroed past its mask and zero-padded to text_len (512 UMT5 tokens), attended unmasked,
+- text: zeroed past its mask and zero-padded to text_len (512 UMT5 tokens), attended unmasked
+  (the padding's identical tokens computed as one, weighted by their count: WanCrossAttention),
   as Wan's pipeline feeds it.
 - output: norm with (table + raw time embedding) shift/scale; diffusers' proj_out rows are in
   (pt, ph, pw, C) order, stored here in patchify's (C, pt, ph, pw) (models/convert.py), so the
@@ -106,17 +107,30 @@ class WanSelfAttention(SelfAttention):
 
 
 class WanCrossAttention(CrossAttention):
-    """Video tokens attend to all text_len text tokens (padding included, as Wan was trained)."""
+    """Video tokens attend to all text_len text tokens (padding included, as Wan was trained).
 
-    def __init__(self, hidden: int, heads: int, eps: float) -> None:
+    Every zero-padded token has the same key and value, so WanCaption hands over ONE of them
+    after the caption's L tokens, and it stands for all text_len - L: its score gets
+    + log(text_len - L), i.e. its softmax weight is theirs summed (exact; the output and every
+    gradient are those of the text_len-token attention, at L + 1 tokens' cost).
+    """
+
+    def __init__(self, hidden: int, heads: int, eps: float, text_len: int = 0) -> None:
         super().__init__(hidden, heads, qk_norm=False)
         self.q_norm = HeadsRMSNorm(hidden, eps)
         self.k_norm = HeadsRMSNorm(hidden, eps)
+        self.text_len = text_len
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in _heads_qkv(self, x, text))  # (B, H, N|L, Dh)
-        out = local_attention(q, k, v, None)
+        rows = text.shape[1]
+        if rows < self.text_len:  # the last row stands for text_len - rows + 1 padded tokens
+            bias = torch.zeros(rows, dtype=q.dtype, device=q.device)
+            bias[-1] = math.log(self.text_len - rows + 1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(q.shape[2], rows))  # (N, L+1)
+        else:
+            out = local_attention(q, k, v, None)
         return self.out(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -132,7 +146,7 @@ class WanBlock(DiTBlock):
         self.eps = arch.eps
         self.attn = WanSelfAttention(d, arch.heads, arch.eps)
         self.cross_norm = WanLayerNorm(d, eps=arch.eps) if arch.cross_attn_norm else nn.Identity()  # type: ignore[assignment]
-        self.cross_attn = WanCrossAttention(d, arch.heads, arch.eps)
+        self.cross_attn = WanCrossAttention(d, arch.heads, arch.eps, arch.text_len)
         self.mlp = Mlp(d, arch.mlp_ratio, arch.ffn_width)
         self.scale_shift_table = nn.Parameter(torch.empty(1, MODULATIONS, d))
         self.checkpoint = None
@@ -172,11 +186,18 @@ class WanTimeEmbedding(TimestepEmbedder):
         return torch.cat([temb, self.modulation(temb)], dim=-1)
 
 
+def text_rows(caption_tokens: int, text_len: int) -> int:
+    """Text tokens a Wan block computes for a caption of `caption_tokens`: those, plus one that stands
+    for the text_len - caption_tokens zero-padded ones (WanCrossAttention), at most text_len."""
+    return min(caption_tokens + 1, text_len)
+
+
 class WanCaption(nn.Module):
-    """Text features (B, L, Dt), L <= text_len -> (B, text_len, D) tokens, all attended.
+    """Text features (B, L, Dt), L <= text_len -> (B, text_rows(L), D) tokens, all attended.
 
     Features past the mask are zeroed and the caption zero-padded to text_len, which is how
-    Wan's pipeline feeds UMT5's output, so any padding of the input gives the same result. A
+    Wan's pipeline feeds UMT5's output, so any padding of the input gives the same result; the
+    padding past L is one row, which WanCrossAttention counts text_len - L times. A
     dropped caption (drop) becomes all zeros here; Wan's own null caption is the empty
     string's embedding, which the data path substitutes before the model.
     """
@@ -194,8 +215,10 @@ class WanCaption(nn.Module):
             raise ValueError(f"text of {length} tokens is longer than the model's text_len={self.text_len}; "
                              f"set text.max_length <= {self.text_len}")
         keep = mask if drop is None else mask & ~drop[:, None]
-        text = F.pad(text * keep[..., None].to(text.dtype), (0, 0, 0, self.text_len - length))
-        return self.proj(text), torch.ones(b, self.text_len, dtype=torch.bool, device=text.device), None
+        # one zero row stands for all text_len - length padded tokens (WanCrossAttention weighs it)
+        rows = text_rows(length, self.text_len)
+        text = F.pad(text * keep[..., None].to(text.dtype), (0, 0, 0, rows - length))
+        return self.proj(text), torch.ones(b, rows, dtype=torch.bool, device=text.device), None
 
 
 class WanFinalLayer(nn.Module):
@@ -255,7 +278,8 @@ class WanModel(DiT):
 
     def unpack(self, message: torch.Tensor, layout: TokenState) -> tuple[TokenState, torch.Tensor]:
         n, c = layout.x.shape[1], layout.cond.shape[1]
-        x, cond, text_tokens = message.split([n, c * (1 + MODULATIONS), self.arch.text_len], dim=1)
+        x, cond, text_tokens = message.split([n, c * (1 + MODULATIONS), message.shape[1] - n - c * (1 + MODULATIONS)],
+                                             dim=1)
         cond = cond.reshape(message.shape[0], c, -1)  # (B, c, 7D)
         return TokenState(x=x, cond=cond, rope=layout.rope, key_padding_mask=layout.key_padding_mask), text_tokens
 
@@ -265,7 +289,7 @@ class WanModel(DiT):
         b, rows, d = super().message_shape(latents, t, text, *args, **kwargs)  # rows = n + c + L
         rows -= text.shape[1]
         n, c = (rows - 1, 1) if t.dim() == 1 else (rows // 2, rows // 2)  # c = 1 or n (per-token t)
-        return b, n + c * (1 + MODULATIONS) + self.arch.text_len, d
+        return b, n + c * (1 + MODULATIONS) + text_rows(text.shape[1], self.arch.text_len), d
 
     def block(self, index: int) -> WanBlock:
         return self.blocks[index]  # type: ignore[return-value]
