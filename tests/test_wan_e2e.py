@@ -245,3 +245,16 @@ def test_sample_writes_video(wan, lora_run, mode, tmp_path):
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     expected = {"t2v": 5, "i2v": 5, "extend": 13}[mode]  # 2 latent frames -> 5 pixels; extend: 2 + 2 -> 13
     assert len(frames) == expected and frames[0].shape == (32, 96, 3)
+
+
+def test_training_previews_sample_wan(wan):
+    from megasora.config import load_config
+    from megasora.models import from_diffusers
+    from megasora.train.previews import sample_previews
+    config = wan["root"] / "previews.yaml"
+    settings = wan_config(wan)
+    settings["train"] = {"sample_prompts": ["people riding bikes", "a red circle"], "sample_steps": 2}
+    config.write_text(yaml.safe_dump(settings))
+    weights = from_diffusers(str(wan["transformer"])).state_dict()
+    frames = sample_previews(load_config(config), weights, torch.device("cpu"))
+    assert frames.shape == (5, 32, 2 * 96, 3) and frames.dtype == np.uint8  # decoded by AutoencoderKLWan
