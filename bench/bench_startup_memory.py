@@ -31,7 +31,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 GIB = 1024 ** 3
 CASES = {"one process": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2", "train.grad_accum=2"]),
          "ZeRO-3 dp2": (2, ["train.zero_stage=3"]),
-         "ZeRO-3 ulysses2": (2, ["train.zero_stage=3", "parallel.ulysses=2"])}
+         "ZeRO-3 ulysses2": (2, ["train.zero_stage=3", "parallel.ulysses=2"]),
+         "ZeRO-3 dp2 x ulysses2": (4, ["train.zero_stage=3", "parallel.ulysses=2"])}
 
 
 class StopBeforeEngine(Exception):

@@ -131,11 +131,10 @@ def _zero3_startup(rank: int, world: int, overrides: list[str]):
     return held, values, largest, predicted
 
 
-@pytest.mark.parametrize("layout", [["parallel.ulysses=2"], []], ids=["ulysses2", "dp2"])
-def test_zero3_startup_holds_only_the_partition_of_the_seeded_init(layout):
+def test_zero3_startup_holds_only_the_partition_of_the_seeded_init():
     from megasora.config import load_config
     from megasora.models import build_dit
-    results = run_launched(_zero3_startup, 2, ["train.zero_stage=3", *layout])
+    results = run_launched(_zero3_startup, 2, ZERO3_SP)
     cfg = load_config(REPO / "configs" / "tiny.yaml", BASE)
     torch.manual_seed(cfg.train.seed)
     expected = dict(build_dit(cfg).named_parameters())
@@ -146,5 +145,21 @@ def test_zero3_startup_holds_only_the_partition_of_the_seeded_init(layout):
             own, partition, whole = held[name]
             assert own == 0 and whole == ref.numel() and partition == -(-whole // 2), name  # half, padded
         partitions = sum(partition for _, partition, _ in held.values())
-        # The planner: the partition plus the module being drawn and its (tp1: whole) local copy.
-        assert predicted == pytest.approx((partitions + 2 * largest) * 4, rel=0.01)
+        # The planner: the partition plus the module being drawn (tp1: partitioned from it, no copy).
+        assert predicted == pytest.approx((partitions + largest) * 4, rel=0.01)
+
+
+def test_resharding_a_zero3_checkpoint_is_one_line(runs: Path) -> None:
+    """DeepSpeed 0.19.8's universal checkpoints do not reshard ZeRO-3 exactly (startup.check_zero3_reshard):
+    a changed layout is refused before any conversion, naming the change and the way out."""
+    from megasora.train.checkpoint import CheckpointError
+    from megasora.train.startup import prepare_resume
+    ckpts = runs / "zero3_ulysses2" / "checkpoints"
+    ring2 = {"world_size": 2, "dp": 1, "tp": 1, "ulysses": 1, "ring": 2, "pp": 1, "zero_stage": 3}
+    with pytest.raises(CheckpointError) as err:
+        prepare_resume(str(ckpts / "step_00000003"), ckpts, ring2, is_main=True)
+    line = err.value.line()
+    assert "\n" not in line and "ulysses 2 -> 1, ring 1 -> 2" in line and "cannot reshard ZeRO-3" in line, line
+    assert not (ckpts / "step_00000003.universal").exists()  # refused before converting
+    info, reshard = prepare_resume(str(ckpts / "step_00000003"), ckpts, {**ring2, "ulysses": 2, "ring": 1}, True)
+    assert info is not None and not reshard  # its own layout resumes (test_zero3_over_ulysses2_resumes_exactly)

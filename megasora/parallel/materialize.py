@@ -130,15 +130,16 @@ class Scratch:
                 for start, t in zip(offsets, like)]
 
 
-def local_part(full: torch.Tensor, param: torch.Tensor, tp_rank: int) -> torch.Tensor:
-    """A copy of this rank's part of a full-size value, for the (meta) parameter `param`."""
+def local_part(full: torch.Tensor, param: torch.Tensor, tp_rank: int, copy: bool = True) -> torch.Tensor:
+    """A copy of this rank's part of a full-size value, for the (meta) parameter `param`; with
+    copy=False a contiguous view of `full` where the part is contiguous (a copy otherwise)."""
     if is_tensor_parallel(param):
         dim: int = param.partition_dim  # type: ignore[attr-defined]  # set by mark_tensor_parallel
         width = param.shape[dim]
         full = full.narrow(dim, tp_rank * width, width)  # (..., width, ...) of (..., tp*width, ...)
     if full.shape != param.shape:
         raise ValueError(f"init value of shape {tuple(full.shape)} for a parameter of shape {tuple(param.shape)}")
-    return full.clone(memory_format=torch.contiguous_format)
+    return full.clone(memory_format=torch.contiguous_format) if copy else full.contiguous()
 
 
 def real_parameter(meta: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
@@ -190,7 +191,10 @@ def materialize(local: nn.Module, build: Callable[[], DiT], tp_rank: int,
         step.draw(tensors)  # also when nothing is kept: the next steps need the RNG state it leaves
         for name, value in zip(step.names, tensors):
             if name in held and final[name] == index:
-                values[name] = real_parameter(held[name], local_part(value, held[name], tp_rank))
+                # Handed to `partition` straight from the scratch buffer: it copies out the
+                # partition it keeps, and a full-size copy per parameter would grow the heap.
+                part = local_part(value, held[name], tp_rank, copy=partition is None)
+                values[name] = real_parameter(held[name], part)
                 if partition is not None:
                     partition(values[name])
     adopt(local, values)

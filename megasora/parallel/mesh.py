@@ -174,7 +174,9 @@ class MeshMPU:
     What DeepSpeed 0.19 does with it (runtime/engine.py, zero/stage_1_and_2.py, stage3.py):
     gradients are all-reduced over get_sequence_data_parallel_group() (dp x sp) and divided
     by its size / get_sequence_parallel_world_size() = dp, i.e. SUMMED over sp and AVERAGED
-    over dp; ZeRO partitions optimizer state over dp x sp; grad-norm clipping reduces over
+    over dp; ZeRO partitions optimizer state over dp x sp (and ZeRO-3 parameters, converted by
+    train/engine.py zero3_partitioner over get_sequence_data_parallel_group: DeepSpeed's own
+    conversion would use get_data_parallel_group); grad-norm clipping reduces over
     get_model_parallel_group() and counts parameters without `tensor_model_parallel` only on
     tensor-parallel rank 0; checkpoints are named by get_model_parallel_rank(). The sum over
     sp is what our sequence-parallel gradients need (see docs/parallelism.md).

@@ -188,8 +188,10 @@ def startup_host_bytes(work: Workload, layout: Layout) -> float:
     d, m, text = work.arch.hidden, work.mlp_hidden, work.arch.text_dim
     largest_module = max(6 * d * (d + 1), m * (d + 1), d * (m + 1), d * (text + 1))
     if layout.zero_stage == 3:  # train/engine.py zero3_partitioner: each parameter kept as its dp x sp
-        # partition as soon as it is drawn; the module being drawn and its tp part are alive meanwhile
-        return (held / (layout.dp * layout.sp) + largest_module + largest_module / layout.tp) * FP32
+        # partition as soon as it is drawn, straight from the module being drawn; a tp part that is
+        # not contiguous in it (split along columns) is copied first
+        tp_copy = largest_module / layout.tp if layout.tp > 1 else 0.0
+        return (held / (layout.dp * layout.sp) + largest_module + tp_copy) * FP32
     return (held + largest_module) * FP32
 
 

@@ -84,6 +84,7 @@ def prepare_resume(resume: str | None, ckpt_dir: Path, layout: dict[str, int], i
     info = checkpoint.resolve_resume(resume, ckpt_dir)
     if info is None or info.layout == layout:
         return info, False
+    check_zero3_reshard(info, layout)
     log.warning("checkpoint %s was saved with layout %s; resuming with %s: resharding through a "
                 "DeepSpeed universal checkpoint", info.tag, info.layout, layout)
     universal = info.root / f"{info.tag}.universal"
@@ -91,6 +92,22 @@ def prepare_resume(resume: str | None, ckpt_dir: Path, layout: dict[str, int], i
         convert_to_universal(info.path, universal)
     dist.barrier()
     return info, True
+
+
+def check_zero3_reshard(info: checkpoint.CheckpointInfo, layout: dict[str, int]) -> None:
+    """A ZeRO-3 checkpoint resumes on its own layout only. DeepSpeed 0.19.8's universal checkpoints
+    do not reshard ZeRO-3 (measured: dp2 or ulysses2 -> ring2 resumes with the loss 1.4e-4 off one
+    step later, the optimizer state not what was saved; -> tp2 or -> ZeRO-2 fails to load), so a
+    changed layout is refused before anything is converted."""
+    if 3 not in (info.layout.get("zero_stage"), layout["zero_stage"]):
+        return
+    changed = ", ".join(f"{key} {info.layout.get(key)} -> {value}" for key, value in layout.items()
+                        if info.layout.get(key) != value)
+    raise checkpoint.CheckpointError(
+        f"{info.path} is a ZeRO-3 checkpoint or this run is ZeRO-3, and the layout changed ({changed}): "
+        f"DeepSpeed 0.19.8 cannot reshard ZeRO-3 state exactly",
+        "resume with the checkpoint's own parallel.* degrees, world size and train.zero_stage (its run's "
+        "config.yaml), or export its weights (megasora ckpt export) and start a new run")
 
 
 def open_run(cfg: Config, rank: int, record: dict[str, int], resume: str | None
