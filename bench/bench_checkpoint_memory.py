@@ -97,21 +97,30 @@ HEADER = ["| case | rank | EMA on the rank (MiB) | torch extra (MiB) | of it in 
           "Python heap extra (MiB) | extra / EMA |", "|---|---|---|---|---|---|---|"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", choices=sorted(CASES), action="append", help="default: all")
+def run_cases(doc: str, cases: dict[str, list[str]], worker, world: int, header: list[str], row) -> None:
+    """The command line of these benchmarks: --case NAME (default all); each case runs `worker` in
+    `world` gloo processes and prints row(name, rank, its result) under the markdown `header`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--case", choices=sorted(cases), action="append", help="default: all")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from parallel_utils import run_launched
-    print("\n".join(HEADER), flush=True)
-    for name in args.case or list(CASES):
+    print("\n".join(header), flush=True)
+    for name in args.case or list(cases):
         with tempfile.TemporaryDirectory() as run_dir:
-            ranks = run_launched(_worker, 2, CASES[name], run_dir)
-        for rank, m in enumerate(ranks):
-            extra = m["torch"] + m["python"]
-            print(f"| {name} | {rank} | {m['ema'] / MIB:.2f} | {m['torch'] / MIB:.2f} | {m['deepspeed'] / MIB:.2f} | "
-                  f"{m['python'] / MIB:.2f} | "
-                  f"{extra / m['ema']:.2f} |", flush=True)
+            ranks = run_launched(worker, world, cases[name], run_dir)
+        for rank, result in enumerate(ranks):
+            print(row(name, rank, result), flush=True)
+
+
+def _row(name: str, rank: int, m: dict[str, int]) -> str:
+    extra = m["torch"] + m["python"]
+    return (f"| {name} | {rank} | {m['ema'] / MIB:.2f} | {m['torch'] / MIB:.2f} | {m['deepspeed'] / MIB:.2f} | "
+            f"{m['python'] / MIB:.2f} | {extra / m['ema']:.2f} |")
+
+
+def main() -> None:
+    run_cases(__doc__, CASES, _worker, 2, HEADER, _row)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,15 @@ EMA class of commit b3b7326 (git show), loaded from its source beside today's.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import subprocess
 import sys
-import tempfile
 import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from bench_checkpoint_memory import run_cases  # noqa: E402  (bench/, the script's directory)
 
 BEFORE_COMMIT = "b3b7326"  # the last commit with the EMA whole on every dp x sp rank
 SMALL_DIT = ["model.hidden=256", "model.depth=4", "model.heads=4", "train.steps=1", "train.ema_decay=0.9",
@@ -78,20 +77,14 @@ HEADER = ["| case | rank | before: held / peak (MiB) | after: held / peak (MiB) 
           "|---|---|---|---|---|"]
 
 
+def _row(name: str, rank: int, m: dict[str, dict[str, int]]) -> str:
+    b, a = m["before"], m["after"]
+    return (f"| {name} | {rank} | {b['held'] / MIB:.2f} / {b['peak'] / MIB:.2f} | "
+            f"{a['held'] / MIB:.2f} / {a['peak'] / MIB:.2f} | {a['held'] / b['held']:.3f} |")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", choices=sorted(CASES), action="append", help="default: all")
-    args = parser.parse_args()
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from parallel_utils import run_launched
-    print("\n".join(HEADER), flush=True)
-    for name in args.case or list(CASES):
-        with tempfile.TemporaryDirectory() as run_dir:
-            ranks = run_launched(_worker, 4, CASES[name], run_dir)
-        for rank, m in enumerate(ranks):
-            b, a = m["before"], m["after"]
-            print(f"| {name} | {rank} | {b['held'] / MIB:.2f} / {b['peak'] / MIB:.2f} | "
-                  f"{a['held'] / MIB:.2f} / {a['peak'] / MIB:.2f} | {a['held'] / b['held']:.3f} |", flush=True)
+    run_cases(__doc__, CASES, _worker, 4, HEADER, _row)
 
 
 if __name__ == "__main__":
