@@ -258,3 +258,24 @@ def test_training_previews_sample_wan(wan):
     weights = from_diffusers(str(wan["transformer"])).state_dict()
     frames = sample_previews(load_config(config), weights, torch.device("cpu"))
     assert frames.shape == (5, 32, 2 * 96, 3) and frames.dtype == np.uint8  # decoded by AutoencoderKLWan
+
+
+def _sample(rank: int, world: int, argv: list[str]) -> None:
+    from megasora.cli import main
+    try:
+        main(argv)
+    except SystemExit as done:
+        assert done.code == 0, f"rank {rank}: exit {done.code}"
+
+
+def test_sequence_parallel_sampling_equals_one_process(wan, lora_run, tmp_path):
+    """i2v (per-token timesteps, the empty-caption negative) sharded over ulysses2 == one process."""
+    size = ["--height", "4", "--width", "12", "--frames", "2"]
+    args = ["sample", "--run-dir", str(lora_run), "--mode", "i2v", "--image", str(wan["media"] / "bikes.mp4"),
+            "--prompt", "people riding bikes", "--steps", "2", "--guidance", "3", *size]
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    cli(*args, "--out", str(tmp_path / "one.mp4"), "--save-latents", str(one), "--set", "parallel.tp=1",
+        "--set", "parallel.ulysses=1")
+    run_launched(_sample, 2, [*args, "--out", str(tmp_path / "two.mp4"), "--save-latents", str(two),
+                              "--set", "parallel.tp=1", "--set", "parallel.ulysses=2"])
+    torch.testing.assert_close(torch.load(two)["latents"], torch.load(one)["latents"], rtol=1e-5, atol=1e-5)
