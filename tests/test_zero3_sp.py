@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from parallel_utils import run_launched
+from parallel_utils import run_launched, train_runs
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -51,23 +50,14 @@ def _fp32_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag).items()}
 
 
-def _train_worker(rank: int, world: int, runs: list[tuple[str, list[str], str | None]]):
-    from megasora.config import load_config
-    from megasora.train.trainer import train
-    for run_dir, overrides, resume in runs:
-        train(load_config(REPO / "configs" / "tiny.yaml", [*BASE, *overrides, f"run.dir={run_dir}"]), resume)
-        dist.barrier()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("zero3_sp")
-    run_launched(_train_worker, 1, [(str(root / "single"), ["train.zero_stage=2"], None)])
+    train_runs(1, [(str(root / "single"), [*BASE, "train.zero_stage=2"], None)])
     saved = root / "zero3_ulysses2"
-    run_launched(_train_worker, 2, [
-        (str(saved), [*ZERO3_SP, "train.save_every=3", "train.keep_last=4"], None),
-        (str(root / "resumed"), ZERO3_SP, str(saved / "checkpoints" / "step_00000003"))])
-    run_launched(_train_worker, 4, [(str(root / "tp2_ulysses2_ac"), TP2_ZERO3_SP_AC, None)])
+    train_runs(2, [(str(saved), [*BASE, *ZERO3_SP, "train.save_every=3", "train.keep_last=4"], None),
+                   (str(root / "resumed"), [*BASE, *ZERO3_SP], str(saved / "checkpoints" / "step_00000003"))])
+    train_runs(4, [(str(root / "tp2_ulysses2_ac"), [*BASE, *TP2_ZERO3_SP_AC], None)])
     return root
 
 
