@@ -238,11 +238,16 @@ def _wan_block_activation_bytes(work: Workload, layout: Layout, elements: float)
     the three norm inputs (both modulated norms and the cross-attention LayerNorm take x.float())
     and the FFN output are saved in fp32; the modulation is the (b, 6, D) fp32 table + projection
     sum (no adaLN linear); the all-heads qk-norms keep one fp32 statistic per token (3 a + b L),
-    not per head. (Counted from the code; not yet compared with a live-tensor count.)"""
+    not per head. Under tp the norm is parallel/tensor.py's TensorParallelRMSNorm (not the fused
+    kernel): it also keeps its fp32 normalised rows before the weight (and in bf16 the fp32 copy
+    of its input), (3 a + b L) x D/t each. (Live-tensor probe, bench/bench_memory_model.py cases:
+    docs/wan.md.)"""
     d, h, t = work.arch.hidden, work.arch.heads, layout.tp
     r, a, lt = _regions(work, layout)
     elements -= 4 * r * d
     fp32 = 4 * r * d + 6 * layout.micro_batch_size * d
+    if t > 1:
+        fp32 += (3 * a + lt) * d / t * (2 if work.bf16 else 1)
     stats = 6 * r + 3 * a + lt + 2 * a * h / t
     return elements * work.act_bytes + (fp32 + stats) * FP32
 
