@@ -32,6 +32,7 @@ CASES = {  # 4 processes each
     "ring4": ["parallel.ring=4"],
     "tp2xulysses2": ["parallel.tp=2", "parallel.ulysses=2"],
     "dp4_zero3": ["train.zero_stage=3"],
+    "dp2xulysses2_zero3": ["train.zero_stage=3", "parallel.ulysses=2"],
 }
 
 
