@@ -11,10 +11,14 @@ forward, backward, the gradient sum over sp and an AdamW step. Each step runs un
 megasora.train.memory_probe.LiveTensorBytes, which counts every tensor storage ATen creates
 while it is alive; the clip's latents and caption features come from outside (the data).
 
-The part that grows with tokens: the step's peak live bytes (above what was live before it)
-at N = 8192 tokens minus the same at N0 = 1024 tokens, scaled to N (slope x N). Fixed terms
-(weights' gradients, optimizer temporaries, the caption) cancel in the difference. A first
-step at N0 creates the optimizer state, so every measured step is a steady-state step.
+The part that grows with tokens: the peak live bytes of forward + backward (above what was
+live before the step) at N = 8192 tokens minus the same at N0 = 1024 tokens, scaled to N
+(slope x N). Fixed terms (weights' gradients, the caption) cancel in the difference. The
+gradient sum and the optimizer step come after backward and hold no token-sized tensor; their
+peak is fixed (~7 MiB here), so at N0 with P >= 4 it is the whole step's peak and a difference
+of whole-step peaks would understate the token part: the table shows the whole step's peak at N
+next to it. A first step at N0 creates the optimizer state, so every measured step is a
+steady-state step.
 """
 from __future__ import annotations
 
@@ -43,8 +47,9 @@ def _batch(frames: int, text_dim: int):
             "text_mask": torch.ones(1, 8, dtype=torch.bool)}
 
 
-def _step_bytes(model, objective, optimizer, group, batch, step: int) -> int:
-    """Peak live bytes of one training step above what was live before it."""
+def _step_bytes(model, objective, optimizer, group, batch, step: int) -> dict[str, int]:
+    """Peak live bytes of one training step above what was live before it: of forward + backward
+    ("fwd_bwd"), and of the whole step ("step": also the gradient sum and the optimizer step)."""
     import torch
     import torch.distributed as dist
 
@@ -55,14 +60,15 @@ def _step_bytes(model, objective, optimizer, group, batch, step: int) -> int:
         loss = objective(model, batch, step, torch.float32, torch.device("cpu"))
         loss.backward()
         del loss
+        fwd_bwd = probe.peak_bytes
         if group is not None:
             for p in model.parameters():  # what DeepSpeed does over sp (MeshMPU): sum the span's gradients
                 dist.all_reduce(p.grad, group=group)
         optimizer.step()
-    return probe.peak_bytes
+    return {"fwd_bwd": fwd_bwd, "step": probe.peak_bytes}
 
 
-def _worker(rank: int, world: int) -> dict[str, dict[str, int]]:
+def _worker(rank: int, world: int) -> dict[str, dict[str, dict[str, int]]]:
     import torch
     import torch.distributed as dist
 
@@ -72,7 +78,7 @@ def _worker(rank: int, world: int) -> dict[str, dict[str, int]]:
     from megasora.parallel.activation_checkpointing import apply_activation_checkpointing
     from megasora.train.objective import FlowMatchingObjective
 
-    out: dict[str, dict[str, int]] = {}
+    out: dict[str, dict[str, dict[str, int]]] = {}
     for name, u, r in LAYOUTS[world]:
         for mode in MODES:
             cfg = load_config(REPO / "configs" / "tiny.yaml", MODEL + [f"parallel.ulysses={u}", f"parallel.ring={r}",
@@ -96,10 +102,11 @@ def _worker(rank: int, world: int) -> dict[str, dict[str, int]]:
 
 
 def measure(world: int) -> dict[str, dict[str, int]]:
-    """Per layout and mode: the worst rank's step bytes at N0 and N."""
+    """Per layout and mode: the worst rank's peaks ("n0"/"n": forward + backward, "step_n": whole step at N)."""
     from parallel_utils import run_distributed
     ranks = run_distributed(_worker, world) if world > 1 else [_worker(0, 1)]
-    return {key: {size: max(r[key][size] for r in ranks) for size in ("n0", "n")} for key in ranks[0]}
+    return {key: {"n0": max(r[key]["n0"]["fwd_bwd"] for r in ranks), "n": max(r[key]["n"]["fwd_bwd"] for r in ranks),
+                  "step_n": max(r[key]["n"]["step"] for r in ranks)} for key in ranks[0]}
 
 
 def main() -> None:
@@ -114,8 +121,9 @@ def main() -> None:
     mib = 2 ** 20
     print(f"DiT depth 4, hidden 64, 8 heads, fp32, 1 sample of N = {n} tokens (N0 = {n0}); token part = "
           f"(peak(N) - peak(N0)) x N / (N - N0), worst rank\n")
-    print("| layout | P | AC | step peak at N (MiB) | token part (MiB) | / one process's | x P | limit x P |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layout | P | AC | whole-step peak at N (MiB) | fwd+bwd peak at N (MiB) | token part (MiB) | "
+          "/ one process's | x P | limit x P |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for key, r in results.items():
         name, mode = key.split()
         p = int("".join(c for c in name.split("x")[-1] if c.isdigit()) or 1) * (
@@ -124,7 +132,7 @@ def main() -> None:
         single = results[f"single {mode}"]
         ratio = token / ((single["n"] - single["n0"]) * n / (n - n0))
         limit = 1.1 if mode == "none" else 1.15
-        print(f"| {name} | {p} | {mode} | {r['n'] / mib:.1f} | {token / mib:.1f} | {ratio:.4f} | {ratio * p:.3f} | "
+        print(f"| {name} | {p} | {mode} | {r['step_n'] / mib:.1f} | {r['n'] / mib:.1f} | {token / mib:.1f} | {ratio:.4f} | {ratio * p:.3f} | "
               f"{limit if p > 1 else 1:.2f} |", flush=True)
 
 
