@@ -34,6 +34,11 @@ QUICKSTART = ["data.kind=synthetic", "data.frames=3", "data.height=12", "data.wi
               "model.in_channels=3", "vae.latent_channels=3"]  # the synthetic clips are RGB
 
 
+# Rank-8 adapters on every block linear (the Wan LoRA presets' targets), base frozen, no EMA.
+LORA = ("train.lora.rank=8", "train.ema_decay=0", "train.lora.targets=[attn.q,attn.k,attn.v,attn.out,cross_attn.q,"
+        "cross_attn.k,cross_attn.v,cross_attn.out,mlp.fc1,mlp.fc2]")
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -61,6 +66,16 @@ CASES = [
     Case("quickstart single, none", "configs/quickstart.yaml", 1, QUICKSTART),
     Case("quickstart tp2, full every 2nd", "configs/quickstart.yaml", 2,
          QUICKSTART + ["parallel.tp=2", "train.activation_checkpointing=full", "train.ac_every=2"]),
+    Case("tiny ulysses4, none", "configs/tiny.yaml", 4, ("parallel.ulysses=4",)),
+    Case("tiny ring4, selective", "configs/tiny.yaml", 4,
+         ("parallel.ring=4", "train.activation_checkpointing=selective")),
+    Case("tiny ZeRO-3 x ulysses2, none", "configs/tiny.yaml", 2, ("parallel.ulysses=2", "train.zero_stage=3")),
+    Case("tiny pp2 x ring2, ZeRO-1, 4 micro-batches", "configs/tiny.yaml", 4,
+         ("parallel.pp=2", "parallel.ring=2", "train.zero_stage=1", "train.micro_batch_size=1",
+          "train.grad_accum=4")),
+    Case("tiny LoRA r8 (all block linears), none", "configs/tiny.yaml", 1, LORA),
+    Case("tiny LoRA r8 tp2, selective", "configs/tiny.yaml", 2,
+         LORA + ("parallel.tp=2", "train.activation_checkpointing=selective")),
 ]
 
 

@@ -100,3 +100,20 @@ def test_recompute_flops_by_mode():
     assert dit_recompute_flops(arch, 256, 16, "full", every=2) == full / 2  # blocks 0 and 2
     attention = 4 * 4 * 256 * 256 * 64  # depth x (QK^T + AV) per block
     assert full - selective == attention
+
+
+@pytest.mark.parametrize("targets", [("attn.q", "attn.k", "attn.v", "attn.out"),
+                                     ("attn.q", "cross_attn.k", "cross_attn.v", "mlp.fc1", "mlp.fc2")])
+def test_lora_train_flops_match_flop_counter(targets):
+    """LoRA: the frozen base's backward computes input gradients only (no weight-gradient GEMMs),
+    the adapters' products count forward + backward: what FlopCounterMode sees, within 2% (12
+    blocks: block 0's cross-attention, which needs no backward, is counted)."""
+    from megasora.config import LoRAConfig  # lazy: only this test builds adapters
+    from megasora.parallel.lora import apply_lora
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.hidden=32", "model.heads=4", "model.depth=12",
+                                                      "model.mlp_ratio=2.0", f"text.max_length={TEXT}"])
+    torch.manual_seed(0)
+    model = apply_lora(build_dit(cfg), LoRAConfig(rank=4, targets=list(targets)))
+    model_flops = B * dit_train_flops(dit_arch(cfg), TOKENS, TEXT, 4, targets)
+    assert model_flops < 0.8 * B * dit_train_flops(dit_arch(cfg), TOKENS, TEXT)  # no base weight gradients
+    assert _counted(model, _inputs(cfg), backward=True) == pytest.approx(model_flops, rel=0.02)

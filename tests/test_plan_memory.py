@@ -1,5 +1,6 @@
 """The memory model against exact measurement: the real trainer (DeepSpeed engine, EMA, data
-stream) under the live-tensor probe, 1 or 2 gloo processes, tiny and quickstart configs.
+stream) under the live-tensor probe, 1 or 2 gloo processes, tiny and quickstart configs (a subset
+of bench.CASES; the 4-process ulysses4 / ring4 / pp2 x ring2 cases run in the bench only).
 
 Two comparisons per case, both within 10%: the whole peak, and the peak without DeepSpeed's
 reduce bucket (a 1.9 GiB fp32 buffer that would otherwise hide every other term of these
@@ -20,7 +21,7 @@ TOLERANCE = 0.10
 CASES = {case.name: case for case in bench.CASES}
 TESTED = ["tiny single, ZeRO-2, none", "tiny tp2, none", "tiny ulysses2, selective", "tiny ring2, full, ZeRO-1",
           "tiny pp2, ZeRO-1, none, 4 micro-batches", "tiny single, bf16, ZeRO-2, selective",
-          "quickstart tp2, full every 2nd"]
+          "quickstart tp2, full every 2nd", "tiny ZeRO-3 x ulysses2, none", "tiny LoRA r8 tp2, selective"]
 
 
 @pytest.mark.slow

@@ -45,9 +45,10 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import lru_cache
 
 from megasora.models.dit import DiTArch
-from megasora.models.flops import TIMESTEP_FREQ_DIM, ffn_width
+from megasora.models.flops import TIMESTEP_FREQ_DIM, block_linears, ffn_width, lora_block_targets
 from megasora.models.wan import MODULATIONS, WanArch
 from megasora.parallel.activation_checkpointing import checkpointed_blocks
 from megasora.parallel.mesh import ParallelLayout, axis_name
@@ -170,6 +171,32 @@ def stage_params(arch: DiTArch, layout: ParallelLayout, stage: int,
     return out
 
 
+@lru_cache(maxsize=4096)
+def lora_block_params(arch: DiTArch, tp: int, rank: int, targets: tuple[str, ...]) -> tuple[int, int]:
+    """(adapter parameters of one block on one tp rank, of which replicated over tp): A (r, in) and
+    B (out, r) per adapted linear; a column-parallel linear's B and a row-parallel one's A are cut
+    over tp, the other factor is whole (parallel/lora.py)."""
+    linears = block_linears(arch)
+    total = replicated = 0
+    for name in lora_block_targets(arch, targets):
+        d_in, d_out, _, split = linears[name]
+        a, b = rank * d_in, d_out * rank
+        if split == "column":
+            b, replicated = b // tp, replicated + a
+        else:
+            a, replicated = a // tp, replicated + b
+        total += a + b
+    return total, replicated
+
+
+def lora_trained_params(work: Workload, layout: ParallelLayout, stage: int,
+                        boundaries: Sequence[int] = ()) -> dict[str, int]:
+    """The adapters of pipeline stage `stage` on one rank, in stage_params' keys (LoRA trains only them)."""
+    per_block, replicated = lora_block_params(work.arch, layout.tp, work.lora_rank, work.lora_targets)
+    blocks = stage_block_counts(work.arch.depth, layout.pp, list(boundaries) or None)[stage]
+    return {"matrix": blocks * per_block, "vector": 0, "replicated": blocks * replicated, "largest_matrix": 0}
+
+
 def stage_checkpointed_blocks(depth: int, layout: Layout, stage: int, boundaries: Sequence[int] = ()) -> int:
     """Blocks of pipeline stage `stage` that activation checkpointing re-runs in backward
     (parallel/activation_checkpointing.py's rule: global index % ac_every == 0)."""
@@ -233,8 +260,9 @@ def comm_volume(work: Workload, layout: Layout, *, stage: int = 0, pp_boundaries
             tally.add(("tp",), kind, micro * nbytes)
 
     params = stage_params(work.arch, layout, stage, pp_boundaries)
-    tally.add(("tp",), "all_reduce", micro * params["replicated"] * act)  # tp hooks sum replicated grads
-    _deepspeed_traffic(tally, layout, layout.zero_stage, micro, params, act, work.grad_reduce_bytes)
+    trained = lora_trained_params(work, layout, stage, pp_boundaries) if work.lora_rank else params
+    tally.add(("tp",), "all_reduce", micro * trained["replicated"] * act)  # tp hooks sum replicated grads
+    _deepspeed_traffic(tally, layout, layout.zero_stage, micro, params, act, work.grad_reduce_bytes, trained)
     if layout.pp > 1:
         cond_rows = cond * (1 + MODULATIONS) if wan else cond  # Wan's cond is (B, c, 7D): 7c rows of D
         _pipeline_traffic(tally, layout, stage, micro, b, n // shards, cond_rows, work.text_tokens, d, act)
@@ -290,12 +318,17 @@ def _modulation_traffic(tp: int, rows: int, d: int, width: int, act: int) -> dic
 
 
 def _deepspeed_traffic(tally: _Tally, layout: ParallelLayout, zero_stage: int, micro: int, params: dict[str, int],
-                       act: int, reduce_bytes: int) -> None:
+                       act: int, reduce_bytes: int, trained: dict[str, int] | None = None) -> None:
     """DeepSpeed 0.19's gradient averaging over dp x sp (MeshMPU's sequence-data-parallel group),
     the parameter gather of ZeRO and the global gradient norm, as its code issues them. Gradients
-    travel in `reduce_bytes` per element (train.grad_reduce_dtype), parameters in `act`."""
+    travel in `reduce_bytes` per element (train.grad_reduce_dtype), parameters in `act`. `trained`
+    (default `params`): the parameters with gradients; under LoRA the adapters, which are all
+    ZeRO 1/2 gather after the step, while ZeRO-3 still gathers the frozen base to compute."""
     dpsp, mp = ("ulysses", "ring", "dp"), ("tp", "pp")
-    grads = (params["matrix"] + params["vector"]) * reduce_bytes
+    if trained is not None and zero_stage < 3:
+        params = trained
+    trained = params if trained is None else trained
+    grads = (trained["matrix"] + trained["vector"]) * reduce_bytes
     if zero_stage == 0:      # engine.allreduce_gradients at the boundary; utils.clip_grad_norm_
         tally.add(dpsp, "all_reduce", grads)
         tally.add(mp, "all_reduce", NORM_BYTES)

@@ -23,13 +23,18 @@ Z = dp*sp ranks (DeepSpeed reduces gradients over dp x sp; mesh.py `dpsp`):
     optimizer   fp32 master copy 4Psi/Z (ZeRO 1-3: DeepSpeed clones its partition even in fp32;
                 ZeRO 0 + bf16: 4Psi) and Adam m, v 8Psi/Z (8Psi at ZeRO 0).
     ZeRO 1/2:   one gradient reduce bucket of 5e8 elements (DeepSpeed's reduce_bucket_size) in the
-                gradient dtype, two with overlap_comm (on CUDA); ZeRO 3: two (overlap_comm) plus the
-                gathered weights of the block in use and the one prefetched.
+                gradient dtype, two with overlap_comm (on CUDA); ZeRO 3: one (stage3.py keeps one per
+                dtype, overlap_comm or not) plus the gathered weights of the block in use and the
+                one prefetched.
     reduction:  a bf16 model reducing in fp32 (train.grad_reduce_dtype) copies the bucket being
                 reduced to fp32, min(Psi, 5e8) x 4 bytes: during backward with overlap_comm, after
                 it otherwise (reduce_transient_bytes).
     EMA:        fp32, 4Psi/Z: each rank keeps its part of every parameter's even split over dp x sp
                 (train/ema.py; under ZeRO-3 its own weight partition, nothing gathered).
+
+LoRA (train.lora.rank > 0, parallel/lora.py): the frozen base keeps its weights (ZeRO-3 still
+partitions them) but no gradients, master copy or Adam moments; those, and the weights too, count
+the adapters instead (`lora_stage_params`), and there is no EMA (config.validate refuses one).
 
 A checkpoint save runs between steps (no activations): its peak is the model state plus what the
 save holds at once (`save_transient`), nothing on the device since every rank streams its own
@@ -45,9 +50,10 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from megasora.models.dit import DiTArch
+from megasora.models.flops import block_linears, lora_block_targets
 from megasora.parallel.activation_checkpointing import checkpointed_blocks
 from megasora.parallel.p2p import parity_posts_early
-from megasora.plan.communication import dit_param_counts
+from megasora.plan.communication import dit_param_counts, lora_block_params
 from megasora.plan.communication import stage_block_counts as _stage_block_counts
 from megasora.plan.workload import Layout, Workload
 
@@ -141,11 +147,22 @@ def stage_params(work: Workload, layout: Layout, stage: int) -> int:
     return params
 
 
+def lora_stage_params(work: Workload, layout: Layout, stage: int) -> int:
+    """Adapter parameters pipeline stage `stage` holds on one tp rank (block linears only: flops.py)."""
+    if not work.lora:
+        return 0
+    per_block, _ = lora_block_params(work.arch, layout.tp, work.lora_rank, work.lora_targets)
+    return stage_block_counts(work.arch.depth, layout.pp)[stage] * per_block
+
+
 # ------------------------------------------------------------------ model state
 
 
-def model_state(work: Workload, layout: Layout, params: int, overlap_comm: bool = False) -> dict[str, float]:
-    """weights / grads / optimizer / ema / zero_buffers for `params` parameters on this rank.
+def model_state(work: Workload, layout: Layout, params: int, overlap_comm: bool = False,
+                trainable: int | None = None) -> dict[str, float]:
+    """weights / grads / optimizer / ema / zero_buffers for `params` parameters on this rank, of
+    which `trainable` (default all) have gradients and optimizer state: under LoRA `params` is the
+    frozen base plus the adapters and `trainable` the adapters.
 
     Gradients are in the model dtype (DeepSpeed's grad_accum_dtype defaults to it, so a bf16 run
     takes the ordinary ZeRO optimizer at stages 1/2, not the BF16_Optimizer). With overlap_comm
@@ -153,19 +170,20 @@ def model_state(work: Workload, layout: Layout, params: int, overlap_comm: bool 
     reduced (stage_1_and_2.py setup_buckets)."""
     z, stage = layout.dp * layout.sp, layout.zero_stage
     w = 2 if work.bf16 else FP32
+    trained = params if trainable is None else trainable
     weights = params * w / (z if stage == 3 else 1)
-    grads = params * w / (z if stage >= 2 else 1)
-    if stage in (1, 2) and params <= REDUCE_BUCKET_ELEMENTS and layout.grad_accum == 1:
+    grads = trained * w / (z if stage >= 2 else 1)
+    if stage in (1, 2) and trained <= REDUCE_BUCKET_ELEMENTS and layout.grad_accum == 1:
         grads = 0.0  # all fit the reduce bucket, nothing accumulated yet: none stored apart at the peak
-    master = params * FP32 / (z if stage >= 1 else 1) if (stage >= 1 or work.bf16) else 0.0
-    adam = 2 * params * FP32 / (z if stage >= 1 else 1)
+    master = trained * FP32 / (z if stage >= 1 else 1) if (stage >= 1 or work.bf16) else 0.0
+    adam = 2 * trained * FP32 / (z if stage >= 1 else 1)
     ema = params * FP32 / z if work.ema else 0.0
     buffers = 0.0
     if stage in (1, 2):
         buffers = REDUCE_BUCKET_ELEMENTS * w * (2 if overlap_comm else 1)
     elif stage == 3:
         gathered = 2 * block_params(work, layout.tp) * w
-        buffers = 2 * REDUCE_BUCKET_ELEMENTS * w + gathered
+        buffers = REDUCE_BUCKET_ELEMENTS * w + gathered
     return {"weights": weights, "grads": grads, "optimizer": master + adam, "ema": ema, "zero_buffers": buffers}
 
 
@@ -224,12 +242,26 @@ def block_activation_bytes(work: Workload, layout: Layout) -> float:
     r, a, lt = _regions(work, layout)
     head_sharded = 9 + (1 if layout.sp > 1 else 0)
     elements = 5 * r * d + 3 * a * d + head_sharded * a * d / t + 2 * a * m / t + 3 * lt * d / t
+    elements += lora_activation_elements(work, layout)
     if work.wan:
         return _wan_block_activation_bytes(work, layout, elements)
     # adaLN (per sample): input, SiLU output (gathered over tp: t rows), 6-way modulation
     elements += (7 + t) * layout.micro_batch_size * d
     stats = 6 * r + 8 * a * h / t + 2 * lt * h / t
     return elements * work.act_bytes + stats * FP32
+
+
+def lora_activation_elements(work: Workload, layout: Layout) -> float:
+    """LoRA: what one block's adapters add to its saved tensors, A x (tokens x r) for B's gradient,
+    per adapted linear (video linears see the a tokens of the tensor-parallel region, cross-attention
+    k/v the caption's). Their input is the base linear's, saved already. The frozen base saves about
+    as much as a trained one (the fused kernels keep their inputs whatever needs a gradient): the
+    exact probe measures the full fine-tune's activations plus these (bench/bench_memory_model.py)."""
+    if not work.lora:
+        return 0.0
+    _, a, lt = _regions(work, layout)
+    linears = block_linears(work.arch)
+    return sum((lt if linears[name][2] else a) * work.lora_rank for name in lora_block_targets(work.arch, work.lora_targets))
 
 
 def _wan_block_activation_bytes(work: Workload, layout: Layout, elements: float) -> float:
@@ -396,10 +428,11 @@ def memory_breakdown(work: Workload, layout: Layout, allowance: bool = True,
     terms = _StageTerms(work, layout)
     best = None
     for stage in peak_candidate_stages(terms.counts):
-        params = stage_params(work, layout, stage)
-        state = model_state(work, layout, params, overlap)
+        params, adapters = stage_params(work, layout, stage), lora_stage_params(work, layout, stage)
+        trainable = adapters if work.lora else params
+        state = model_state(work, layout, params + adapters, overlap, trainable)
         act, transient = terms.activations(stage)
-        reduce = reduce_transient_bytes(work, params)
+        reduce = reduce_transient_bytes(work, trainable)
         transient += reduce if overlap else 0.0
         live = sum(state.values()) + act + transient
         extra = ALLOWANCE_FRACTION * live + ALLOWANCE_FIXED_BYTES if allowance else 0.0

@@ -3,7 +3,8 @@
 
 Per pipeline stage and micro-batch (b samples of N tokens, the rank's share 1/(tp*sp)):
 
-    compute   = 3 x forward FLOPs (models/flops.py) / (peak x efficiency)
+    compute   = 3 x forward FLOPs (models/flops.py) / (peak x efficiency); LoRA: forward + the frozen
+                base's input gradients (flops.py frozen_backward_flops) + 3 x the adapters' forward
     recompute = what activation checkpointing re-runs (full: the whole block forward,
                 selective: all but the self-attention products) / (peak x efficiency)
 
@@ -26,7 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megasora.hardware import Hardware
-from megasora.models.flops import block_forward_flops, dit_train_flops, embed_forward_flops
+from megasora.models.flops import (
+    block_forward_flops,
+    dit_train_flops,
+    embed_forward_flops,
+    frozen_backward_flops,
+    lora_forward_flops,
+)
 from megasora.parallel.mesh import AXES
 from megasora.plan.communication import bus_factor, comm_volume, stage_checkpointed_blocks
 from megasora.plan.memory import stage_block_counts
@@ -83,7 +90,13 @@ def stage_flops(work: Workload, layout: Layout, stage: int) -> tuple[float, floa
         forward += embed_forward_flops(work.arch, n, l) / (2 if layout.pp > 1 else 1)
     ckpt = stage_checkpointed_blocks(work.arch.depth, layout, stage)
     recompute = ckpt * (block["rest"] + (block["self_attention"] if layout.activation_checkpointing == "full" else 0))
-    return 3 * forward * share, recompute * share, 3 * blocks * block["self_attention"] * share
+    attention = 3 * blocks * block["self_attention"] * share
+    if work.lora:  # frozen base: backward = input gradients only; the adapters train (flops.py)
+        part = blocks / work.arch.depth
+        backward = frozen_backward_flops(work.arch, n, l) * part
+        adapters = lora_forward_flops(work.arch, n, l, work.lora_rank, work.lora_targets) * part
+        return (forward + backward + 3 * adapters) * share, recompute * share, attention
+    return 3 * forward * share, recompute * share, attention
 
 
 def stage_time(work: Workload, layout: Layout, hw: Hardware, gpus_per_node: int, stage: int) -> StepTime:
@@ -113,4 +126,4 @@ def step_time(work: Workload, layout: Layout, hw: Hardware, gpus_per_node: int) 
 def model_flops_per_step(work: Workload, layout: Layout) -> float:
     """Model FLOPs (no recompute) of the whole cluster's step: MFU's numerator."""
     samples = layout.micro_batch_size * layout.grad_accum * layout.dp
-    return dit_train_flops(work.arch, work.tokens, work.text_tokens) * samples
+    return dit_train_flops(work.arch, work.tokens, work.text_tokens, work.lora_rank, work.lora_targets) * samples

@@ -49,6 +49,12 @@ class Workload:
     ema: bool
     samples_per_rank: int    # samples per dp rank per optimizer step (micro_batch x grad_accum)
     grad_reduce_bytes: int = 4  # element bytes DeepSpeed sums gradients in (train.grad_reduce_dtype)
+    lora_rank: int = 0          # train.lora.rank: > 0 trains only the adapters on a frozen base
+    lora_targets: tuple[str, ...] = ()  # train.lora.targets
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank > 0
 
     @property
     def act_bytes(self) -> int:
@@ -96,7 +102,8 @@ def workload_from_config(cfg: Config, tokens: int | None = None) -> tuple[Worklo
     work = Workload(arch=arch, tokens=n, text_tokens=attended_text_tokens(arch, cfg.text.max_length),
                     bf16=cfg.train.precision == "bf16", ema=cfg.train.ema_decay > 0,
                     samples_per_rank=micro * cfg.train.grad_accum,
-                    grad_reduce_bytes=4 if cfg.train.grad_reduce_dtype == "fp32" else 2)
+                    grad_reduce_bytes=4 if cfg.train.grad_reduce_dtype == "fp32" else 2,
+                    lora_rank=cfg.train.lora.rank, lora_targets=tuple(cfg.train.lora.targets))
     return work, micro
 
 

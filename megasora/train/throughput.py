@@ -35,10 +35,11 @@ class DiTWork:
         self.arch = dit_arch(cfg)
         self.tokens_per_sample = objective.tokens_per_sample
         self.ac_mode, self.ac_every = cfg.train.activation_checkpointing, cfg.train.ac_every
+        self.lora = (cfg.train.lora.rank, tuple(cfg.train.lora.targets))  # frozen base: no weight gradients
 
     def __call__(self, micro_batches: list[dict[str, Any]]) -> StepWork:
         samples = sum(m["latents"].shape[0] for m in micro_batches)
         tokens = sum(self.tokens_per_sample(m) * m["latents"].shape[0] for m in micro_batches)
         text_len = attended_text_tokens(self.arch, micro_batches[0]["text_emb"].shape[1])
-        return StepWork(samples, dit_train_flops(self.arch, tokens // samples, text_len), tokens,
+        return StepWork(samples, dit_train_flops(self.arch, tokens // samples, text_len, *self.lora), tokens,
                         dit_recompute_flops(self.arch, tokens // samples, text_len, self.ac_mode, self.ac_every))
