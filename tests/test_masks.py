@@ -105,7 +105,10 @@ BASE = ["model.hidden=32", "model.heads=4", "model.depth=2", "model.mlp_ratio=2.
         # and the prompt-following architecture (configs/tiny-prompt.yaml; tests/test_golden.py covers
         # the default): mixed RoPE tables, sharded like axial ones, and the pooled caption in adaLN
         "model.rope_layout=mixed", "model.pooled_text=true"]
-LAYOUTS = {"ring2": ["parallel.ring=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
+# dp2 splits each micro-batch of 2 samples over two ranks (1 each): the mean must not depend on how
+# the conditioning frames fall between ranks.
+LAYOUTS = {"ring2": ["parallel.ring=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"],
+           "dp2": ["train.micro_batch_size=1"]}
 
 
 def _train_worker(rank: int, world: int, cases: list[tuple[str, list[str]]], root: str):

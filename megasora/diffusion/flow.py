@@ -126,7 +126,7 @@ class NoisedSpan:
     t_tokens: torch.Tensor     # (B,) or per-token (B, n) timesteps fed to the model
     loss_mask: torch.Tensor    # (B, n, 1) 1 where the loss counts (not conditioning frames, not padding)
     drop_text: torch.Tensor    # (B,) bool
-    loss_elements: torch.Tensor  # () elements of the WHOLE micro-batch the loss averages over
+    loss_elements: torch.Tensor  # (B,) elements of each WHOLE sample (all spans) its loss averages over
 
 
 def noise_span(rows: torch.Tensor, ids: torch.Tensor, step: int, seed: int, cfg: DiffusionConfig,
@@ -150,16 +150,23 @@ def noise_span(rows: torch.Tensor, ids: torch.Tensor, step: int, seed: int, cfg:
     t_bcast = t_tok[..., None].to(device=rows.device, dtype=rows.dtype)  # (B, n, 1)
     x_t = (1 - t_bcast) * x0 + t_bcast * noise
     loss_mask = ((~draws.cond[:, frame_of]) & real)[..., None].to(device=rows.device, dtype=rows.dtype)
-    elements = (~draws.cond).sum() * span.frame_tokens * c * math.prod(patch)
+    elements = (~draws.cond).sum(dim=1) * span.frame_tokens * c * math.prod(patch)  # (B,)
     t_model = t_tok if draws.cond.any() else draws.t
     return NoisedSpan(x_t, noise - x0, t_model.to(rows.device), loss_mask, draws.drop.to(rows.device),
                       elements.to(device=rows.device, dtype=torch.float32))
 
 
 def span_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:
-    """This span's part of the micro-batch's masked MSE: its squared errors over ALL `elements`
-    (the sequence ranks' parts sum to the whole mean)."""
-    return ((pred.float() - target.float()).pow(2) * mask).sum() / elements.clamp_min(1)
+    """This span's part of the micro-batch's masked MSE: each sample's squared errors over ALL of
+    its `elements` (B,), averaged over the samples.
+
+    Linear in the span, so the sequence ranks' parts sum to the whole. Per sample, not pooled over
+    the micro-batch: conditioning frames make samples' element counts differ, and a pooled mean
+    would change with how samples fall into micro-batches (dp ranks, accumulation steps), so dp2
+    would not equal one process.
+    """
+    per_sample = ((pred.float() - target.float()).pow(2) * mask).flatten(1).sum(dim=1)  # (B,)
+    return (per_sample / elements.clamp_min(1)).mean()
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,9 @@ the objective, the pipeline loop calls `inputs` just in time for each micro-batc
 Under sequence parallelism each rank builds the inputs of its own span of tokens only (the
 model's `sequence` hook says which): the clip's latents are cut to the span's latent frames
 before anything is noised, the noise of those frames alone is drawn, and the model returns
-the velocity of the span's tokens. Each rank's loss is its span's squared errors over the
-whole micro-batch's element count; the hook's `sum` adds the ranks' parts (the exact mean),
+the velocity of the span's tokens. Each rank's loss is its span's squared errors over each
+whole sample's element count, averaged over samples (flow.span_mse: per sample, so dp equals one
+process with conditioning frames too); the hook's `sum` adds the ranks' parts (the exact mean),
 and the gradient of each part stays on its rank, which DeepSpeed then sums over sp.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ class FlowInputs:
     drop_text: torch.Tensor  # (B,) bool: caption dropped
     target: torch.Tensor     # (B, n, E) velocity
     loss_mask: torch.Tensor  # (B, n, 1): 0 on conditioning frames and sequence padding
-    loss_elements: torch.Tensor  # () elements of the whole micro-batch in the mean
+    loss_elements: torch.Tensor  # (B,) elements of each whole sample in its mean
     grid: tuple[int, int, int]   # (T', H', W') token grid of the clips
     sequence: SequenceHook
 
