@@ -80,14 +80,23 @@ def comm_seconds(work: Workload, layout: Layout, stage: int, gpus_per_node: int,
 
 
 def stage_flops(work: Workload, layout: Layout, stage: int) -> tuple[float, float, float]:
-    """(model FLOPs, recompute FLOPs, self-attention FLOPs) of one micro-batch on one rank of `stage`."""
+    """(FLOPs, recompute FLOPs, self-attention FLOPs) of one micro-batch on one rank of `stage`.
+
+    A rank computes 1/(tp*sp) of the per-token work (blocks, and since the sequence is sharded
+    before it exists whole, its span's patch embedding and final linear), but some work whole
+    (replicated_forward_flops): the timestep MLP and caption projection on stage 0, and the
+    cross-attention k/v projections of the caption, cut over tp only, on every sp rank."""
     n, l, b = work.tokens, work.text_tokens, layout.micro_batch_size
     share = b / (layout.tp * layout.sp)
     block = block_forward_flops(work.arch, n, l)
     blocks = stage_block_counts(work.arch.depth, layout.pp)[stage]
     forward = blocks * (block["self_attention"] + block["rest"])
-    if stage in (0, layout.pp - 1):
-        forward += embed_forward_flops(work.arch, n, l) / (2 if layout.pp > 1 else 1)
+    token_embed = token_embed_flops(work, n)
+    if stage == 0:
+        forward += token_embed / 2
+    if stage == layout.pp - 1:
+        forward += token_embed / 2
+    forward = forward * share + replicated_forward_flops(work, layout, stage)
     ckpt = stage_checkpointed_blocks(work.arch.depth, layout, stage)
     recompute = ckpt * (block["rest"] + (block["self_attention"] if layout.activation_checkpointing == "full" else 0))
     attention = 3 * blocks * block["self_attention"] * share
@@ -95,8 +104,27 @@ def stage_flops(work: Workload, layout: Layout, stage: int) -> tuple[float, floa
         part = blocks / work.arch.depth
         backward = frozen_backward_flops(work.arch, n, l) * part
         adapters = lora_forward_flops(work.arch, n, l, work.lora_rank, work.lora_targets) * part
-        return (forward + backward + 3 * adapters) * share, recompute * share, attention
-    return 3 * forward * share, recompute * share, attention
+        return forward + (backward + 3 * adapters) * share, recompute * share, attention
+    return 3 * forward, recompute * share, attention
+
+
+def token_embed_flops(work: Workload, tokens: int) -> float:
+    """Patch embedding + final linear of one sample: the per-token part of embed_forward_flops."""
+    return 2 * 2.0 * tokens * work.arch.in_channels * work.patch_volume * work.arch.hidden
+
+
+def replicated_forward_flops(work: Workload, layout: Layout, stage: int) -> float:
+    """Forward FLOPs one rank of `stage` computes whole for its micro-batch, beyond its 1/(tp*sp)
+    share: stage 0's timestep MLP and caption projection (embed_forward_flops less the per-token
+    part; replicated parameters, every rank runs them), and every stage's cross-attention k/v
+    projections of the caption, column-parallel over tp but repeated on each sp rank."""
+    n, l, b, d = work.tokens, work.text_tokens, layout.micro_batch_size, work.arch.hidden
+    blocks = stage_block_counts(work.arch.depth, layout.pp)[stage]
+    text_kv = 2 * l * 2 * d * d  # per block and sample: counted in its `rest` at 1/(tp*sp)
+    out = blocks * text_kv * b / layout.tp * (1 - 1 / layout.sp)
+    if stage == 0:
+        out += b * (embed_forward_flops(work.arch, n, l) - token_embed_flops(work, n))
+    return out
 
 
 def stage_time(work: Workload, layout: Layout, hw: Hardware, gpus_per_node: int, stage: int) -> StepTime:
