@@ -109,6 +109,7 @@ BASE = ["model.hidden=32", "model.heads=4", "model.depth=2", "model.mlp_ratio=2.
 # the conditioning frames fall between ranks.
 LAYOUTS = {"ring2": ["parallel.ring=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"],
            "dp2": ["train.micro_batch_size=1"]}
+WIDE_LAYOUTS = {"pp2xring2": ["parallel.pp=2", "parallel.ring=2"]}  # world 4: stages send span inputs
 
 
 def _train_worker(rank: int, world: int, cases: list[tuple[str, list[str]]], root: str):
@@ -126,11 +127,12 @@ def masked_runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("masked_golden"))
     runs = run_launched(_train_worker, 1, [("single", [])], root)[0]
     runs.update(run_launched(_train_worker, 2, list(LAYOUTS.items()), root)[0])
+    runs.update(run_launched(_train_worker, 4, list(WIDE_LAYOUTS.items()), root)[0])
     return runs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", list(LAYOUTS) + list(WIDE_LAYOUTS))
 def test_parallel_equals_single_with_masks(masked_runs, layout) -> None:
     ref = masked_runs["single"]
     assert sorted(ref) == list(range(1, STEPS + 1)) and ref[STEPS] != ref[1]
