@@ -190,7 +190,6 @@ def pretrained_cases(f: dict[str, Path]) -> list[Case]:
     ]
 
 
-
 def lora_files(root: Path) -> None:
     """LoRA files (diffusers' format) for another model (Wan's layer names) and another rank (8, not 4)."""
     r, d = 8, 64  # configs/tiny.yaml: hidden 64, 2 blocks
@@ -255,6 +254,9 @@ def path_cases(f: dict[str, Path]) -> list[Case]:
         Case("train previews through a missing VAE",
              ["train", "--config", TINY, *previews, "--set", f"vae.path={vae}"], "config",
              f"vae.path='{vae}' does not exist"),
+        Case("train previews through a missing prompt extender",
+             ["train", "--config", TINY, "--set", "train.sample_extend_prompt=/nonexistent/lm"], "input",
+             "train.sample_extend_prompt '/nonexistent/lm' is not a transformers model directory"),
         Case("sample through a missing VAE", [*sample, "--set", f"vae.path={vae}"], "config",
              f"vae.path='{vae}' does not exist"),
         Case("sample with a missing text encoder", [*sample, "--set", "text.path=/nonexistent/t5"], "config",

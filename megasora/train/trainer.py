@@ -17,6 +17,7 @@ from megasora.config import Config
 from megasora.data.sources import check_source
 from megasora.launcher.env import DistEnv, discover
 from megasora.models import DiT, build_dit
+from megasora.models.prompt_extension import check_model_dir
 from megasora.parallel import MeshMPU, init_parallel
 from megasora.parallel.activation_checkpointing import apply_activation_checkpointing
 from megasora.parallel.block_attention import Accelerator
@@ -63,6 +64,8 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     check_source(cfg)  # so does a data path that holds nothing
     check_optimizer(cfg)  # and an optimizer this machine cannot run
     check_attention_kernel(cfg, Accelerator.of(device_for(discover())))  # and an attention kernel its GPU cannot
+    if cfg.train.sample_extend_prompt:  # and a preview prompt extender that is not a model directory
+        check_model_dir(cfg.train.sample_extend_prompt, "train.sample_extend_prompt")
     with training_run(cfg, layout, resume, build_parallel_dit) as run:
         objective = FlowMatchingObjective(cfg, run.engine.module.sequence)  # each rank noises its span only
         loop_type = PipelineTrainingLoop if cfg.parallel.pp > 1 else TrainingLoop
