@@ -287,11 +287,21 @@ def test_search_keeps_only_fitting_layouts_fastest_first():
 
 def test_every_preset_fits_its_stated_target():
     targets = {"configs/dit-xl.yaml": (1, 8), "configs/dit-3b.yaml": (2, 8), "configs/dit-7b.yaml": (4, 8),
-               "configs/dit-7b-1m.yaml": (4, 8), "configs/dit-30b-1m.yaml": (64, 8)}
+               "configs/dit-7b-1m.yaml": (4, 8), "configs/dit-30b-1m.yaml": (64, 8),
+               "configs/wan2.1-t2v-1.3b.yaml": (1, 8), "configs/wan2.1-t2v-1.3b-lora.yaml": (1, 8),
+               "configs/wan2.1-t2v-14b.yaml": (1, 8), "configs/wan2.1-t2v-14b-lora.yaml": (1, 8)}
     for path, (nodes, gpus) in targets.items():
         cfg = load_config(path)
         p = predict(cfg, layout_from_config(cfg, nodes * gpus, workload_from_config(cfg)[1]), GPUS["h100"], gpus)
         assert p.fits, (path, p.memory.total_bytes / 2 ** 30, p.memory.terms())
+
+
+@pytest.mark.parametrize("path,nodes", [("configs/dit-7b-1m.yaml", 2), ("configs/dit-30b-1m.yaml", 3)])
+def test_long_clip_presets_fit_the_fewest_nodes_their_headers_name(path, nodes):
+    """The headers' 'fewest GPUs': a layout fits `nodes` x 8 H100 and none fits one node fewer."""
+    cfg = load_config(path)
+    assert search(cfg, nodes, 8, GPUS["h100"], top=1).ranked
+    assert not search(cfg, nodes - 1, 8, GPUS["h100"], top=1).ranked
 
 
 # ------------------------------------------------------------------ CLI
