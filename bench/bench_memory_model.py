@@ -4,7 +4,7 @@
     python bench/bench_memory_model.py --case 0   # one case
 
 Each case runs the real trainer (DeepSpeed engine, EMA, the real data stream) for 2 steps in
-1 or 2 gloo processes under megasora.train.memory_probe.LiveTensorBytes, which counts every
+1, 2 or 4 gloo processes under megasora.train.memory_probe.LiveTensorBytes, which counts every
 tensor storage ATen creates while it is alive. Measured, per rank:
 
 - peak:   the largest live bytes during step 2 (optimizer state exists by then),
