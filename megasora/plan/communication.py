@@ -252,9 +252,9 @@ def comm_volume(work: Workload, layout: Layout, *, stage: int = 0, pp_boundaries
             runs += recomputed if (axes == ("tp",) or full_ac) else 0
         tally.add(axes, kind, micro * runs * nbytes)
 
-    if stage == layout.pp - 1 and shards > 1:  # final layer output gathered over tp x sp for the loss
-        patch_out = work.arch.in_channels * math.prod(work.arch.patch)
-        tally.add(("tp", "ulysses", "ring"), "all_gather", micro * b * n * patch_out * act)
+    if stage == layout.pp - 1 and shards > 1:  # each span's squared-error sum, summed over tp x sp (the
+        # loss is computed per span: parallel/sequence.py SequenceShard.sum; no output is gathered)
+        tally.add(("tp", "ulysses", "ring"), "all_reduce", micro * 4)  # one fp32 scalar per micro-batch
     if stage == layout.pp - 1 and layout.tp > 1 and not wan:  # the final layer's adaLN, forward and backward
         for (kind, _), nbytes in _modulation_traffic(layout.tp, b * cond, d, 2 * d, act).items():
             tally.add(("tp",), kind, micro * nbytes)
