@@ -37,6 +37,10 @@ QUICKSTART = ["data.kind=synthetic", "data.frames=3", "data.height=12", "data.wi
 # Rank-8 adapters on every block linear (the Wan LoRA presets' targets), base frozen, no EMA.
 LORA = ("train.lora.rank=8", "train.ema_decay=0", "train.lora.targets=[attn.q,attn.k,attn.v,attn.out,cross_attn.q,"
         "cross_attn.k,cross_attn.v,cross_attn.out,mlp.fc1,mlp.fc2]")
+# The Wan family (docs/wan.md) at a tiny width: its fp32 residual arithmetic, qk-norms and shared
+# time projection are terms of their own in plan/memory.py.
+WAN = ("model.family=wan", "model.hidden=64", "model.heads=4", "model.ffn_dim=256", "model.text_len=32",
+       "model.freq_dim=64")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,10 @@ CASES = [
     Case("tiny LoRA r8 (all block linears), none", "configs/tiny.yaml", 1, LORA),
     Case("tiny LoRA r8 tp2, selective", "configs/tiny.yaml", 2,
          LORA + ("parallel.tp=2", "train.activation_checkpointing=selective")),
+    Case("tiny Wan single, none", "configs/tiny.yaml", 1, WAN),
+    Case("tiny Wan tp2, none", "configs/tiny.yaml", 2, WAN + ("parallel.tp=2",)),
+    Case("tiny Wan ulysses2, selective", "configs/tiny.yaml", 2,
+         WAN + ("parallel.ulysses=2", "train.activation_checkpointing=selective")),
 ]
 
 

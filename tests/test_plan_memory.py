@@ -21,7 +21,8 @@ TOLERANCE = 0.10
 CASES = {case.name: case for case in bench.CASES}
 TESTED = ["tiny single, ZeRO-2, none", "tiny tp2, none", "tiny ulysses2, selective", "tiny ring2, full, ZeRO-1",
           "tiny pp2, ZeRO-1, none, 4 micro-batches", "tiny single, bf16, ZeRO-2, selective",
-          "quickstart tp2, full every 2nd", "tiny ZeRO-3 x ulysses2, none", "tiny LoRA r8 tp2, selective"]
+          "quickstart tp2, full every 2nd", "tiny ZeRO-3 x ulysses2, none", "tiny LoRA r8 tp2, selective",
+          "tiny Wan tp2, none"]
 
 
 @pytest.mark.slow
