@@ -15,6 +15,9 @@ drawn caption's members are read.
 Unreadable samples are skipped and counted (`stats()`); a micro-batch with no readable
 sample is replaced by the next readable micro-batch of the stream, so every rank still
 yields the same number of micro-batches per step.
+
+With a `SpanCut` (sequence parallelism) each sample's latents are cut to this rank's span right
+after decoding, before the micro-batch is stacked; `clip_shape` keeps the whole clip's (T, H, W).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import torch
 from megasora.data.buckets import BucketRule, Shape, plan_epoch
 from megasora.data.captions import caption_choice
 from megasora.data.shards import FIELDS, caption_count, caption_fields, decode_sample, finished_shards, read_member
-from megasora.data.stream import StepBatch
+from megasora.data.stream import SpanCut, StepBatch
 from megasora.errors import DataError
 
 log = logging.getLogger("megasora.data")
@@ -84,7 +87,7 @@ class ShardStream:
 
     def __init__(self, index: ShardIndex, rule: BucketRule, seed: int, grad_accum: int, dp_rank: int,
                  dp_size: int, shuffle_shards: int = 0, prefetch: bool = True,
-                 caption_mix: list[float] | None = None) -> None:
+                 caption_mix: list[float] | None = None, cut: SpanCut | None = None) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         self.index, self.rule, self.seed = index, rule, seed
@@ -92,6 +95,7 @@ class ShardStream:
         self.shuffle_shards = shuffle_shards
         self.prefetch = prefetch
         self.caption_mix = list(caption_mix or [])
+        self.cut = cut  # None: whole clips
         self.corrupt_samples = 0
         self.substituted_microbatches = 0
         self._plans: dict[int, list[list[int]]] = {}
@@ -180,21 +184,27 @@ class ShardStream:
     def load(self, ids: list[int], step_key: int = 0) -> dict[str, torch.Tensor] | None:
         """Read and stack samples (each with its caption for the step named `step_key`, the global
         sample counter at the step's end); unreadable ones are skipped and counted. None if none is readable."""
-        samples, good = [], []
+        latents, text_emb, text_mask, good = [], [], [], []
         for i in ids:
             try:
-                samples.append(self._read(i, self.caption_of(i, step_key)))
-                good.append(i)
+                sample = self._read(i, self.caption_of(i, step_key))
             except (OSError, ValueError, KeyError) as err:
                 self.corrupt_samples += 1
                 log.warning("skipping unreadable sample %s (%s): %s", self.index.keys[i],
                             self.index.tars[self.index.shard_of[i]], err)
-        if not samples:
+                continue
+            x = torch.from_numpy(sample.latents)  # (C, T, H, W)
+            latents.append(x if self.cut is None else self.cut(x))  # the whole clip lives only until here
+            text_emb.append(sample.text_emb)
+            text_mask.append(sample.text_mask)
+            good.append(i)
+        if not good:
             return None
-        return {"ids": torch.tensor(good, dtype=torch.long),
-                "latents": torch.from_numpy(np.stack([s.latents for s in samples])),
-                "text_emb": torch.from_numpy(np.stack([s.text_emb for s in samples])),
-                "text_mask": torch.from_numpy(np.stack([s.text_mask for s in samples]))}
+        clip = self.index.shapes[good[0]]  # one bucket: every sample of the micro-batch has this (T, H, W)
+        return {"ids": torch.tensor(good, dtype=torch.long), "clip_shape": torch.tensor(clip),
+                "latents": torch.stack(latents),  # copies the span's frames only
+                "text_emb": torch.from_numpy(np.stack(text_emb)),
+                "text_mask": torch.from_numpy(np.stack(text_mask))}
 
     def caption_of(self, i: int, step_key: int) -> int:
         """Which caption sample i trains with in the step named `step_key` (0 without data.caption_mix)."""
@@ -217,14 +227,14 @@ class ShardStream:
         return sample
 
 
-def build_shard_stream(cfg, dp_rank: int, dp_size: int) -> ShardStream:
+def build_shard_stream(cfg, dp_rank: int, dp_size: int, cut: SpanCut | None = None) -> ShardStream:
     """The `data.kind=shards` source for a `megasora.config.Config`."""
     rule = BucketRule(patch=cfg.model.patch_size, micro_batch_size=cfg.train.micro_batch_size,
                       tokens_per_microbatch=cfg.data.tokens_per_microbatch,
                       max_micro_batch=cfg.data.max_micro_batch)
     index = ShardIndex.load(cfg.data.shards, rule)
     stream = ShardStream(index, rule, cfg.train.seed, cfg.train.grad_accum, dp_rank, dp_size,
-                       cfg.data.shuffle_shards, caption_mix=cfg.data.caption_mix)
+                       cfg.data.shuffle_shards, caption_mix=cfg.data.caption_mix, cut=cut)
     check_compatible(stream, cfg.model.in_channels, cfg.text.dim)
     return stream
 

@@ -5,6 +5,10 @@ per-epoch permutation seeded by (seed, epoch). Step k of a run that started at g
 position s covers positions [s + k*G, s + (k+1)*G), G = the global batch; dp rank r takes
 the r-th contiguous slice of it. Resuming at any position — with any dp size — continues
 the same stream, so no sample is skipped or seen twice.
+
+Under sequence parallelism a `SpanCut` cuts each decoded clip to the latent frames of this
+rank's token span before samples are stacked, so a host batch never holds a whole clip; the
+batch's `clip_shape` keeps the whole clip's latent (T, H, W) for the token grid and accounting.
 """
 from __future__ import annotations
 
@@ -14,11 +18,35 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from megasora.models.patch import TokenSpan, patch_grid
+
 
 @dataclass
 class StepBatch:
     micro_batches: list[dict[str, torch.Tensor]]  # this dp rank's, in accumulation order
     samples_after: int                            # global samples consumed after this step
+
+
+@dataclass(frozen=True)
+class SpanCut:
+    """The latent frames of this sequence rank's span of a clip (TokenSpan.latent_rows, the cut the
+    model and the objective make), applied by the data source right after decoding."""
+    span_of: Callable[[tuple[int, int, int]], TokenSpan]  # the model's sequence hook's `span`
+    patch: tuple[int, int, int]
+
+    def span(self, clip: tuple[int, int, int]) -> TokenSpan:
+        """This rank's tokens of a clip with latent (T, H, W) `clip`."""
+        return self.span_of(patch_grid(clip, self.patch))
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        """(..., C, T, H, W) whole clip -> (..., C, T_span, H, W) a view of the span's frames."""
+        return self.span(tuple(latents.shape[-3:])).latent_rows(latents, self.patch[0])  # type: ignore[arg-type]
+
+    def frames(self, clip: tuple[int, int, int]) -> list[int]:
+        """Latent frame numbers of the span (the same cut applied to the frame numbers): a source
+        that renders frames independently renders only these."""
+        numbers = torch.arange(clip[0]).view(-1, 1, 1)  # (T, 1, 1)
+        return self.span(clip).latent_rows(numbers, self.patch[0]).flatten().tolist()
 
 
 def stream_ids(seed: int, num_samples: int, start: int, count: int) -> list[int]:

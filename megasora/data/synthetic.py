@@ -44,26 +44,29 @@ def _shape_mask(shape: str, h: int, w: int, cy: float, cx: float, radius: float)
     return (dy <= radius) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) / 2)  # triangle, apex up
 
 
-def render_clip(seed: int, sample_id: int, frames: int, height: int, width: int) -> tuple[np.ndarray, str]:
-    """Returns (video (3, T, H, W) float32 in [-1, 1], caption)."""
+def render_clip(seed: int, sample_id: int, frames: int, height: int, width: int,
+                only: list[int] | None = None) -> tuple[np.ndarray, str]:
+    """Returns (video (3, T, H, W) float32 in [-1, 1], caption); `only`: just these frames of it."""
     color, shape, direction, sy, sx = clip_attributes(seed, sample_id)
-    video = render_attributes(color, shape, direction, sy, sx, frames, height, width)
+    video = render_attributes(color, shape, direction, sy, sx, frames, height, width, only)
     return video, caption_for(color, shape, direction)
 
 
 def render_attributes(color: str, shape: str, direction: str, sy: int, sx: int,
-                      frames: int, height: int, width: int) -> np.ndarray:
-    """The (3, T, H, W) clip of given attributes; start (sy, sx) is taken modulo the grid."""
+                      frames: int, height: int, width: int, only: list[int] | None = None) -> np.ndarray:
+    """The (3, T, H, W) clip of given attributes; start (sy, sx) is taken modulo the grid. `only`: the
+    (3, len(only), H, W) frames of it with these numbers (each frame depends on its number alone)."""
+    numbers = list(range(frames)) if only is None else only
     radius = max(1.0, min(height, width) / 6)
     dy, dx = DIRECTIONS[direction]
     speed = max(1.0, min(height, width) / 8)
-    video = np.full((3, frames, height, width), -0.9, dtype=np.float32)
-    for f in range(frames):
+    video = np.full((3, len(numbers), height, width), -0.9, dtype=np.float32)
+    for row, f in enumerate(numbers):
         cy = (sy % height + dy * speed * f) % height
         cx = (sx % width + dx * speed * f) % width
         mask = _shape_mask(shape, height, width, cy, cx, radius)
         for ch, value in enumerate(COLORS[color]):
-            video[ch, f][mask] = value
+            video[ch, row][mask] = value
     return video
 
 

@@ -100,7 +100,9 @@ class TrainingLoop:
         cfg = self.cfg
         result = TrainResult(final_step=step, samples=samples)
         start_step = step
-        stream = build_stream(cfg, self.parallel.rank, self.parallel.size)
+        # The DiT's objective names its sequence rank's span: the stream loads only those latent frames.
+        cut = self.objective.span_cut() if hasattr(self.objective, "span_cut") else None
+        stream = build_stream(cfg, self.parallel.rank, self.parallel.size, cut)
         metrics = MetricsLogger(Path(cfg.run.dir), cfg.train.steps, step, self.is_main)
         self.preemption.install()
         try:

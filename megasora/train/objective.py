@@ -11,9 +11,14 @@ the velocity of the span's tokens. Each rank's loss is its span's squared errors
 whole sample's element count, averaged over samples (flow.span_mse: per sample, so dp equals one
 process with conditioning frames too); the hook's `sum` adds the ranks' parts (the exact mean),
 and the gradient of each part stays on its rank, which DeepSpeed then sums over sp.
+
+The training loop's data source makes that cut already (`span_cut`: a micro-batch with a
+`clip_shape` entry holds only the span's latent frames, never the whole clip); a micro-batch
+without one (tests, tools) holds whole clips and is cut here.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +27,10 @@ from torch import nn
 
 from megasora.config import Config
 from megasora.data.shards import dataset_null_caption
-from megasora.diffusion.flow import clip_grid, noise_span, span_mse
+from megasora.data.stream import SpanCut
+from megasora.diffusion.flow import noise_span, span_mse
 from megasora.models.dit import NoSequenceSharding, SequenceHook
+from megasora.models.patch import TokenSpan, patch_grid
 from megasora.models.text import with_null_caption
 
 
@@ -53,6 +60,26 @@ class FlowInputs:
         return self.sequence.sum(span_mse(pred, self.target, self.loss_mask, self.loss_elements))
 
 
+def clip_shape(batch: dict[str, Any]) -> tuple[int, int, int]:
+    """The whole clip's latent (T, H, W): the stream's `clip_shape`, else the latents' own."""
+    if "clip_shape" in batch:
+        return tuple(batch["clip_shape"].tolist())  # host tensor: no sync
+    return tuple(batch["latents"].shape[-3:])
+
+
+def span_rows(batch: dict[str, Any], span: TokenSpan, pt: int) -> torch.Tensor:
+    """(B, C, T_span, H, W) latent frames of `span`: as the stream cut them, or cut from whole clips."""
+    latents = batch["latents"]
+    if "clip_shape" not in batch:
+        return span.latent_rows(latents, pt)
+    frames = span.latent_rows(torch.empty(int(batch["clip_shape"][0]), 0, 0), pt).shape[0]  # the cut's frame count
+    if latents.shape[2] != frames:  # cut for another span: a stream built for another layout
+        raise ValueError(f"micro-batch latents hold {latents.shape[2]} frames but this rank's span of the "
+                         f"clip {tuple(batch['clip_shape'].tolist())} has {frames}: the data stream was "
+                         "cut for another sequence layout")
+    return latents
+
+
 class FlowMatchingObjective:
     """loss(model, micro_batch, step): noise the clean latents, predict the velocity, masked MSE.
 
@@ -69,16 +96,20 @@ class FlowMatchingObjective:
         null = dataset_null_caption(cfg)
         self.null_caption = None if null is None else (torch.from_numpy(null[0]), torch.from_numpy(null[1]))
 
+    def span_cut(self) -> SpanCut:
+        """The cut the data source makes for this rank, so its batches hold the span's frames only."""
+        return SpanCut(self.sequence.span, self.patch)
+
     def tokens_per_sample(self, batch: dict[str, Any]) -> int:
-        _, _, t, h, w = batch["latents"].shape
-        return (t // self.patch[0]) * (h // self.patch[1]) * (w // self.patch[2])
+        """Tokens of each whole clip (not of this rank's span): throughput counts the clip once per dp rank."""
+        return math.prod(patch_grid(clip_shape(batch), self.patch))
 
     def inputs(self, batch: dict[str, Any], step: int, dtype: torch.dtype, device: torch.device) -> FlowInputs:
         """This rank's span of the micro-batch as model inputs and loss terms on `device`; noise and
         timesteps are drawn from (seed, sample id, step), so every rank and every call gets the same ones."""
-        grid = clip_grid(batch["latents"], self.patch)
+        grid = patch_grid(clip_shape(batch), self.patch)
         span = self.sequence.span(grid)
-        rows = span.latent_rows(batch["latents"], self.patch[0]).to(device=device, dtype=dtype)  # before noising
+        rows = span_rows(batch, span, self.patch[0]).to(device=device, dtype=dtype)  # before noising
         noised = noise_span(rows, batch["ids"], step, self.seed, self.diffusion, self.patch, span)
         del rows
         text, text_mask = batch["text_emb"].to(device=device, dtype=dtype), batch["text_mask"].to(device)

@@ -1,0 +1,109 @@
+"""Each sequence rank's data stream loads only its span of a clip (issue 22 item 1).
+
+The stream cuts every decoded clip to the latent frames of the rank's TokenSpan (data/stream.py
+SpanCut) before the micro-batch is stacked, and keeps the whole clip's (T, H, W) in
+`clip_shape`; the objective takes that cut batch as it is. Checked on real shards (written with
+data/shards.py as tests/test_data_loader.py does): a ring2 rank's host batch holds only its
+span's frames, equal to the whole clip's, the token count stays the whole clip's; and ring2
+training on those shards equals one process (losses, gradient norms, parameters).
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from test_data_loader import make_samples
+from test_golden import _full_params, _grad_norms
+
+from megasora.config import load_config
+from megasora.data.buckets import BucketRule
+from megasora.data.shard_stream import ShardIndex, ShardStream
+from megasora.data.shards import write_shard
+from megasora.data.stream import SpanCut
+from megasora.data.synthetic import render_clip
+from megasora.parallel.sequence import sequence_span
+from megasora.train.objective import FlowMatchingObjective
+
+from parallel_utils import run_launched
+
+REPO = Path(__file__).resolve().parents[1]
+PATCH = (1, 2, 2)
+STEPS = 8
+# Shards hold (2,4,6), (2,6,4), (1,4,4), (3,4,4) latents (12, 12, 4, 12 tokens): at ring2 a span is
+# one of two frames, frames {0,1} / {1,2} of three (a shared partial frame) or the only frame.
+TRAIN = ["model.hidden=32", "model.heads=4", "model.depth=2", "model.mlp_ratio=2.0", "data.kind=shards",
+         "model.in_channels=3", "text.dim=8", "text.max_length=5", f"train.steps={STEPS}", "train.warmup_steps=0",
+         "train.lr=1e-2", "train.ema_decay=0", "train.zero_stage=2", "train.grad_clip=1.0",
+         "train.micro_batch_size=3", "diffusion.cond_masks.first_frame=0.3", "diffusion.cond_masks.random=0.3"]
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "shards").mkdir()
+    start = 0
+    for shard, n in enumerate([7, 5, 9]):
+        write_shard(tmp_path / "shards", shard, make_samples(n, start, rng))
+        start += n
+    return tmp_path / "shards"
+
+
+def _stream(directory: Path, cut: SpanCut | None) -> ShardStream:
+    rule = BucketRule(patch=PATCH, micro_batch_size=3)
+    return ShardStream(ShardIndex.load(directory, rule), rule, 0, 1, 0, 1, prefetch=False, cut=cut)
+
+
+def test_a_ring2_ranks_host_batch_holds_only_its_spans_frames(shard_dir):
+    whole = _stream(shard_dir, None)
+    ranks = [_stream(shard_dir, SpanCut(partial(sequence_span, shards=2, index=r), PATCH)) for r in (0, 1)]
+    objective = FlowMatchingObjective(load_config(None, [*TRAIN, f"data.shards={shard_dir}"]))
+    shapes = set()
+    for steps in zip(*(s.steps(0) for s in [whole, *ranks]), range(8)):
+        full, *cut = (step.micro_batches[0] for step in steps[:3])
+        t, h, w = full["latents"].shape[2:]
+        shapes.add((t, h, w))
+        spans = [sequence_span((t, h // 2, w // 2), 2, r) for r in (0, 1)]
+        for batch, span in zip(cut, spans):
+            frames = slice(span.first_frame, span.end_frame)
+            assert batch["latents"].shape == (full["latents"].shape[0], 3, frames.stop - frames.start, h, w)
+            assert torch.equal(batch["latents"], full["latents"][:, :, frames])
+            assert batch["clip_shape"].tolist() == [t, h, w] and torch.equal(batch["ids"], full["ids"])
+            assert objective.tokens_per_sample(batch) == t * (h // 2) * (w // 2)  # the whole clip's tokens
+        if t > 1:  # the rank never holds the whole clip
+            assert all(b["latents"].shape[2] < t for b in cut)
+    assert {(2, 4, 6), (3, 4, 4)} <= shapes  # a clean split and a shared partial frame were both seen
+
+
+def test_synthetic_spans_render_the_whole_clips_frames():
+    video, caption = render_clip(0, 5, 5, 8, 8)
+    for r in range(3):
+        frames = SpanCut(partial(sequence_span, shards=3, index=r), PATCH).frames((5, 8, 8))
+        part, same = render_clip(0, 5, 5, 8, 8, only=frames)
+        assert same == caption and np.array_equal(part, video[:, frames])
+
+
+def _train_worker(rank: int, world: int, parallel: list[str], root: str, shards: str):
+    from megasora.train.trainer import train
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      [*TRAIN, f"data.shards={shards}", *parallel, f"run.dir={root}/{world}"])
+    losses = train(cfg).losses
+    dist.barrier()
+    result = (losses, _full_params(cfg, world), _grad_norms(Path(cfg.run.dir)))
+    return result if rank == 0 else None
+
+
+def test_ring2_on_cut_shards_equals_one_process(shard_dir, tmp_path):
+    ref_losses, ref_params, ref_norms = run_launched(_train_worker, 1, [], str(tmp_path), str(shard_dir))[0]
+    losses, params, norms = run_launched(_train_worker, 2, ["parallel.ring=2"], str(tmp_path), str(shard_dir))[0]
+    assert sorted(losses) == list(range(1, STEPS + 1)) and max(ref_norms.values()) > 0.1
+    assert abs(ref_losses[STEPS] - ref_losses[1]) > 1e-2 * ref_losses[1], "training did not move"
+    for step, ref in ref_losses.items():
+        assert abs(losses[step] - ref) <= 1e-5 * abs(ref), f"step {step}: {losses[step]} vs {ref}"
+        assert abs(norms[step] - ref_norms[step]) <= 1e-5 * ref_norms[step], f"step {step} grad norm"
+    for name, ref in ref_params.items():
+        err = (params[name] - ref).abs().max().item()
+        assert err <= 1e-4, f"parameter {name} differs by {err:.2e}"
