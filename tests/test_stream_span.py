@@ -1,6 +1,6 @@
 """Each sequence rank's data stream loads only its span of a clip (issue 22 item 1).
 
-The stream cuts every decoded clip to the latent frames of the rank's TokenSpan (data/stream.py
+The stream reads only the latent frames of the rank's TokenSpan from storage (data/stream.py
 SpanCut) before the micro-batch is stacked, and keeps the whole clip's (T, H, W) in
 `clip_shape`; the objective takes that cut batch as it is. Checked on real shards (written with
 data/shards.py as tests/test_data_loader.py does): a ring2 rank's host batch holds only its
@@ -10,6 +10,7 @@ training on those shards equals one process (losses, gradient norms, parameters)
 from __future__ import annotations
 
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,49 @@ def test_a_ring2_ranks_host_batch_holds_only_its_spans_frames(shard_dir):
             assert all(b["latents"].shape[2] < t for b in cut)
     assert {(2, 4, 6), (3, 4, 4)} <= shapes  # a clean split and a shared partial frame were both seen
 
+
+class _CountingFile:
+    """A shard file that counts the bytes read from it."""
+
+    def __init__(self, path: Path, counter: list[int]) -> None:
+        self.file, self.counter = open(path, "rb"), counter
+
+    def seek(self, offset: int) -> int:
+        return self.file.seek(offset)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.counter[0] += len(data)
+        return data
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _bytes_read(stream: ShardStream, steps: int) -> tuple[int, list[dict]]:
+    counter = [0]
+    stream._handles = {k: _CountingFile(path, counter) for k, path in enumerate(stream.index.tars)}
+    batches = [step.micro_batches[0] for step in islice(stream.steps(0), steps)]  # zip would read one more
+    return counter[0], batches
+
+
+def test_a_rank_reads_only_its_spans_frames_from_storage(shard_dir):
+    """Bytes read from the tar files: a ring2 rank reads exactly the whole stream's bytes minus
+    the latent frames outside its span (C x H x W x 4 bytes per frame it skips)."""
+    whole_bytes, batches = _bytes_read(_stream(shard_dir, None), 8)
+    for rank in (0, 1):
+        cut = SpanCut(partial(sequence_span, shards=2, index=rank), PATCH)
+        rank_bytes, cut_batches = _bytes_read(_stream(shard_dir, cut), 8)
+        skipped = 0
+        for full, part in zip(batches, cut_batches):
+            b, c, t, h, w = full["latents"].shape
+            first, end = cut.frame_range((t, h, w))
+            skipped += b * c * (t - (end - first)) * h * w * 4
+            assert torch.equal(part["latents"], full["latents"][:, :, first:end])
+        assert skipped > 0 and rank_bytes == whole_bytes - skipped, (rank, rank_bytes, whole_bytes, skipped)
 
 def test_synthetic_spans_render_the_whole_clips_frames():
     video, caption = render_clip(0, 5, 5, 8, 8)

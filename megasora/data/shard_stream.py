@@ -16,8 +16,9 @@ Unreadable samples are skipped and counted (`stats()`); a micro-batch with no re
 sample is replaced by the next readable micro-batch of the stream, so every rank still
 yields the same number of micro-batches per step.
 
-With a `SpanCut` (sequence parallelism) each sample's latents are cut to this rank's span right
-after decoding, before the micro-batch is stacked; `clip_shape` keeps the whole clip's (T, H, W).
+With a `SpanCut` (sequence parallelism) each rank reads only its span's latent frames from the
+shard (shards.read_latent_frames: C ranged reads inside the npy member), so no rank holds or
+reads the whole clip; `clip_shape` keeps the whole clip's (T, H, W).
 """
 from __future__ import annotations
 
@@ -34,7 +35,15 @@ import torch
 
 from megasora.data.buckets import BucketRule, Shape, plan_epoch
 from megasora.data.captions import caption_choice
-from megasora.data.shards import FIELDS, caption_count, caption_fields, decode_sample, finished_shards, read_member
+from megasora.data.shards import (
+    FIELDS,
+    caption_count,
+    caption_fields,
+    decode_sample,
+    finished_shards,
+    read_latent_frames,
+    read_member,
+)
 from megasora.data.stream import SpanCut, StepBatch
 from megasora.errors import DataError
 
@@ -193,8 +202,7 @@ class ShardStream:
                 log.warning("skipping unreadable sample %s (%s): %s", self.index.keys[i],
                             self.index.tars[self.index.shard_of[i]], err)
                 continue
-            x = torch.from_numpy(sample.latents)  # (C, T, H, W)
-            latents.append(x if self.cut is None else self.cut(x))  # the whole clip lives only until here
+            latents.append(torch.from_numpy(sample.latents))  # (C, T, H, W), or (C, T_span, H, W) with a cut
             text_emb.append(sample.text_emb)
             text_mask.append(sample.text_mask)
             good.append(i)
@@ -210,7 +218,7 @@ class ShardStream:
         """Which caption sample i trains with in the step named `step_key` (0 without data.caption_mix)."""
         return caption_choice(self.seed, i, step_key, self.caption_mix, caption_count(self.index.spans[i]))
 
-    def _read(self, i: int, caption: int = 0):
+    def _read(self, i: int, caption: int = 0, whole: bool = False):
         shard = int(self.index.shard_of[i])
         if shard not in self._handles:
             if len(self._handles) >= 32:  # bound open files on big datasets
@@ -220,10 +228,15 @@ class ShardStream:
         emb_name, mask_name = caption_fields(caption)
         spans = self.index.spans[i]
         wanted = {"latents.npy": "latents.npy", "json": "json", emb_name: "text_emb.npy", mask_name: "text_mask.npy"}
+        clip = self.index.shapes[i]
+        frames = (0, clip[0]) if self.cut is None or whole else self.cut.frame_range(clip)
+        if frames[1] - frames[0] < clip[0]:  # this sequence rank reads its span's frames only
+            del wanted["latents.npy"]
         raw = {as_field: read_member(handle, spans[member]) for member, as_field in wanted.items()}
-        sample = decode_sample(self.index.keys[i], raw)
-        if tuple(sample.latents.shape[1:]) != self.index.shapes[i]:
-            raise ValueError(f"latents shape {sample.latents.shape} != indexed {self.index.shapes[i]}")
+        rows = None if "latents.npy" in wanted else read_latent_frames(handle, spans["latents.npy"], frames)
+        sample = decode_sample(self.index.keys[i], raw, latents=rows)
+        if tuple(sample.latents.shape[1:]) != (frames[1] - frames[0], *clip[1:]):
+            raise ValueError(f"latents shape {sample.latents.shape} != indexed {clip} (frames {frames})")
         return sample
 
 
@@ -241,7 +254,7 @@ def build_shard_stream(cfg, dp_rank: int, dp_size: int, cut: SpanCut | None = No
 
 def check_compatible(stream: ShardStream, in_channels: int, text_dim: int) -> None:
     """Fail at start-up, not at step 1, if the shards were made with another VAE or text encoder."""
-    sample = stream._read(0)
+    sample = stream._read(0, whole=True)
     channels, dim = sample.latents.shape[0], sample.text_emb.shape[1]
     if channels != in_channels or dim != text_dim:
         raise DataError(f"shards in {stream.index.tars[0].parent} hold {channels}-channel latents and {dim}-d text "

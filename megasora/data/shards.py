@@ -23,6 +23,7 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import webdataset as wds
@@ -135,10 +136,45 @@ def read_member(handle, span: list[int]) -> bytes:
     return data
 
 
-def decode_sample(key: str, raw: dict[str, bytes], shape: list[int] | None = None) -> Sample:
-    """Parse the four members; raises ValueError on anything malformed (the loader counts and skips)."""
+def read_latent_frames(handle: BinaryIO, span: list[int], frames: tuple[int, int]) -> np.ndarray:
+    """Latent frames [f0, f1) of a (C, T, H, W) float32 latents.npy member, read by range.
+
+    A sequence rank needs only its span's frames: it reads C runs of (f1 - f0) frames after the
+    npy header, never the whole clip. Raises ValueError on a malformed member (the loader counts
+    and skips)."""
+    offset, size = span
+    handle.seek(offset)
     try:
-        latents = npy_load(raw["latents.npy"])
+        version = np.lib.format.read_magic(handle)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = header(handle)
+    except Exception as err:  # numpy raises several types on garbage bytes
+        raise ValueError(f"undecodable latents header ({type(err).__name__}: {err})") from err
+    data_start = handle.tell()
+    if dtype != np.float32 or fortran or len(shape) != 4:
+        raise ValueError(f"latents are {dtype} {'fortran ' if fortran else ''}{shape}, not C-order float32 (C, T, H, W)")
+    c, t, h, w = shape
+    f0, f1 = frames
+    if not 0 <= f0 < f1 <= t or data_start - offset + 4 * c * t * h * w > size:
+        raise ValueError(f"latents member of {size} bytes with shape {shape} cannot hold frames [{f0}, {f1})")
+    frame_bytes = 4 * h * w
+    out = np.empty((c, f1 - f0, h, w), np.float32)
+    for channel in range(c):
+        handle.seek(data_start + (channel * t + f0) * frame_bytes)
+        run = handle.read((f1 - f0) * frame_bytes)
+        if len(run) != (f1 - f0) * frame_bytes:
+            raise ValueError(f"latents truncated: channel {channel} frames [{f0}, {f1}) short by "
+                             f"{(f1 - f0) * frame_bytes - len(run)} bytes")
+        out[channel] = np.frombuffer(run, np.float32).reshape(f1 - f0, h, w)
+    return out
+
+
+def decode_sample(key: str, raw: dict[str, bytes], shape: list[int] | None = None,
+                  latents: np.ndarray | None = None) -> Sample:
+    """Parse the four members (`latents` given: already read, e.g. by read_latent_frames);
+    raises ValueError on anything malformed (the loader counts and skips)."""
+    try:
+        latents = npy_load(raw["latents.npy"]) if latents is None else latents
         emb = npy_load(raw["text_emb.npy"])
         mask = npy_load(raw["text_mask.npy"])
         meta = json.loads(raw["json"])

@@ -42,6 +42,11 @@ class SpanCut:
         """(..., C, T, H, W) whole clip -> (..., C, T_span, H, W) a view of the span's frames."""
         return self.span(tuple(latents.shape[-3:])).latent_rows(latents, self.patch[0])  # type: ignore[arg-type]
 
+    def frame_range(self, clip: tuple[int, int, int]) -> tuple[int, int]:
+        """[first, end) latent frames of the span (contiguous): what a source reads from storage."""
+        frames = self.frames(clip)
+        return frames[0], frames[-1] + 1
+
     def frames(self, clip: tuple[int, int, int]) -> list[int]:
         """Latent frame numbers of the span (the same cut applied to the frame numbers): a source
         that renders frames independently renders only these."""
