@@ -241,8 +241,9 @@ class CheckpointManager:
 
 
 def load_model_states(tag_dir: Path) -> dict[str, Any]:
-    """The first mp rank's model-states file (module, config, EMA), as a CheckpointError if unreadable."""
-    states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    """The first mp rank's model-states file (module, config, EMA), as a CheckpointError if unreadable.
+    ZeRO-3 names them after the partition too: zero_pp_rank_0_mp_rank_XX_model_states.pt."""
+    states = sorted(tag_dir.glob("mp_rank_*_model_states.pt")) or sorted(tag_dir.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
     if not states:
         raise CheckpointError(f"{tag_dir} holds no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)",
                               PICK_ANOTHER)

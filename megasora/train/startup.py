@@ -27,7 +27,7 @@ from megasora.train import checkpoint
 from megasora.train.distributed import device_for, init_distributed
 from megasora.train.ema import EMA, ShardPlace
 from megasora.train.engine import build_engine
-from megasora.train.universal import convert_to_universal
+from megasora.train.universal import convert_to_universal, unshare_step_counters
 
 log = logging.getLogger("megasora")
 
@@ -95,19 +95,21 @@ def prepare_resume(resume: str | None, ckpt_dir: Path, layout: dict[str, int], i
 
 
 def check_zero3_reshard(info: checkpoint.CheckpointInfo, layout: dict[str, int]) -> None:
-    """A ZeRO-3 checkpoint resumes on its own layout only. DeepSpeed 0.19.8's universal checkpoints
-    do not reshard ZeRO-3 (measured: dp2 or ulysses2 -> ring2 resumes with the loss 1.4e-4 off one
-    step later, the optimizer state not what was saved; -> tp2 or -> ZeRO-2 fails to load), so a
-    changed layout is refused before anything is converted."""
-    if 3 not in (info.layout.get("zero_stage"), layout["zero_stage"]):
+    """Resharding onto a ZeRO-3 run with tp > 1 is refused before anything is converted: DeepSpeed
+    0.19.8's ZeRO-3 universal load (stage3.py load_hp_checkpoint_state) cuts a tensor-parallel
+    weight for its tp rank only for its own AutoTP layers, so each rank would take the head of the
+    whole tensor (measured: ZeRO-3 or ZeRO-2 dp2 -> ZeRO-3 tp2 fails to load). Every other layout
+    change to or from ZeRO-3 reshards exactly (universal.py: one step tensor per group, the
+    checkpoint completed for the other ZeRO stage; tests/test_zero3_sp.py)."""
+    if layout["zero_stage"] != 3 or layout["tp"] == 1:
         return
     changed = ", ".join(f"{key} {info.layout.get(key)} -> {value}" for key, value in layout.items()
                         if info.layout.get(key) != value)
     raise checkpoint.CheckpointError(
-        f"{info.path} is a ZeRO-3 checkpoint or this run is ZeRO-3, and the layout changed ({changed}): "
-        f"DeepSpeed 0.19.8 cannot reshard ZeRO-3 state exactly",
-        "resume with the checkpoint's own parallel.* degrees, world size and train.zero_stage (its run's "
-        "config.yaml), or export its weights (megasora ckpt export) and start a new run")
+        f"{info.path}: this run is ZeRO-3 at parallel.tp={layout['tp']} and the layout changed ({changed}): "
+        f"DeepSpeed 0.19.8 cannot reshard a checkpoint onto ZeRO-3 tensor-parallel weights",
+        "resume at parallel.tp=1 or with train.zero_stage=2 (both reshard exactly), or with the checkpoint's "
+        "own parallel.* degrees, world size and train.zero_stage (its run's config.yaml)")
 
 
 def open_run(cfg: Config, rank: int, record: dict[str, int], resume: str | None
@@ -128,6 +130,8 @@ def restore(engine: Any, ema: EMA | None, resume_from: checkpoint.CheckpointInfo
         return 0, 0
     tag = f"{resume_from.tag}.universal" if reshard else resume_from.tag
     client = checkpoint.load_engine_state(engine, resume_from.root, tag)
+    if reshard and engine.optimizer is not None:
+        unshare_step_counters(engine.optimizer)  # DeepSpeed 0.19.8 ZeRO-3 gives all groups one step tensor
     if ema is not None:  # from the checkpoint's own files: the universal conversion does not touch the EMA
         checkpoint.load_ema(ema, resume_from.path, client)
     log.info("resumed from %s at step %d (%d samples seen)", resume_from.path, client["step"], client["samples"])

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from megasora.parallel.lora import lora_partition_dims
@@ -53,4 +54,79 @@ def convert_to_universal(tag_dir: Path, out_dir: Path) -> None:
         keep_temp_folder=False, strict=True, inject_missing_state=False)
     log.info("converting %s to a universal checkpoint (layout changed)", tag_dir)
     ds_to_universal.main(args)
+    _loadable_by_every_zero_stage(tmp)
     tmp.rename(out_dir)
+
+
+# A ZeRO-3 engine looks for zero_pp_rank_0_mp_rank_XX_model_states.pt, a ZeRO-1/2 engine for
+# mp_rank_XX_model_states.pt; a universal load reads only metadata from them (client state, LR
+# scheduler), the weights come from zero/.
+_ZERO3_STATES = re.compile(r"^zero_pp_rank_0_(mp_rank_\d+_model_states\.pt)$")
+_ZERO12_STATES = re.compile(r"^(mp_rank_\d+_model_states\.pt)$")
+
+
+def _loadable_by_every_zero_stage(uni: Path) -> None:
+    """Complete what ds_to_universal writes for one ZeRO stage so the other stage's loader reads it too.
+
+    DeepSpeed 0.19.8 writes a ZeRO-3 checkpoint's Adam step once, in optimizer_state.pt's
+    optimizer_state_dict (what stage3.py reads), a ZeRO-1/2 one per parameter as zero/NAME/step.pt
+    (what ZeRO-1/2 read, with the ds_version they check); and the model-states files under the
+    saving stage's names. Each is added in the other's form, so ZeRO-3 <-> ZeRO-1/2 resumes.
+    """
+    import deepspeed  # lazy: DeepSpeed, ~1 s (see above)
+    from deepspeed.checkpoint import constants as c  # lazy: as above
+    zero = uni / "zero"
+    global_state = torch.load(zero / "optimizer_state.pt", weights_only=False)
+    param_dirs = [d for d in zero.iterdir() if d.is_dir()]
+    if c.OPTIMIZER_STATE_DICT in global_state:  # saved under ZeRO-3
+        step = global_state[c.OPTIMIZER_STATE_DICT]["state"][0]["step"]
+        shapes = _zero3_param_shapes(uni)
+        for param_dir in param_dirs:
+            if not (param_dir / "step.pt").exists():
+                torch.save(step, param_dir / "step.pt")
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):  # flat tensors; ZeRO-1/2 want {"param": shaped}
+                saved = torch.load(param_dir / f"{key}.pt", weights_only=False)
+                if isinstance(saved, torch.Tensor):
+                    torch.save({c.PARAM: saved.view(shapes[param_dir.name])}, param_dir / f"{key}.pt")
+        global_state.setdefault(c.DS_VERSION, deepspeed.__version__)
+    else:  # saved under ZeRO-1/2: the step.pt of every parameter the optimizer holds is the same
+        steps = [d / "step.pt" for d in param_dirs if (d / "step.pt").exists()]
+        if steps:  # none: the optimizer holds nothing yet, no step to carry
+            step = torch.load(steps[0], weights_only=False)
+            global_state[c.OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}},
+                                                    c.PARAM_GROUPS: global_state[c.PARAM_GROUPS]}
+    torch.save(global_state, zero / "optimizer_state.pt")
+    for states in sorted(uni.glob("*model_states.pt")):
+        zero3, zero12 = _ZERO3_STATES.match(states.name), _ZERO12_STATES.match(states.name)
+        twin = uni / zero3.group(1) if zero3 else uni / f"zero_pp_rank_0_{states.name}" if zero12 else None
+        if twin is not None and not twin.exists():
+            shutil.copyfile(states, twin)
+
+
+def unshare_step_counters(optimizer: Any) -> None:
+    """Give every optimizer state its own `step` tensor after a universal load.
+
+    DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+    assigns one and the same `step` tensor to the state of every sub-group; torch's Adam increments
+    `step` in place once per sub-group, so with our two parameter groups (decay / no decay) it
+    advanced twice per optimizer step and every group after the first took the bias corrections of
+    a later step (measured: ZeRO-3 dp2 -> ring2, the loss 2e-4 off one step after the resume, the
+    exp_avg / exp_avg_sq exact, the no-decay weights 2.6e-4 off). `optimizer`: DeepSpeed's ZeRO
+    optimizer or the torch optimizer it wraps.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    seen: set[int] = set()
+    for state in inner.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))
+
+
+def _zero3_param_shapes(uni: Path) -> dict[str, torch.Size]:
+    """Each parameter's shape as a ZeRO-3 checkpoint recorded it (tp rank 0's: the whole tensor at tp 1)."""
+    from deepspeed.checkpoint import constants as c  # lazy: DeepSpeed, ~1 s (see above)
+    states = sorted(uni.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))[0]
+    groups = torch.load(states, map_location="cpu", weights_only=False)[c.PARAM_SHAPES]
+    return {name: torch.Size(shape) for group in groups for name, shape in group.items()}
