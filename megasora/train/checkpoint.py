@@ -235,6 +235,8 @@ class CheckpointManager:
             if tag not in keep:
                 shutil.rmtree(self.root / tag, ignore_errors=True)
                 shutil.rmtree(self.root / f"{tag}.universal", ignore_errors=True)
+                for view in self.root.glob(f"{tag}.universal.tp*"):  # universal.tp_rank_view's
+                    shutil.rmtree(view, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- consolidated weights

@@ -27,7 +27,7 @@ from megasora.train import checkpoint
 from megasora.train.distributed import device_for, init_distributed
 from megasora.train.ema import EMA, ShardPlace
 from megasora.train.engine import build_engine
-from megasora.train.universal import convert_to_universal, unshare_step_counters
+from megasora.train.universal import convert_to_universal, tp_rank_view, unshare_step_counters
 
 log = logging.getLogger("megasora")
 
@@ -84,7 +84,6 @@ def prepare_resume(resume: str | None, ckpt_dir: Path, layout: dict[str, int], i
     info = checkpoint.resolve_resume(resume, ckpt_dir)
     if info is None or info.layout == layout:
         return info, False
-    check_zero3_reshard(info, layout)
     log.warning("checkpoint %s was saved with layout %s; resuming with %s: resharding through a "
                 "DeepSpeed universal checkpoint", info.tag, info.layout, layout)
     universal = info.root / f"{info.tag}.universal"
@@ -92,24 +91,6 @@ def prepare_resume(resume: str | None, ckpt_dir: Path, layout: dict[str, int], i
         convert_to_universal(info.path, universal)
     dist.barrier()
     return info, True
-
-
-def check_zero3_reshard(info: checkpoint.CheckpointInfo, layout: dict[str, int]) -> None:
-    """Resharding onto a ZeRO-3 run with tp > 1 is refused before anything is converted: DeepSpeed
-    0.19.8's ZeRO-3 universal load (stage3.py load_hp_checkpoint_state) cuts a tensor-parallel
-    weight for its tp rank only for its own AutoTP layers, so each rank would take the head of the
-    whole tensor (measured: ZeRO-3 or ZeRO-2 dp2 -> ZeRO-3 tp2 fails to load). Every other layout
-    change to or from ZeRO-3 reshards exactly (universal.py: one step tensor per group, the
-    checkpoint completed for the other ZeRO stage; tests/test_zero3_sp.py)."""
-    if layout["zero_stage"] != 3 or layout["tp"] == 1:
-        return
-    changed = ", ".join(f"{key} {info.layout.get(key)} -> {value}" for key, value in layout.items()
-                        if info.layout.get(key) != value)
-    raise checkpoint.CheckpointError(
-        f"{info.path}: this run is ZeRO-3 at parallel.tp={layout['tp']} and the layout changed ({changed}): "
-        f"DeepSpeed 0.19.8 cannot reshard a checkpoint onto ZeRO-3 tensor-parallel weights",
-        "resume at parallel.tp=1 or with train.zero_stage=2 (both reshard exactly), or with the checkpoint's "
-        "own parallel.* degrees, world size and train.zero_stage (its run's config.yaml)")
 
 
 def open_run(cfg: Config, rank: int, record: dict[str, int], resume: str | None
@@ -123,12 +104,19 @@ def open_run(cfg: Config, rank: int, record: dict[str, int], resume: str | None
     return (ckpt_dir, *prepare_resume(resume, ckpt_dir, record, rank == 0))
 
 
-def restore(engine: Any, ema: EMA | None, resume_from: checkpoint.CheckpointInfo | None, reshard: bool
-            ) -> tuple[int, int]:
+def restore(engine: Any, ema: EMA | None, resume_from: checkpoint.CheckpointInfo | None, reshard: bool,
+            mpu: Any = None) -> tuple[int, int]:
     """Load engine (+ EMA) state from a checkpoint; returns (step, global samples seen)."""
     if resume_from is None:
         return 0, 0
     tag = f"{resume_from.tag}.universal" if reshard else resume_from.tag
+    tp = mpu.get_tensor_model_parallel_world_size() if mpu is not None else 1
+    if reshard and tp > 1 and engine.zero_optimization_partition_weights():  # ZeRO-3 cannot cut tp slices itself
+        tp_rank = mpu.get_tensor_model_parallel_rank()
+        if mpu.get_sequence_data_parallel_rank() == 0:  # one writer per tp rank
+            tp_rank_view(resume_from.root / tag, engine.module, tp_rank, tp)
+        dist.barrier()
+        tag = f"{tag}.tp{tp}_{tp_rank:02d}"
     client = checkpoint.load_engine_state(engine, resume_from.root, tag)
     if reshard and engine.optimizer is not None:
         unshare_step_counters(engine.optimizer)  # DeepSpeed 0.19.8 ZeRO-3 gives all groups one step tensor
@@ -155,5 +143,5 @@ def training_run(cfg: Config, layout: ParallelLayout, resume: str | None, build:
         place = ShardPlace.of(parallel.mpu.mesh if parallel.mpu is not None else None)
         ema = EMA(engine.module, cfg.train.ema_decay, cfg.train.zero_stage, place) if cfg.train.ema_decay > 0 else None
         manager = checkpoint.CheckpointManager(ckpt_dir, record, cfg.train.keep_last, cfg.train.keep_every)
-        step, samples = restore(engine, ema, resume_from, reshard)
+        step, samples = restore(engine, ema, resume_from, reshard, parallel.mpu)
         yield TrainingRun(cfg, engine, ema, parallel, device, env.rank == 0, manager, step, samples)

@@ -130,3 +130,40 @@ def _zero3_param_shapes(uni: Path) -> dict[str, torch.Size]:
     states = sorted(uni.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))[0]
     groups = torch.load(states, map_location="cpu", weights_only=False)[c.PARAM_SHAPES]
     return {name: torch.Size(shape) for group in groups for name, shape in group.items()}
+
+
+def tp_rank_view(uni: Path, model: nn.Module, tp_rank: int, tp: int) -> Path:
+    """A universal checkpoint as DeepSpeed's ZeRO-3 loader must see it on tensor-parallel rank
+    `tp_rank` of `tp`: each tp-split tensor cut to that rank's slice, everything else linked.
+
+    stage3.py load_hp_checkpoint_state partitions whatever tensor it reads over dp x sp and cuts
+    tp slices only for DeepSpeed's AutoTP layers, so a whole weight would put the head of the
+    tensor on every tp rank. Written once per tp rank (beside `uni`, atomic like the conversion);
+    the slices are the contiguous dim-0 / dim-1 chunks the TP layers hold (parallel/tensor.py).
+    """
+    from deepspeed.checkpoint import constants as c  # lazy: DeepSpeed, ~1 s (see above)
+    out = uni.with_name(f"{uni.name}.tp{tp}_{tp_rank:02d}")
+    if out.is_dir():
+        return out
+    tmp = out.with_name(out.name + ".writing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "zero").mkdir(parents=True)
+    for states in uni.glob("*model_states.pt"):
+        (tmp / states.name).symlink_to(states.resolve())
+    (tmp / "zero" / "optimizer_state.pt").symlink_to((uni / "zero" / "optimizer_state.pt").resolve())
+    split = tp_partition_dims(model) | lora_partition_dims(model)
+    for param_dir in (d for d in (uni / "zero").iterdir() if d.is_dir()):
+        dim = split.get(param_dir.name)
+        if dim is None:  # replicated over tp: the whole tensor on every rank
+            (tmp / "zero" / param_dir.name).symlink_to(param_dir.resolve())
+            continue
+        (tmp / "zero" / param_dir.name).mkdir()
+        for f in param_dir.glob("*.pt"):
+            saved = torch.load(f, weights_only=False)
+            if f.stem == "step" or not isinstance(saved, dict):  # the step; _loadable_by_every_zero_stage shapes the rest
+                (tmp / "zero" / param_dir.name / f.name).symlink_to(f.resolve())
+                continue
+            part = saved[c.PARAM].chunk(tp, dim=dim)[tp_rank].contiguous()
+            torch.save({c.PARAM: part}, tmp / "zero" / param_dir.name / f.name)
+    tmp.rename(out)
+    return out
