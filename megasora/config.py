@@ -539,11 +539,6 @@ def validate(cfg: Config) -> None:
         (d.frames // m.patch[0]) * (d.height // m.patch[1]) * (d.width // m.patch[2]))
     _require(d.kind == "shards" or tokens >= seq_ranks,  # shards: checked per clip when it is loaded
              f"parallel.tp*ulysses*ring={seq_ranks} exceeds the {tokens} tokens of a data.frames x height x width "
-             f"clip: lower the sequence-parallel degree to <= {tokens} or use larger clips")
-    seq_ranks, tokens = cfg.parallel.tp * cfg.parallel.ulysses * cfg.parallel.ring, (
-        (d.frames // m.patch[0]) * (d.height // m.patch[1]) * (d.width // m.patch[2]))
-    _require(d.kind == "shards" or tokens >= seq_ranks,  # shards: checked per clip when it is loaded
-             f"parallel.tp*ulysses*ring={seq_ranks} exceeds the {tokens} tokens of a data.frames x height x width "
              f"clip; lower the sequence-parallel degree to <= {tokens} or use larger clips")
     _require(d.kind != "shards" or bool(d.shards), "data.kind=shards needs data.shards (a `megasora preprocess` "
              "output directory)")
