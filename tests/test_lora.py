@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from diffusers import WanTransformer3DModel
+from model_utils import model_inputs, randomized, tp_gathered_grads
 from safetensors.torch import load_file, save_file
 from test_wan import TEXT_DIM, diffusers_text, tiny_wan
 
@@ -41,23 +42,11 @@ LORA = LoRAConfig(rank=4, alpha=8.0, targets=TARGETS)
 
 def _base() -> DiT:
     """Every parameter random (adaLN-Zero would close the residual branches the adapters sit in)."""
-    model = DiT(ARCH)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=g) * 0.1)
-    return model
+    return randomized(DiT(ARCH))
 
 
 def _inputs() -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(B, ARCH.in_channels, FRAMES, SIDE, SIDE, generator=g)
-    t = torch.rand(B, generator=g)
-    text = torch.randn(B, TEXT, ARCH.text_dim, generator=g)
-    mask = torch.ones(B, TEXT, dtype=torch.bool)
-    mask[1, 3:] = False
-    dout = torch.randn(B, ARCH.in_channels, FRAMES, SIDE, SIDE, generator=g)
-    return latents, t, text, mask, dout
+    return model_inputs(ARCH.in_channels, ARCH.text_dim, B, FRAMES, SIDE, TEXT)
 
 
 def _forward_backward(model: DiT) -> torch.Tensor:
@@ -100,17 +89,7 @@ def test_targets_matching_nothing_name_what_could_match() -> None:
 
 
 def _gathered_grads(model: DiT, mesh) -> dict[str, torch.Tensor]:
-    split, out = lora_partition_dims(model), {}
-    for name, param in model.named_parameters():
-        if not is_lora_parameter(name):
-            continue
-        grad = param.grad
-        if name in split:
-            parts = [torch.empty_like(grad) for _ in range(TP)]
-            dist.all_gather(parts, grad.contiguous(), group=mesh.group("tp"))
-            grad = torch.cat(parts, dim=split[name])
-        out[name] = grad
-    return out
+    return tp_gathered_grads(model, mesh.group("tp"), lora_partition_dims(model), TP, is_lora_parameter)
 
 
 def _single_adapted() -> DiT:

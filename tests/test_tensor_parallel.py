@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
+from model_utils import model_inputs, randomized, tp_gathered_grads
 
 from megasora.models.dit import DiT, DiTArch
 from megasora.parallel.mesh import ParallelLayout, build_mesh
@@ -26,24 +26,11 @@ LR = 0.1
 
 def _model() -> DiT:
     """Every parameter random (adaLN-Zero starts adaLN at 0, which would hide a wrong feature order)."""
-    model = DiT(ARCH)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=g) * 0.1)
-    return model
+    return randomized(DiT(ARCH))
 
 
 def _inputs(per_token: bool) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(B, ARCH.in_channels, FRAMES, SIDE, SIDE, generator=g)
-    tokens = FRAMES * (SIDE // 2) ** 2
-    t = torch.rand(B, tokens, generator=g) if per_token else torch.rand(B, generator=g)
-    text = torch.randn(B, TEXT, ARCH.text_dim, generator=g)
-    mask = torch.ones(B, TEXT, dtype=torch.bool)
-    mask[1, 3:] = False
-    dout = torch.randn(B, ARCH.in_channels, FRAMES, SIDE, SIDE, generator=g)
-    return latents, t, text, mask, dout
+    return model_inputs(ARCH.in_channels, ARCH.text_dim, B, FRAMES, SIDE, TEXT, per_token)
 
 
 def _forward_backward(model: DiT, per_token: bool) -> torch.Tensor:
@@ -56,15 +43,7 @@ def _forward_backward(model: DiT, per_token: bool) -> torch.Tensor:
 
 def _full_grads(model: DiT, mesh) -> dict[str, torch.Tensor]:
     """Gradients unsharded like the parameters (replicated ones are already summed over tp by the hooks)."""
-    split, out = tp_partition_dims(model), {}
-    for name, param in model.named_parameters():
-        grad = param.grad
-        if name in split:
-            parts = [torch.empty_like(grad) for _ in range(TP)]
-            dist.all_gather(parts, grad.contiguous(), group=mesh.group("tp"))
-            grad = torch.cat(parts, dim=split[name])
-        out[name] = grad
-    return out
+    return tp_gathered_grads(model, mesh.group("tp"), tp_partition_dims(model), TP)
 
 
 def _shard(full: dict[str, torch.Tensor], model: DiT, rank: int) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from model_utils import model_inputs, randomized
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -89,24 +90,11 @@ LAYOUTS: dict[str, tuple[int, dict[str, int], str]] = {
 
 def _wan() -> WanModel:
     """Every parameter random: tables, qk-norms and the zero-initialised output linear all matter."""
-    model = WanModel(ARCH)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=g) * 0.2 + (1.0 if param.dim() == 1 and
-                                                                        param.shape[0] == ARCH.hidden else 0.0))
-    return model
+    return randomized(WanModel(ARCH), scale=0.2, norm_width=ARCH.hidden)
 
 
 def _wan_inputs() -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(B, ARCH.in_channels, FRAMES, SIDE, SIDE, generator=g)
-    t = torch.rand(B, generator=g)
-    text = torch.randn(B, TEXT, ARCH.text_dim, generator=g)
-    mask = torch.ones(B, TEXT, dtype=torch.bool)
-    mask[1, 3:] = False
-    dout = torch.randn(B, ARCH.in_channels, FRAMES, SIDE, SIDE, generator=g)
-    return latents, t, text, mask, dout
+    return model_inputs(ARCH.in_channels, ARCH.text_dim, B, FRAMES, SIDE, TEXT)
 
 
 DROP = torch.tensor([True, False])  # sample 0's caption dropped
