@@ -23,7 +23,7 @@ from test_golden import _full_params, _grad_norms
 from megasora.config import load_config
 from megasora.data.buckets import BucketRule
 from megasora.data.shard_stream import ShardIndex, ShardStream
-from megasora.data.shards import write_shard
+from megasora.data.shards import read_latent_frames, write_shard
 from megasora.data.stream import SpanCut
 from megasora.data.synthetic import render_clip
 from megasora.parallel.sequence import sequence_span
@@ -151,3 +151,14 @@ def test_ring2_on_cut_shards_equals_one_process(shard_dir, tmp_path):
     for name, ref in ref_params.items():
         err = (params[name] - ref).abs().max().item()
         assert err <= 1e-4, f"parameter {name} differs by {err:.2e}"
+
+
+def test_a_span_of_padding_only_reads_no_frames(shard_dir):
+    """18 tokens over 7 ranks (3 each, 21 padded): the last rank holds padding only; it reads an
+    empty run of frames rather than failing the sample as unreadable."""
+    cut = SpanCut(partial(sequence_span, shards=7, index=6), (1, 1, 1))
+    assert cut.frame_range((2, 3, 3)) == (2, 2) and cut.frames((2, 3, 3)) == []
+    index = ShardIndex.load(shard_dir, BucketRule(patch=PATCH, micro_batch_size=3))
+    with open(index.tars[index.shard_of[0]], "rb") as handle:
+        rows = read_latent_frames(handle, index.spans[0]["latents.npy"], (1, 1))
+    assert rows.shape == (3, 0, *index.shapes[0][1:])

@@ -155,7 +155,7 @@ def read_latent_frames(handle: BinaryIO, span: list[int], frames: tuple[int, int
         raise ValueError(f"latents are {dtype} {'fortran ' if fortran else ''}{shape}, not C-order float32 (C, T, H, W)")
     c, t, h, w = shape
     f0, f1 = frames
-    if not 0 <= f0 < f1 <= t or data_start - offset + 4 * c * t * h * w > size:
+    if not 0 <= f0 <= f1 <= t or data_start - offset + 4 * c * t * h * w > size:
         raise ValueError(f"latents member of {size} bytes with shape {shape} cannot hold frames [{f0}, {f1})")
     frame_bytes = 4 * h * w
     out = np.empty((c, f1 - f0, h, w), np.float32)

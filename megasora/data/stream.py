@@ -29,8 +29,8 @@ class StepBatch:
 
 @dataclass(frozen=True)
 class SpanCut:
-    """The latent frames of this sequence rank's span of a clip (TokenSpan.latent_rows, the cut the
-    model and the objective make), applied by the data source right after decoding."""
+    """The latent frames of this sequence rank's span of a clip (TokenSpan.latent_frames, the cut
+    the model and the objective make): the only frames a data source reads or renders."""
     span_of: Callable[[tuple[int, int, int]], TokenSpan]  # the model's sequence hook's `span`
     patch: tuple[int, int, int]
 
@@ -38,20 +38,13 @@ class SpanCut:
         """This rank's tokens of a clip with latent (T, H, W) `clip`."""
         return self.span_of(patch_grid(clip, self.patch))
 
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        """(..., C, T, H, W) whole clip -> (..., C, T_span, H, W) a view of the span's frames."""
-        return self.span(tuple(latents.shape[-3:])).latent_rows(latents, self.patch[0])  # type: ignore[arg-type]
-
     def frame_range(self, clip: tuple[int, int, int]) -> tuple[int, int]:
-        """[first, end) latent frames of the span (contiguous): what a source reads from storage."""
-        frames = self.frames(clip)
-        return frames[0], frames[-1] + 1
+        """[first, end) latent frames of the span: what a source reads from storage."""
+        return self.span(clip).latent_frames(clip[0], self.patch[0])
 
     def frames(self, clip: tuple[int, int, int]) -> list[int]:
-        """Latent frame numbers of the span (the same cut applied to the frame numbers): a source
-        that renders frames independently renders only these."""
-        numbers = torch.arange(clip[0]).view(-1, 1, 1)  # (T, 1, 1)
-        return self.span(clip).latent_rows(numbers, self.patch[0]).flatten().tolist()
+        """Latent frame numbers of the span: a source that renders frames independently renders only these."""
+        return list(range(*self.frame_range(clip)))
 
 
 def stream_ids(seed: int, num_samples: int, start: int, count: int) -> list[int]:

@@ -103,9 +103,15 @@ class TokenSpan:
         """(n,) global token positions of the span (padding included)."""
         return torch.arange(self.lo, self.hi, device=device)
 
+    def latent_frames(self, frames: int, pt: int) -> tuple[int, int]:
+        """[start, end) of the span's latent frames in a clip of `frames` latent frames (empty for a
+        span of padding only)."""
+        return min(self.first_frame * pt, frames), min(self.end_frame * pt, frames)
+
     def latent_rows(self, latents: torch.Tensor, pt: int) -> torch.Tensor:
-        """(..., C, T, H, W) -> (..., C, (end_frame - first_frame)*pt, H, W): the latent frames of the span."""
-        return latents[..., self.first_frame * pt:self.end_frame * pt, :, :]
+        """(..., C, T, H, W) -> (..., C, T_span, H, W): the latent frames of the span."""
+        start, end = self.latent_frames(latents.shape[-3], pt)
+        return latents[..., start:end, :, :]
 
     def take(self, tokens: torch.Tensor, first_token: int = 0) -> torch.Tensor:
         """(B, M, ...) tokens starting at global position `first_token` -> (B, n, ...) of the span,

@@ -72,7 +72,8 @@ def span_rows(batch: dict[str, Any], span: TokenSpan, pt: int) -> torch.Tensor:
     latents = batch["latents"]
     if "clip_shape" not in batch:
         return span.latent_rows(latents, pt)
-    frames = span.latent_rows(torch.empty(int(batch["clip_shape"][0]), 0, 0), pt).shape[0]  # the cut's frame count
+    start, end = span.latent_frames(int(batch["clip_shape"][0]), pt)
+    frames = end - start
     if latents.shape[2] != frames:  # cut for another span: a stream built for another layout
         raise ValueError(f"micro-batch latents hold {latents.shape[2]} frames but this rank's span of the "
                          f"clip {tuple(batch['clip_shape'].tolist())} has {frames}: the data stream was "
