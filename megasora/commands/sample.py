@@ -26,7 +26,7 @@ from megasora.launcher.env import discover
 from megasora.models import build_dit
 from megasora.models.dit import DiT
 from megasora.models.prompt_extension import DEFAULT_EXTENSION_TEMPLATE, PromptExtender, check_model_dir, check_template
-from megasora.models.text import EMPTY_CAPTION, check_text_path, text_encoder_from_config, uses_empty_caption
+from megasora.models.text import check_text_path, guidance_negative, text_encoder_from_config
 from megasora.models.vae import check_vae_path
 from megasora.parallel import init_parallel
 from megasora.parallel.lora import is_lora_parameter
@@ -231,12 +231,11 @@ def run(args: argparse.Namespace) -> int:
     encoded = extend_prompts(args, prompts, "cuda" if torch.cuda.is_available() else "cpu")
     encoder = text_encoder_from_config(cfg.text)
     text, mask = encoder.encode(encoded)
-    null = encoder.encode([EMPTY_CAPTION]) if uses_empty_caption(cfg) else None  # Wan's guidance negative
     window = args.window or cfg.data.frames
     context = modes.context_frames(args.mode, window, cfg.model.patch[0])
     progress = modes.StepProgress(rank == 0, windows_needed(args, cfg, window, context))
     sampler = modes.ModeSampler(model, cfg, text, mask, args.steps, args.guidance, args.seed, progress,
-                                null_caption=None if null is None else (null[0][0], null[1][0]))
+                                null_caption=guidance_negative(encoder, cfg))
     latents = run_mode(sampler, args, cfg, inputs, window, context)
     progress.close()
     if rank == 0:

@@ -127,6 +127,15 @@ class TextEncoder:
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
+def guidance_negative(encoder: TextEncoder, cfg: Config) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The caption guidance pushes away from, (L, D) / (L,): the empty string's embedding for models
+    whose null caption it is (Wan); None for a model's own learned null caption."""
+    if not uses_empty_caption(cfg):
+        return None
+    text, mask = encoder.encode([EMPTY_CAPTION])
+    return text[0], mask[0]
+
+
 def text_encoder_from_config(cfg: TextConfig, device: str = "cpu") -> TextEncoder:
     """The encoder a `TextConfig` names (path, kind, max_length)."""
     return TextEncoder(cfg.path or None, cfg.max_length, device, kind=cfg.kind)

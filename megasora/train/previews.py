@@ -24,7 +24,7 @@ from megasora.diffusion.modes import Codec
 from megasora.diffusion.sampler import sample_euler
 from megasora.models import build_dit
 from megasora.models.prompt_extension import PromptExtender
-from megasora.models.text import EMPTY_CAPTION, TextEncoder, uses_empty_caption
+from megasora.models.text import TextEncoder, guidance_negative
 
 log = logging.getLogger("megasora")
 
@@ -50,11 +50,10 @@ def sample_previews(cfg: Config, weights: dict[str, torch.Tensor], device: torch
         prompts = _extender(cfg.train.sample_extend_prompt, str(device)).extend(prompts)
     encoder = _text_encoder(cfg.text.path, cfg.text.max_length, cfg.text.kind)
     text, mask = encoder.encode(prompts)
-    null = encoder.encode([EMPTY_CAPTION]) if uses_empty_caption(cfg) else None  # Wan's guidance negative
     shape = (len(prompts), cfg.model.in_channels, cfg.data.frames, cfg.data.height, cfg.data.width)
     latents = sample_euler(model, shape, text, mask, cfg.diffusion, steps=cfg.train.sample_steps,
                            patch=cfg.model.patch_size, generator=torch.Generator().manual_seed(cfg.train.seed),
-                           null_caption=None if null is None else (null[0][0], null[1][0]))
+                           null_caption=guidance_negative(encoder, cfg))
     pixels = Codec(cfg).decode(latents.cpu()) if cfg.vae.path or cfg.model.in_channels == 3 else latents[:, :3]
     frames = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, T, H, W)
     return torch.cat(list(frames), dim=-1).permute(1, 2, 3, 0).numpy()  # (T, H, B*W, 3)
