@@ -22,6 +22,11 @@ from megasora.parallel.tensor import tp_partition_dims
 log = logging.getLogger("megasora")
 
 
+def split_dims(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> the dim tp splits it along: the TP layers' weights and LoRA's split factors."""
+    return tp_partition_dims(model) | lora_partition_dims(model)
+
+
 def universal_checkpoint_info(model: nn.Module) -> dict[str, Any]:
     """Column-parallel params (split dim 0) are DeepSpeed's default; name the rest.
 
@@ -29,7 +34,7 @@ def universal_checkpoint_info(model: nn.Module) -> dict[str, Any]:
     tp=1 must still tell DeepSpeed how to slice row-parallel weights for a tp=2 resume.
     """
     from deepspeed.checkpoint import constants as c  # lazy: DeepSpeed takes ~1 s; `megasora ckpt` imports this module
-    split = tp_partition_dims(model) | lora_partition_dims(model)
+    split = split_dims(model)
     replicated, row_parallel = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:  # frozen (LoRA's base): not in the optimizer, so not in the conversion
@@ -151,7 +156,7 @@ def tp_rank_view(uni: Path, model: nn.Module, tp_rank: int, tp: int) -> Path:
     for states in uni.glob("*model_states.pt"):
         (tmp / states.name).symlink_to(states.resolve())
     (tmp / "zero" / "optimizer_state.pt").symlink_to((uni / "zero" / "optimizer_state.pt").resolve())
-    split = tp_partition_dims(model) | lora_partition_dims(model)
+    split = split_dims(model)
     for param_dir in (d for d in (uni / "zero").iterdir() if d.is_dir()):
         dim = split.get(param_dir.name)
         if dim is None:  # replicated over tp: the whole tensor on every rank
