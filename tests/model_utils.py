@@ -2,6 +2,7 @@
 test_wan_parallel): every parameter random, so no zero-initialised branch hides a wrong path."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -50,3 +51,15 @@ def tp_gathered_grads(model: nn.Module, group: dist.ProcessGroup, split: dict[st
             grad = torch.cat(parts, dim=split[name])
         out[name] = grad
     return out
+
+
+def save_tiny_wan(directory: Path) -> None:
+    """A diffusers WanTransformer3DModel sized for configs/tiny.yaml's data (3 latent channels, MiniLM's
+    384-d captions), every parameter perturbed (its zero-initialised output would hide the weights), saved."""
+    from diffusers import WanTransformer3DModel  # here, not at the top: the tp tests importing this need no diffusers
+    model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=3, out_channels=3,
+                                  text_dim=384, freq_dim=32, ffn_dim=72, num_layers=2)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(directory)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from diffusers import WanTransformer3DModel
-from model_utils import model_inputs, randomized, tp_gathered_grads
+from model_utils import model_inputs, randomized, save_tiny_wan, tp_gathered_grads
 from safetensors.torch import load_file, save_file
 from test_wan import TEXT_DIM, diffusers_text, tiny_wan
 
@@ -324,12 +324,7 @@ def test_wan_lora_trained_at_tp2_exports_to_diffusers(tmp_path: Path, capsys) ->
     same file as train.lora.init, within 1e-5, and the trained adapters changed the output; `--format diffusers
     --merge` is a WanTransformer3DModel directory giving that output too."""
     torch.manual_seed(4)
-    wan = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=3, out_channels=3,
-                                text_dim=384, freq_dim=32, ffn_dim=72, num_layers=2)  # configs/tiny.yaml's data
-    with torch.no_grad():
-        for param in wan.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    wan.save_pretrained(tmp_path / "wan")
+    save_tiny_wan(tmp_path / "wan")
     targets = "train.lora.targets=[attn.q, attn.k, attn.out, cross_attn.v, mlp.fc1, mlp.fc2]"
     run_launched(_train_runs, 2, [(str(tmp_path / "run"), [f"model.pretrained={tmp_path / 'wan'}", targets,
                                                            "parallel.tp=2", "train.steps=2"], None)])

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from model_utils import save_tiny_wan
 from safetensors.torch import load_file
 from torch import nn
 
@@ -188,12 +189,7 @@ def test_pretrained_sets_the_shape_and_reads_only_a_ranks_part(saved: tuple[WanT
 def test_train_from_pretrained_then_export(tmp_path: Path) -> None:
     """model.pretrained -> `megasora train` (one process, lr 0) -> `ckpt export --format diffusers`: the
     exported tensors are the checkpoint's, bit for bit, so loading, training's state and export agree."""
-    model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=3, out_channels=3,
-                                  text_dim=384, freq_dim=32, ffn_dim=72, num_layers=2)  # configs/tiny.yaml's data
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(tmp_path / "wan")
+    save_tiny_wan(tmp_path / "wan")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for args in (["train", "--config", "configs/tiny.yaml", "--set", f"model.pretrained={tmp_path / 'wan'}",
                   "--set", "train.steps=1", "--set", "train.lr=0", "--set", f"run.dir={tmp_path / 'run'}"],
